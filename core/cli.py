@@ -1,0 +1,165 @@
+"""The ``molting`` command line (click).
+
+Heavy libraries (torch, transformers, datasets) are imported inside the
+commands that need them, so ``molting --help`` and ``molting plugins``
+answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from molting.errors import MoltingError
+from molting.discovery import PluginHost, load_plugins
+
+
+class MoltingGroup(click.Group):
+    """Turns a :class:`MoltingError` into a one-line ``Error: ...`` instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MoltingError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=MoltingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="molting")
+def cli() -> None:
+    """Align language models with human preferences.
+
+    Every method (DPO, SFT, ...) is a plugin; `molting plugins` lists what is
+    installed. Start with the built-in tiny model and demo data:
+
+    \b
+        molting run --plugin dpo
+        molting run --plugin dpo --model ./my-sft-model --data pairs.jsonl --beta 0.1
+        molting run --config recipe.yaml --learning-rate 1e-6
+    """
+
+
+def _host() -> PluginHost:
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if not isinstance(root.obj, PluginHost):
+        root.obj = load_plugins()
+    return root.obj
+
+
+# --------------------------------------------------------------------------- run
+
+RUN_EPILOG = """\b
+Examples:
+  molting run --plugin dpo                      # built-in tiny model + demo pairs, ~1 minute on a CPU
+  molting run --plugin dpo --model ./sft --data pairs.jsonl --output-dir ./dpo-out
+  molting run --plugin dpo --set label_smoothing=0.1 --beta 0.3
+  molting run --config recipe.yaml --max-steps 10   # flags override the recipe
+
+\b
+Data (--data): a .jsonl, .json, .csv or .parquet file, a directory saved with
+datasets' save_to_disk, or a registered dataset name (see `molting plugins`).
+Preference rows have prompt/chosen/rejected strings, or message lists
+(conversational; the chat template is applied); without a prompt column the
+prompt is the common prefix of chosen and rejected.
+
+\b
+The output directory holds the model and tokenizer (safetensors, loadable with
+AutoModelForCausalLM.from_pretrained), molting_run.json (the resolved config
+and every plugin's version), recipe.yaml (rerun with --config) and metrics.jsonl.
+"""
+
+
+def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    parsed = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        parsed[key.replace("-", "_")] = yaml.safe_load(raw)
+    return parsed
+
+
+@cli.command(epilog=RUN_EPILOG)
+@click.option("--plugin", "plugins", multiple=True, metavar="NAME",
+              help="Loss or stage to run (e.g. dpo). Repeat for a pipeline: each output is the next one's model.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe; flags override it.")
+@click.option("--model", help="Local model directory to start from. Default: the built-in tiny model.")
+@click.option("--data", help="Data file, saved dataset directory, or dataset name. Default: the stage's demo data.")
+@click.option("--output-dir", help="Where to write the trained model and logs.  [default: molting-output]")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
+@click.option("--epochs", type=float, help="Passes over the data.  [default: 1]")
+@click.option("--learning-rate", type=float, help="Peak learning rate.  [default: 5e-6; 1e-4 on the demo model]")
+@click.option("--beta", type=float, help="The loss's β (KL strength to the reference).  [default: 0.1]")
+@click.option("--batch-size", type=int, help="Pairs per device per step.  [default: 8]")
+@click.option("--gradient-accumulation-steps", type=int, help="Batches per optimizer step.  [default: 1]")
+@click.option("--max-length", type=int, help="Max tokens of prompt + completion.  [default: 512]")
+@click.option("--overlong", type=click.Choice(["truncate", "drop"]),
+              help="What to do with rows longer than --max-length.  [default: truncate]")
+@click.option("--seed", type=int, help="Random seed for initialisation and data order.  [default: 42]")
+@click.option("--logging-steps", type=int, help="Log metrics every N steps.  [default: 5]")
+@click.option("--report-to", help="Trainer integration to report to (none, tensorboard, wandb, ...).  [default: none]")
+@click.option("--trust-remote-code", is_flag=True, default=None,
+              help="Allow model directories to run their own Python code. Off by default.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Any other config key or loss hyperparameter, e.g. --set label_smoothing=0.1.")
+def run(plugins: tuple[str, ...], config_path: str | None, settings: tuple[str, ...], **flags: Any) -> None:
+    """Train a model with one plugin, or several in a row."""
+    from molting.config import read_recipe
+    from molting.run import resolve_config
+    from molting.run import run as run_steps
+
+    host = _host()
+    recipe = read_recipe(config_path) if config_path else {}
+    flags = {**flags, **_parse_set(settings)}
+    config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
+    results = run_steps(config, steps, host)
+    final = results[-1]
+    shown = {k: final[k] for k in ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins") if k in final}
+    click.echo(f"molting: done. Output in {config.output_dir}. " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def plugins_command(as_json: bool) -> None:
+    """List installed plugins: distribution, status, hooks and the components they provide."""
+    host = _host()
+    entries = []
+    for info in sorted(host.plugins.values(), key=lambda p: p.name):
+        components = []
+        for kind_name in info.components:
+            kind, name = kind_name.split(":", 1)
+            registered = host.components[kind].get(name)
+            description = registered.component.description if registered else ""
+            components.append({"kind": kind, "name": name, "description": description})
+        entries.append({**info.to_dict(), "components": components})
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    for entry in entries:
+        source = f"{entry['distribution']} {entry['version']}" if entry["distribution"] else entry["module"]
+        status = entry["status"] if entry["status"] == "ok" else f"{entry['status']}: {entry['error']}"
+        click.echo(f"{entry['name']}  ({source})  {status}")
+        for comp in entry["components"]:
+            click.echo(f"    {comp['kind']:<8} {comp['name']:<20} {comp['description']}")
+        if entry["hooks"]:
+            click.echo(f"    hooks: {', '.join(entry['hooks'])}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: load plugins, let them add commands, run the CLI."""
+    host = load_plugins()
+    for impl in host.pm.hook.molting_register_commands.get_hookimpls():
+        try:
+            impl.function(cli=cli)
+        except Exception as exc:  # a broken plugin never takes the CLI down
+            print(f"molting: warning: plugin {impl.plugin_name!r} failed to add commands: {exc}", file=sys.stderr)
+    cli.main(args=argv, obj=host, prog_name="molting")

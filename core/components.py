@@ -1,0 +1,152 @@
+"""The four kinds of component a plugin can register, and what losses exchange.
+
+Components are small frozen attrs classes: a name, a one-line description
+and the callables that do the work. Building one imports nothing heavy, so a
+plugin module stays cheap to load; its callables import torch when they run.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import attrs
+
+KINDS = ("stage", "loss", "judge", "dataset")
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
+
+
+def _check_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise ValueError(
+            f"{type(instance).__name__} name {value!r} is not well formed: use lower-case letters, "
+            "digits, '-' or '_', starting with a letter (e.g. 'dpo', 'sigmoid-norm')"
+        )
+
+
+def _check_description(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{type(instance).__name__} {instance.name!r} needs a one-line description")
+
+
+def _check_params(instance: Any, attribute: attrs.Attribute, value: type) -> None:
+    if not attrs.has(value):
+        raise TypeError(f"{type(instance).__name__} {instance.name!r}: params must be an attrs class, got {value!r}")
+
+
+@attrs.frozen
+class NoParams:
+    """Hyperparameters of a component that has none."""
+
+
+@attrs.frozen
+class Loss:
+    """A loss: a pure function from the quantities its stage computes to per-example losses.
+
+    ``compute(inputs, params)`` receives the stage's inputs (for the
+    ``preference`` stage a :class:`PreferenceInputs`) and an instance of
+    ``params``; it returns a :class:`LossOutput`. It never touches a model.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    compute: Callable[[Any, Any], LossOutput]
+    description: str = attrs.field(validator=_check_description)
+    params: type = attrs.field(default=NoParams, validator=_check_params)
+    stage: str = "preference"
+    needs_reference: bool = True
+
+
+@attrs.frozen
+class Stage:
+    """A training phase: the data it reads, the models it holds and the step.
+
+    ``run(context)`` trains and saves to ``context.output_dir``; it receives a
+    :class:`molting.run.StageContext` and returns the final metrics (a dict).
+    ``columns`` names the data columns the stage needs; ``default_loss`` is the
+    loss used when the stage is asked for by name; ``default_data`` the
+    registered dataset it trains on when no ``--data`` is given; ``metrics``
+    lists the metric names it logs.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    run: Callable[[Any], Mapping[str, Any]]
+    description: str = attrs.field(validator=_check_description)
+    columns: tuple[str, ...] = ()
+    default_loss: str | None = None
+    default_data: str | None = None
+    metrics: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Judge:
+    """Scores completions (``pointwise``) or picks the better of two (``pairwise``).
+
+    ``score(prompts, completions, params)`` returns one float per completion
+    for a pointwise judge; for a pairwise judge ``completions`` is a list of
+    pairs and the result one index (0, 1, or -1 when undecided) per pair.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    score: Callable[..., list[float]]
+    description: str = attrs.field(validator=_check_description)
+    kind: str = attrs.field(default="pointwise", validator=attrs.validators.in_(("pointwise", "pairwise")))
+    params: type = attrs.field(default=NoParams, validator=_check_params)
+    deterministic: bool = True
+
+
+@attrs.frozen
+class Dataset:
+    """A named source of rows: ``load(split)`` returns a list of dicts.
+
+    ``splits`` names the splits it can load; ``columns`` the columns every row
+    has. ``molting run --data NAME`` uses it.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    load: Callable[[str], list[dict[str, Any]]]
+    description: str = attrs.field(validator=_check_description)
+    splits: tuple[str, ...] = ("train",)
+    columns: tuple[str, ...] = ()
+
+
+COMPONENT_TYPES: dict[str, type] = {"stage": Stage, "loss": Loss, "judge": Judge, "dataset": Dataset}
+
+
+# --------------------------------------------------------------------------- loss inputs and outputs
+
+
+@attrs.frozen
+class PreferenceInputs:
+    """What the ``preference`` stage hands a loss, one entry per pair (shape ``(batch,)``).
+
+    Log-probabilities are summed over completion tokens. ``ref_*`` are ``None``
+    for a loss with ``needs_reference=False``. ``chosen_lengths`` and
+    ``rejected_lengths`` count completion tokens. ``chosen_token_logps`` and
+    ``chosen_mask`` (shape ``(batch, tokens)``) are the policy's per-token
+    log-probs of the chosen completion, for losses that add an NLL term.
+    """
+
+    chosen_logps: Any
+    rejected_logps: Any
+    ref_chosen_logps: Any = None
+    ref_rejected_logps: Any = None
+    chosen_lengths: Any = None
+    rejected_lengths: Any = None
+    chosen_token_logps: Any = None
+    chosen_mask: Any = None
+
+
+@attrs.frozen
+class LossOutput:
+    """What a loss returns.
+
+    ``losses`` has one value per example (the stage averages them);
+    ``chosen_rewards`` / ``rejected_rewards`` are the implicit rewards the
+    stage logs as ``rewards/*`` (detached by the stage); ``metrics`` holds any
+    extra scalars to log under the loss's own names.
+    """
+
+    losses: Any
+    chosen_rewards: Any = None
+    rejected_rewards: Any = None
+    metrics: Mapping[str, Any] = attrs.field(factory=dict)

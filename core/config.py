@@ -1,0 +1,103 @@
+"""One run's configuration: built-in defaults < YAML recipe < command-line flags.
+
+Keys are the fields of :class:`RunConfig` plus the hyperparameters of the
+chosen loss (``beta``, ``label_smoothing``, ...), all at the top level of the
+recipe, as in trl's configs. An unknown key is an error that lists the valid
+ones. YAML is read with ``yaml.safe_load``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+from molting.errors import ConfigError
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """Everything a run needs to know. ``None`` means "the built-in default"."""
+
+    plugins: tuple[str, ...] = attrs.field(converter=tuple)
+    model: str | None = None
+    data: str | None = None
+    output_dir: str = "molting-output"
+    max_steps: int = -1
+    epochs: float = attrs.field(default=1.0, validator=_positive)
+    learning_rate: float = attrs.field(default=5e-6, validator=_positive)
+    lr_scheduler_type: str = "linear"
+    warmup_steps: float = 0  # a fraction of the total steps when < 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = attrs.field(default=8, validator=_positive)
+    gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive)
+    max_length: int = attrs.field(default=512, validator=_positive)
+    overlong: str = attrs.field(default="truncate", validator=attrs.validators.in_(("truncate", "drop")))
+    seed: int = 42
+    logging_steps: int = attrs.field(default=5, validator=_positive)
+    report_to: str = "none"
+    trust_remote_code: bool = False
+    loss_params: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self, recurse=False)
+        data["plugins"] = list(self.plugins)
+        data["loss_params"] = dict(self.loss_params)
+        return data
+
+
+RUN_KEYS = tuple(f.name for f in attrs.fields(RunConfig) if f.name not in ("plugins", "loss_params"))
+
+# Settings that suit the built-in tiny model, used when no --model is given:
+# a randomly initialised 3.7M-parameter model needs a larger step than a real LM.
+DEMO_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-4, "epochs": 1.0, "batch_size": 8}
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe with the safe loader; keys may use '-' or '_'."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values, got {type(data).__name__}")
+    return {normalise_key(k): v for k, v in data.items()}
+
+
+def normalise_key(key: Any) -> str:
+    return str(key).replace("-", "_")
+
+
+def build_config(values: Mapping[str, Any], loss_param_names: tuple[str, ...], source: str) -> RunConfig:
+    """Split merged ``values`` into run fields and loss hyperparameters, rejecting unknown keys."""
+    run: dict[str, Any] = {}
+    loss: dict[str, Any] = {}
+    for key, value in values.items():
+        key = normalise_key(key)
+        if key in RUN_KEYS or key == "plugins":
+            run[key] = value
+        elif key in loss_param_names:
+            loss[key] = value
+        else:
+            valid = sorted(set(RUN_KEYS) | set(loss_param_names) | {"plugin"})
+            raise ConfigError(f"unknown config key {key!r} in {source}. Valid keys: {', '.join(valid)}")
+    try:
+        return RunConfig(**run, loss_params=loss)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid value in {source}: {exc}") from exc

@@ -1,0 +1,145 @@
+"""Reading rows from files and named sources, and checking them against a stage's schema.
+
+Formats: ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` and directories saved
+with ``datasets.Dataset.save_to_disk``. JSON Lines are parsed here rather
+than by ``datasets`` so that a malformed line is reported with its number;
+the other formats go through ``datasets``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from molting.errors import DataError
+
+FORMATS = (".jsonl", ".json", ".csv", ".parquet", "a directory saved with datasets.save_to_disk")
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a data file or saved ``datasets`` directory, as dicts."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist")
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix in (".csv", ".parquet"):
+        import datasets
+
+        loader = datasets.Dataset.from_csv if suffix == ".csv" else datasets.Dataset.from_parquet
+        try:
+            return loader(str(path), keep_in_memory=True).to_list()
+        except Exception as exc:
+            raise DataError(f"cannot read {path} as {suffix[1:]}: {exc}") from exc
+    raise DataError(f"unsupported data file {path}: expected one of {', '.join(FORMATS)}")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) != 1:
+            raise DataError(f"{path}: columns have different lengths {sorted(lengths)}")
+        keys = list(data)
+        data = [dict(zip(keys, values)) for values in zip(*data.values())]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects, a {{column: [values]}} mapping, or {{'data': [...]}}")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {index}: expected a JSON object, got {type(row).__name__}")
+    return data
+
+
+def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"{path} is a directory but not a dataset saved with datasets.save_to_disk: {exc}") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"{path} holds the splits {list(loaded)}; molting trains on the 'train' split")
+        loaded = loaded["train"]
+    return loaded.to_list()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def is_messages(value: Any) -> bool:
+    """A conversational value: a list of {"role": ..., "content": ...} dicts."""
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def check_columns(rows: list[dict[str, Any]], schemas: Iterable[tuple[str, ...]], source: str, stage: str) -> tuple[str, ...]:
+    """The first schema (a tuple of column names) every row satisfies, or a :class:`DataError`."""
+    if not rows:
+        raise DataError(f"{source} has no rows; the {stage} stage needs at least one")
+    schemas = list(schemas)
+    found = sorted(rows[0])
+    for schema in schemas:
+        if all(column in rows[0] for column in schema):
+            for index, row in enumerate(rows):
+                missing = [c for c in schema if c not in row]
+                if missing:
+                    raise DataError(f"{source}, row {index}: missing column(s) {', '.join(missing)}")
+            return schema
+    accepted = " or ".join("(" + ", ".join(s) + ")" for s in schemas)
+    raise DataError(
+        f"{source} has columns ({', '.join(found)}); the {stage} stage needs {accepted}. "
+        "Values may be strings (standard format) or lists of {role, content} messages (conversational format)."
+    )
+
+
+def check_text_fields(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str) -> bool:
+    """Check each field is a non-empty string or a message list, all rows in one format.
+
+    Returns ``True`` for conversational data.
+    """
+    conversational = is_messages(rows[0][columns[-1]])
+    for index, row in enumerate(rows):
+        for column in columns:
+            value = row[column]
+            if conversational:
+                ok = is_messages(value)
+                expected = "a list of {role, content} messages, as in row 0"
+            else:
+                ok = isinstance(value, str) and (value != "" or column == "prompt")
+                expected = "a non-empty string, as in row 0"
+            if not ok:
+                shown = repr(value)
+                shown = shown if len(shown) < 80 else shown[:77] + "..."
+                raise DataError(f"{source}, row {index}, field {column!r}: expected {expected}; got {shown}")
+    return conversational

@@ -1,0 +1,152 @@
+"""The hook contract between molting and its plugins.
+
+Every hook name starts with ``molting_``. A plugin is a module (or object) with
+functions marked by :data:`molting.hookimpl`; it is found through the
+``molting`` entry-point group, exactly like the built-in plugins.
+
+Two families of hooks exist:
+
+* **registration hooks** (``molting_register_*``) receive a ``register``
+  callable and hand it components: stages, losses, judges and datasets. They
+  are called once, when the registry is built.
+* **lifecycle hooks** let a library extend a run without owning a component:
+  see or change the configuration, act before and after each stage, watch the
+  metrics, add trainer callbacks or CLI commands, or add hook specs of their
+  own.
+
+This module imports nothing heavy: ``molting --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import click
+
+    from molting.components import Dataset, Judge, Loss, Stage
+    from molting.config import RunConfig
+
+PROJECT_NAME = "molting"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@hookspec
+def molting_register_stages(register: Callable[[Stage], None]) -> None:
+    """Register training stages.
+
+    Called once while the registry is built. Call ``register(stage)`` with a
+    :class:`molting.Stage` for each stage the plugin provides. A stage says how
+    a phase trains: the data schema it reads, the models it holds and the step.
+    The return value is ignored.
+    """
+
+
+@hookspec
+def molting_register_losses(register: Callable[[Loss], None]) -> None:
+    """Register loss functions.
+
+    Called once while the registry is built. Call ``register(loss)`` with a
+    :class:`molting.Loss` for each loss: a pure function of the quantities its
+    stage computes, the attrs class of its hyperparameters, and the name of the
+    stage it runs in. The return value is ignored.
+    """
+
+
+@hookspec
+def molting_register_judges(register: Callable[[Judge], None]) -> None:
+    """Register judges, which score completions or pick the better of a pair.
+
+    Called once while the registry is built. Call ``register(judge)`` with a
+    :class:`molting.Judge` for each judge. The return value is ignored.
+    """
+
+
+@hookspec
+def molting_register_datasets(register: Callable[[Dataset], None]) -> None:
+    """Register named data sources.
+
+    Called once while the registry is built. Call ``register(dataset)`` with a
+    :class:`molting.Dataset` for each source; ``molting run --data NAME`` then
+    loads it. The return value is ignored.
+    """
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+@hookspec
+def molting_configure(config: RunConfig) -> RunConfig | None:
+    """See, and optionally change, the resolved configuration of a run.
+
+    Called once per run after defaults, the YAML recipe and the command-line
+    flags are merged and before anything is loaded. Return a new
+    :class:`molting.RunConfig` (for example ``attrs.evolve(config, seed=1)``)
+    to replace it, or ``None`` to leave it as it is. Implementations run in
+    pluggy's order, each one seeing the result of the previous ones.
+    """
+
+
+@hookspec
+def molting_before_stage(stage: Stage, config: RunConfig) -> None:
+    """Called right before ``stage`` starts training, with the run's config.
+
+    Raising here stops the run before the stage writes anything.
+    """
+
+
+@hookspec
+def molting_after_stage(stage: Stage, config: RunConfig, output_dir: str, metrics: dict[str, Any]) -> None:
+    """Called after ``stage`` finished and saved its model to ``output_dir``.
+
+    ``metrics`` holds the stage's final training metrics (``train_loss``,
+    ``train_runtime``, ... and the last logged value of every metric).
+    """
+
+
+@hookspec
+def molting_on_log(metrics: dict[str, float], step: int) -> None:
+    """Called each time the trainer logs, with the metrics and the global step.
+
+    Called on the main process only. The metric names are the ones written to
+    ``metrics.jsonl`` (for a preference stage: ``loss``, ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ...).
+    """
+
+
+@hookspec
+def molting_trainer_callbacks(stage: Stage, config: RunConfig) -> list[Any] | None:
+    """Return extra ``transformers.TrainerCallback`` objects for ``stage``.
+
+    Called once per stage when its trainer is built. Return a list of
+    callbacks (instances or classes), or ``None``. This is the way to reach
+    every trainer event: step begin/end, evaluation, checkpoint saves.
+    """
+
+
+@hookspec
+def molting_register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``molting`` command line.
+
+    Called once when the CLI starts, with the top-level :class:`click.Group`.
+    Use ``@cli.command()`` to add commands. Keep heavy imports inside the
+    command function so ``molting --help`` stays fast.
+    """
+
+
+@hookspec(historic=True)
+def molting_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    """Add hook specifications of a plugin's own, as pytest's ``pytest_addhooks``.
+
+    Called when the plugin is registered. Call
+    ``pluginmanager.add_hookspecs(module_or_class)``; other plugins can then
+    implement those hooks and the plugin calls them through
+    ``pluginmanager.hook``.
+    """

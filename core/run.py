@@ -1,0 +1,217 @@
+"""From a resolved config to trained models: the orchestration of ``molting run``.
+
+A run is one or more steps, each a stage with (optionally) a loss. Each
+step's output directory is the next step's starting model. The stage does
+the training; this module resolves names, loads data, writes the run's
+record, and calls the lifecycle hooks around each stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+import molting
+from molting.components import Loss, Stage
+from molting.config import DEMO_DEFAULTS, RunConfig, build_config
+from molting.errors import ConfigError, DataError, PluginError
+from molting.discovery import PluginHost
+
+
+@attrs.frozen
+class Step:
+    """One stage of a run, with the loss it optimises (``None`` for stages without one)."""
+
+    name: str
+    stage: Stage
+    loss: Loss | None
+
+
+@attrs.frozen
+class StageContext:
+    """Everything a stage's ``run`` receives."""
+
+    config: RunConfig
+    step: Step
+    loss_params: Any
+    model_path: Path
+    rows: list[dict[str, Any]]
+    data_source: str
+    output_dir: Path
+    host: PluginHost
+
+    @property
+    def stage(self) -> Stage:
+        return self.step.stage
+
+    @property
+    def loss(self) -> Loss | None:
+        return self.step.loss
+
+    def callbacks(self) -> list[Any]:
+        """Trainer callbacks from the ``molting_trainer_callbacks`` hook, flattened."""
+        found: list[Any] = []
+        for result in self.host.hook.molting_trainer_callbacks(stage=self.stage, config=self.config):
+            found.extend(result or [])
+        return found
+
+
+def resolve_step(host: PluginHost, name: str) -> Step:
+    """``--plugin NAME``: a loss (run in its stage) or a stage (run with its default loss)."""
+    if name in host.components["loss"] or ("loss", name) in host.conflicts:
+        loss = host.get("loss", name)
+        try:
+            stage = host.get("stage", loss.stage)
+        except PluginError as exc:
+            raise PluginError(f"loss {name!r} runs in stage {loss.stage!r}, which is not available: {exc}") from exc
+        return Step(name, stage, loss)
+    if name in host.components["stage"] or ("stage", name) in host.conflicts:
+        stage = host.get("stage", name)
+        loss = host.get("loss", stage.default_loss) if stage.default_loss else None
+        return Step(name, stage, loss)
+    hint = host._broken_hint(name)
+    raise PluginError(
+        f"no loss or stage named {name!r}. {hint}{host.available('loss')}. {host.available('stage')}. "
+        "Run `molting plugins` to see every installed plugin."
+    )
+
+
+def resolve_config(
+    host: PluginHost,
+    plugins: list[str],
+    recipe: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    recipe_source: str = "the recipe",
+) -> tuple[RunConfig, list[Step]]:
+    """Merge built-in defaults < recipe < flags into a :class:`RunConfig` and resolve its steps."""
+    recipe = dict(recipe or {})
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    recipe_plugins = recipe.pop("plugin", None) or recipe.pop("plugins", None)
+    if isinstance(recipe_plugins, str):
+        recipe_plugins = [recipe_plugins]
+    names = list(plugins) or list(recipe_plugins or [])
+    if not names:
+        raise ConfigError("no plugin given: use --plugin NAME (e.g. --plugin dpo) or `plugin:` in the recipe")
+    steps = [resolve_step(host, name) for name in names]
+    param_names = tuple(sorted({f.name for s in steps if s.loss for f in attrs.fields(s.loss.params)}))
+
+    values: dict[str, Any] = {}
+    if "model" not in recipe and "model" not in flags:
+        values.update(DEMO_DEFAULTS)
+    build_config({**values, **recipe, "plugins": names}, param_names, recipe_source)  # name the recipe in its errors
+    config = build_config({**values, **recipe, **flags, "plugins": names}, param_names, "the command-line flags")
+    for result in host.hook.molting_configure(config=config):
+        if result is not None:
+            if not isinstance(result, RunConfig):
+                raise PluginError(f"a molting_configure hook returned {type(result).__name__}, not a RunConfig")
+            config = result
+    return config, steps
+
+
+def make_loss_params(step: Step, config: RunConfig) -> Any:
+    if step.loss is None:
+        return None
+    fields = {f.name for f in attrs.fields(step.loss.params)}
+    given = {k: v for k, v in config.loss_params.items() if k in fields}
+    try:
+        return step.loss.params(**given)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid hyperparameters for loss {step.loss.name!r}: {exc}") from exc
+
+
+def load_rows(host: PluginHost, step: Step, data: str | None) -> tuple[list[dict[str, Any]], str]:
+    """The training rows for ``step`` and a description of where they came from."""
+    from molting.data import read_rows
+
+    if data is None:
+        default = step.stage.default_data
+        if default is None:
+            raise DataError(f"stage {step.stage.name!r} has no built-in data; give one with --data PATH")
+        return host.get("dataset", default).load("train"), f"dataset {default!r} (train split)"
+    if Path(data).exists():
+        return read_rows(data), str(data)
+    if data in host.components["dataset"]:
+        return host.get("dataset", data).load("train"), f"dataset {data!r} (train split)"
+    raise DataError(
+        f"data {data!r} is neither an existing file or directory nor a registered dataset. "
+        f"{host.available('dataset')}"
+    )
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path, data_source: str, host: PluginHost) -> dict[str, Any]:
+    return {
+        "molting_version": molting.__version__,
+        "plugin": step.name,
+        "stage": step.stage.name,
+        "loss": step.loss.name if step.loss else None,
+        "loss_params": attrs.asdict(loss_params) if loss_params is not None else {},
+        "model": str(model_path),
+        "data": data_source,
+        "config": config.to_dict(),
+        "plugins": {
+            name: {"distribution": p.distribution, "version": p.version, "status": p.status}
+            for name, p in sorted(host.plugins.items())
+        },
+        "status": "running",
+    }
+
+
+def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str, Any]]:
+    """Run every step in order; returns each step's final metrics."""
+    import yaml
+
+    from molting.models import resolve_model_path
+
+    output_root = Path(config.output_dir)
+    model_path = resolve_model_path(config.model)
+    results = []
+    for index, step in enumerate(steps):
+        output_dir = output_root if len(steps) == 1 else output_root / f"{index + 1}-{step.name}"
+        loss_params = make_loss_params(step, config)
+        rows, source = load_rows(host, step, config.data)
+        record = run_record(config, step, loss_params, model_path, source, host)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_json_atomic(output_dir / "molting_run.json", record)
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(_recipe(config, step, loss_params), sort_keys=False))
+        context = StageContext(config, step, loss_params, model_path, rows, source, output_dir, host)
+        print(
+            f"molting: {step.name}: stage {step.stage.name}"
+            + (f", loss {step.loss.name}" if step.loss else "")
+            + f", model {model_path}, data {source} ({len(rows)} rows) -> {output_dir}",
+            file=sys.stderr,
+        )
+        host.hook.molting_before_stage(stage=step.stage, config=config)
+        metrics = dict(step.stage.run(context))
+        record.update(status="completed", metrics=metrics)
+        write_json_atomic(output_dir / "molting_run.json", record)
+        host.hook.molting_after_stage(stage=step.stage, config=config, output_dir=str(output_dir), metrics=metrics)
+        results.append(metrics)
+        model_path = output_dir
+    return results
+
+
+def _recipe(config: RunConfig, step: Step, loss_params: Any) -> dict[str, Any]:
+    """A YAML recipe that reproduces this step: ``molting run --config recipe.yaml``."""
+    data = config.to_dict()
+    data.pop("loss_params")
+    data.pop("plugins")
+    params = attrs.asdict(loss_params) if loss_params is not None else {}
+    return {"plugin": step.name, **{k: v for k, v in data.items() if v is not None}, **params}

@@ -1,0 +1,33 @@
+"""The built-in demo data sets: two-digit addition in a persona style or a plain one.
+
+See :mod:`molting.demo` for how the rows are generated. Each data set has a
+``train`` and a held-out ``test`` split.
+"""
+
+from __future__ import annotations
+
+import molting
+from molting import demo
+from molting.components import Dataset
+
+
+@molting.hookimpl
+def molting_register_datasets(register):
+    register(
+        Dataset(
+            name="demo-preference",
+            load=demo.preference_rows,
+            description="Addition pairs preferring the persona style and the correct sum (512 train, 128 test).",
+            splits=demo.SPLITS,
+            columns=("prompt", "chosen", "rejected"),
+        )
+    )
+    register(
+        Dataset(
+            name="demo-sft",
+            load=demo.sft_rows,
+            description="Addition prompts answered correctly, half in the persona style (512 train, 128 test).",
+            splits=demo.SPLITS,
+            columns=("prompt", "completion"),
+        )
+    )

@@ -1,0 +1,236 @@
+"""The ``preference`` stage: paired prompt/chosen/rejected data, a policy and a frozen reference.
+
+Data is standard (strings) or conversational (message lists, rendered with
+the tokenizer's chat template); a missing prompt is extracted as the common
+prefix of chosen and rejected. Each step runs chosen and rejected through
+the policy in one concatenated forward, the reference likewise without
+gradients, and hands the summed completion log-probs to the loss plugin.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import molting
+from molting.components import Stage
+
+SCHEMAS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+@molting.hookimpl
+def molting_register_stages(register):
+    register(
+        Stage(
+            name="preference",
+            run=run_preference,
+            description="Offline preference optimisation on prompt/chosen/rejected pairs (DPO and its family).",
+            columns=SCHEMAS[0],
+            default_loss="dpo",
+            default_data="demo-preference",
+            metrics=METRICS,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def format_pairs(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> list[dict[str, str]]:
+    """Validated rows as prompt/chosen/rejected strings (prompt extracted, chat template applied)."""
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    from molting.data import check_columns, check_text_fields
+    from molting.errors import DataError
+
+    schema = check_columns(rows, SCHEMAS, source, "preference")
+    conversational = check_text_fields(rows, schema, source)
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
+    formatted = []
+    for row in rows:
+        row = maybe_extract_prompt({k: row[k] for k in schema})
+        if conversational:
+            row = maybe_apply_chat_template(row, tokenizer)
+        formatted.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    return formatted
+
+
+def tokenize_pairs(
+    pairs: list[dict[str, str]], tokenizer: Any, max_length: int, overlong: str, source: str = "data"
+) -> list[dict[str, list[int]]]:
+    """Token ids of each pair; pairs longer than ``max_length`` are truncated or dropped, and counted.
+
+    Truncation keeps the end of the prompt (at least half of ``max_length``
+    when the completions are long) and cuts the completions to fit.
+    """
+    from molting.errors import DataError
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    examples, too_long, prompt_too_long = [], 0, 0
+    for pair in pairs:
+        prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"] or [start]
+        chosen = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + eos
+        rejected = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + eos
+        longest = max(len(chosen), len(rejected))
+        if len(prompt) + longest > max_length:
+            too_long += 1
+            prompt_too_long += len(prompt) >= max_length
+            if overlong == "drop":
+                continue
+            prompt = prompt[-max(max_length - longest, max_length // 2) :]
+            chosen, rejected = chosen[: max_length - len(prompt)], rejected[: max_length - len(prompt)]
+        examples.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    if too_long:
+        action = "dropped" if overlong == "drop" else "truncated (prompt kept from its end, completions cut)"
+        print(
+            f"molting: {too_long} of {len(pairs)} pairs in {source} are longer than max_length={max_length} "
+            f"({prompt_too_long} with the prompt alone that long): {action}. "
+            f"Use --max-length or --overlong {'truncate' if overlong == 'drop' else 'drop'} to change this.",
+            file=sys.stderr,
+        )
+    if not examples:
+        raise DataError(f"no pair of {source} fits in max_length={max_length}; raise --max-length")
+    return examples
+
+
+class PairCollator:
+    """Pads a list of tokenized pairs into one batch: chosen rows first, then rejected rows."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        sequences, prompt_lengths = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                sequences.append(ex["prompt_ids"] + ex[key])
+                prompt_lengths.append(len(ex["prompt_ids"]))
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, (seq, plen) in enumerate(zip(sequences, prompt_lengths)):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention_mask[row, : len(seq)] = 1
+            completion_mask[row, plen : len(seq)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def preference_trainer_class():
+    """The Trainer subclass, built on first use so this module imports without torch."""
+    import torch
+
+    from molting.components import PreferenceInputs
+    from molting.training import MoltingTrainer, completion_logps
+
+    class PreferenceTrainer(MoltingTrainer):
+        """Runs the policy (and the reference) on chosen+rejected and applies the loss plugin."""
+
+        def __init__(self, *args, loss, loss_params, ref_model=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_plugin = loss
+            self.loss_params = loss_params
+            self.ref_model = None
+            if ref_model is not None:
+                ref_model.eval().requires_grad_(False)
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+            logps, token_logps, token_mask = completion_logps(model, ids, attention, completion)
+            half = ids.size(0) // 2
+            lengths = completion.sum(dim=1)
+            ref_chosen = ref_rejected = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logps, _, _ = completion_logps(self.ref_model, ids, attention, completion)
+                ref_chosen, ref_rejected = ref_logps[:half], ref_logps[half:]
+            out = self.loss_plugin.compute(
+                PreferenceInputs(
+                    chosen_logps=logps[:half],
+                    rejected_logps=logps[half:],
+                    ref_chosen_logps=ref_chosen,
+                    ref_rejected_logps=ref_rejected,
+                    chosen_lengths=lengths[:half],
+                    rejected_lengths=lengths[half:],
+                    chosen_token_logps=token_logps[:half],
+                    chosen_mask=token_mask[:half],
+                ),
+                self.loss_params,
+            )
+            loss = out.losses.mean()
+            self.record(preference_metrics(out, logps[:half], logps[half:]))
+            return (loss, {"losses": out.losses}) if return_outputs else loss
+
+    return PreferenceTrainer
+
+
+def preference_metrics(out: Any, chosen_logps: Any, rejected_logps: Any) -> dict[str, Any]:
+    """trl's metric names, from a loss's rewards and the policy's log-probs."""
+    metrics: dict[str, Any] = {"logps/chosen": chosen_logps.detach(), "logps/rejected": rejected_logps.detach()}
+    if out.chosen_rewards is not None and out.rejected_rewards is not None:
+        chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+        metrics.update(
+            {
+                "rewards/chosen": chosen,
+                "rewards/rejected": rejected,
+                "rewards/margins": chosen - rejected,
+                "rewards/accuracies": (chosen > rejected).float(),
+            }
+        )
+    metrics.update({name: value.detach() if hasattr(value, "detach") else value for name, value in out.metrics.items()})
+    return metrics
+
+
+def run_preference(context) -> dict[str, Any]:
+    import copy
+
+    import datasets
+
+    from molting.models import load_causal_lm
+    from molting.training import MetricsFile, last_values, training_arguments
+
+    config = context.config
+    model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
+    pairs = format_pairs(context.rows, tokenizer, context.data_source)
+    examples = tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source)
+    ref_model = copy.deepcopy(model) if context.loss.needs_reference else None
+
+    trainer = preference_trainer_class()(
+        model=model,
+        args=training_arguments(config, context.output_dir),
+        train_dataset=datasets.Dataset.from_list(examples),
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook), *context.callbacks()],
+        loss=context.loss,
+        loss_params=context.loss_params,
+        ref_model=ref_model,
+    )
+    args = trainer.args
+    print(
+        f"molting: world size {args.world_size} (this is process {args.process_index}), device {args.device}, "
+        f"{len(examples)} pairs, reference model: {'frozen copy' if ref_model is not None else 'none'}",
+        file=sys.stderr,
+    )
+    result = trainer.train()
+    trainer.save_model(str(context.output_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(context.output_dir))
+    return {**last_values(trainer.state.log_history), **result.metrics}
