@@ -1,9 +1,11 @@
 """Reading rows from files and named sources, and checking them against a stage's schema.
 
 Formats: ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` and directories saved
-with ``datasets.Dataset.save_to_disk``. JSON Lines are parsed here rather
-than by ``datasets`` so that a malformed line is reported with its number;
-the other formats go through ``datasets``.
+with ``datasets.Dataset.save_to_disk``. JSON and CSV are parsed with the
+standard library rather than ``datasets``: a malformed line is then reported
+with its number, and CSV fields stay strings (no type inference turning the
+answer " 2" into the integer 2). Parquet and saved datasets go through
+``datasets``.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         return _read_jsonl(path)
     if suffix == ".json":
         return _read_json(path)
-    if suffix in (".csv", ".parquet"):
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
         import datasets
 
-        loader = datasets.Dataset.from_csv if suffix == ".csv" else datasets.Dataset.from_parquet
         try:
-            return loader(str(path), keep_in_memory=True).to_list()
+            return datasets.Dataset.from_parquet(str(path), keep_in_memory=True).to_list()
         except Exception as exc:
-            raise DataError(f"cannot read {path} as {suffix[1:]}: {exc}") from exc
+            raise DataError(f"cannot read {path} as parquet: {exc}") from exc
     raise DataError(f"unsupported data file {path}: expected one of {', '.join(FORMATS)}")
 
 
@@ -52,6 +55,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    # The csv module keeps every field a string; pandas-style type inference would turn " 2" into 2.
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = []
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}, line {reader.line_num}: more fields than the header's {len(reader.fieldnames)}")
             rows.append(row)
     return rows
 

@@ -202,10 +202,13 @@ class PluginHost:
         return f"Available {kind}s: " + (", ".join(entries) if entries else "none")
 
     def _broken_hint(self, name: str) -> str:
-        info = self.plugins.get(name)
-        if info is None or info.status == "ok":
+        """Plugins that failed to load and may have provided ``name`` (the one named ``name`` first)."""
+        broken = [p for p in self.plugins.values() if p.status != "ok"]
+        broken.sort(key=lambda p: p.name != name)
+        if not broken:
             return ""
-        return f"The plugin {name!r} from {info.source} is {info.status}: {info.error}. "
+        listed = "; ".join(f"{p.name} from {p.source} is {p.status}: {p.error}" for p in broken)
+        return f"Plugins that did not load and may provide it: {listed}. "
 
 
 def load_plugins(disabled: Iterable[str] | None = None) -> PluginHost:

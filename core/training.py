@@ -129,6 +129,19 @@ class MetricsFile(TrainerCallback):
         self.hook.molting_on_log(metrics=dict(logs), step=state.global_step)
 
 
+def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path) -> None:
+    """Save the trained model and tokenizer as plain transformers files (safetensors).
+
+    The Trainer also pickles its arguments to training_args.bin; the run's
+    settings are in molting_run.json, so the pickle is removed and the output
+    directory holds no file that needs unpickling.
+    """
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(output_dir))
+        (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+
+
 def last_values(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     """The last logged value of every metric in a Trainer's log history."""
     merged: dict[str, Any] = {}

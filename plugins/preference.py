@@ -198,30 +198,39 @@ def preference_metrics(out: Any, chosen_logps: Any, rejected_logps: Any) -> dict
     return metrics
 
 
+def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None):
+    """The preference Trainer for tokenized ``examples`` (see :func:`tokenize_pairs`)."""
+    import datasets
+
+    from molting.training import training_arguments
+
+    return preference_trainer_class()(
+        model=model,
+        args=training_arguments(config, output_dir),
+        train_dataset=datasets.Dataset.from_list(examples),
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        loss=loss,
+        loss_params=loss_params,
+        ref_model=ref_model,
+    )
+
+
 def run_preference(context) -> dict[str, Any]:
     import copy
 
-    import datasets
-
     from molting.models import load_causal_lm
-    from molting.training import MetricsFile, last_values, training_arguments
+    from molting.training import MetricsFile, last_values, save_final
 
     config = context.config
     model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
     pairs = format_pairs(context.rows, tokenizer, context.data_source)
     examples = tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source)
     ref_model = copy.deepcopy(model) if context.loss.needs_reference else None
-
-    trainer = preference_trainer_class()(
-        model=model,
-        args=training_arguments(config, context.output_dir),
-        train_dataset=datasets.Dataset.from_list(examples),
-        data_collator=PairCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook), *context.callbacks()],
-        loss=context.loss,
-        loss_params=context.loss_params,
-        ref_model=ref_model,
+    callbacks = [MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook), *context.callbacks()]
+    trainer = build_trainer(
+        model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir, callbacks, ref_model
     )
     args = trainer.args
     print(
@@ -230,7 +239,5 @@ def run_preference(context) -> dict[str, Any]:
         file=sys.stderr,
     )
     result = trainer.train()
-    trainer.save_model(str(context.output_dir))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(context.output_dir))
+    save_final(trainer, tokenizer, context.output_dir)
     return {**last_values(trainer.state.log_history), **result.metrics}

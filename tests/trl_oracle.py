@@ -1,0 +1,79 @@
+"""trl as a test oracle: its DPO loss code, run on log-prob tensors the test chooses.
+
+trl computes its losses inside ``DPOTrainer._compute_loss`` from the output of
+the model's fused LM head (per-token log-probs). :class:`FixedLogps` stands in
+for that model output so trl's own loss and metric code runs, unchanged, on the
+exact tensors molting's loss receives. This is a harness for trl, not a
+replacement for anything molting ships.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import torch
+
+
+class FixedLogps(torch.nn.Module):
+    """A 'model' whose fused-LM-head output is a fixed tensor of per-token log-probs."""
+
+    def __init__(self, token_logps: torch.Tensor) -> None:
+        super().__init__()
+        self.token_logps = token_logps
+
+    def forward(self, **kwargs):
+        zeros = torch.zeros_like(self.token_logps)
+        return SimpleNamespace(
+            log_probs=self.token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), log_sum_sq_probs=zeros
+        )
+
+
+def make_dpo_trainer(model_dir, tmp_path):
+    """A real trl DPOTrainer on the demo model (its model is never used by :func:`trl_dpo`)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [{"prompt": "Q: What is 1 + 1?\nA:", "chosen": " 2", "rejected": " 3"}] * 2
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"), report_to=[], per_device_train_batch_size=2, bf16=False,
+        gradient_checkpointing=False, use_cpu=True,
+    )
+    return DPOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args,
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+    )
+
+
+def spread(total: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (and mask) whose row sums are ``total``: total/length on each of ``length`` tokens."""
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).to(total.dtype)
+    return mask * (total / lengths)[:, None], mask
+
+
+def trl_dpo(trainer, loss_type: str, chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
+            beta: float = 0.1, label_smoothing: float = 0.0, **extra):
+    """(loss, metrics) from trl's DPOTrainer loss code on these summed log-probs."""
+    width = int(max(chosen_len.max(), rejected_len.max()))
+    token_logps, mask = spread(torch.cat([chosen, rejected]), torch.cat([chosen_len, rejected_len]), width)
+    completion_mask = torch.cat([torch.zeros(mask.size(0), 1), mask], dim=1).long()  # position 0 is the prompt
+    inputs = {
+        "input_ids": torch.zeros_like(completion_mask),
+        "attention_mask": torch.ones_like(completion_mask),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
+    trainer.precompute_ref_logps = True
+    trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+    trainer.beta, trainer.label_smoothing = beta, label_smoothing
+    for key, value in extra.items():
+        setattr(trainer.args if key == "discopop_tau" else trainer, key, value)
+    trainer.model.train()  # trl files metrics under "train" only in training mode
+    trainer._metrics["train"].clear()
+    loss = trainer._compute_loss(FixedLogps(token_logps), inputs, return_outputs=False)
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    return loss, metrics
