@@ -1,0 +1,44 @@
+"""The docs stay true: the hook reference matches the specs, each hook has a test, README's commands exist."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_reference_script():
+    spec = importlib.util.spec_from_file_location("hook_reference", ROOT / "scripts" / "hook_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hook_reference_is_generated_from_the_specs():
+    script = load_reference_script()
+    assert (ROOT / "docs" / "hooks.md").read_text() == script.render(), (
+        "docs/hooks.md is stale: run `python scripts/hook_reference.py > docs/hooks.md`"
+    )
+
+
+def test_every_hookspec_is_documented_and_tested():
+    script = load_reference_script()
+    hooks_doc = (ROOT / "docs" / "hooks.md").read_text()
+    hook_tests = (ROOT / "tests" / "test_hooks.py").read_text()
+    names = [name for name, _ in script.hookspec_functions()]
+    assert len(names) == 11
+    for name, fn in script.hookspec_functions():
+        assert fn.__doc__ and len(fn.__doc__.strip()) > 40, f"{name} has no docstring"
+        assert f"## `{name}`" in hooks_doc
+        assert name.removeprefix("molting_") in hook_tests, f"{name} has no test in tests/test_hooks.py"
+
+
+def test_ci_runs_the_test_command_readme_gives():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"^(pip install .*)$", readme, flags=re.M)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in ci
+    assert any("molting run --plugin dpo" in c for c in commands)
