@@ -154,6 +154,51 @@ def plugins_command(as_json: bool) -> None:
             click.echo(f"    hooks: {', '.join(entry['hooks'])}")
 
 
+# --------------------------------------------------------------------------- check
+
+_MARKS = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP", "xfailed": "XFAIL", "xpassed": "XPASS"}
+
+
+@cli.command("check")
+@click.argument("name")
+@click.option("--skip-slow", is_flag=True, help="Leave out the checks that train the tiny model.")
+@click.option("--expect-fail", "expect", multiple=True, metavar="CHECK=REASON",
+              help="Declare a check as an expected failure, e.g. --expect-fail batch-independence='sorts the batch'.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def check_command(name: str, skip_slow: bool, expect: tuple[str, ...], as_json: bool) -> None:
+    """Run the conformance suite on an installed plugin or component.
+
+    NAME is a plugin (every component it registers is checked) or a
+    component name. Exits with status 1 if any check fails.
+    """
+    import attrs
+
+    from molting.testing import check_plugin, checks_for
+
+    expected = {}
+    for item in expect:
+        check_name, _, reason = item.partition("=")
+        expected[check_name] = reason or "declared with --expect-fail"
+    results = check_plugin(name, expected_failures=expected, skip_slow=skip_slow, host=_host())
+    if as_json:
+        click.echo(json.dumps([attrs.asdict(r) for r in results], indent=2))
+    else:
+        docs = {c.name: c.doc for c in checks_for("any") + [c for k in ("loss", "stage", "judge", "dataset") for c in checks_for(k)]}
+        current = None
+        for r in results:
+            if r.component != current:
+                current = r.component
+                click.echo(current)
+            line = f"  {_MARKS[r.status]:<5} {r.check:<28} {docs.get(r.check, '')}"
+            click.echo(click.style(line, fg="red") if not r.ok else line)
+            if r.message and r.status != "passed":
+                click.echo(f"        {r.message}")
+        counts = {s: sum(r.status == s for r in results) for s in _MARKS}
+        click.echo(f"{len(results)} checks: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    if not all(r.ok for r in results):
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: load plugins, let them add commands, run the CLI."""
     host = load_plugins()

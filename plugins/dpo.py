@@ -16,6 +16,7 @@ import attrs
 
 import molting
 from molting.components import Loss, LossOutput, PreferenceInputs
+from molting.losses import logratios, output, smoothed_sigmoid
 
 
 @attrs.frozen
@@ -27,18 +28,9 @@ class DPOParams:
 
 
 def dpo_loss(inputs: PreferenceInputs, params: DPOParams) -> LossOutput:
-    import torch.nn.functional as F
-
-    chosen_logratios = inputs.chosen_logps - inputs.ref_chosen_logps
-    rejected_logratios = inputs.rejected_logps - inputs.ref_rejected_logps
+    chosen_logratios, rejected_logratios = logratios(inputs)
     logits = params.beta * (chosen_logratios - rejected_logratios)
-    eps = params.label_smoothing
-    losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
-    return LossOutput(
-        losses=losses,
-        chosen_rewards=params.beta * chosen_logratios.detach(),
-        rejected_rewards=params.beta * rejected_logratios.detach(),
-    )
+    return output(smoothed_sigmoid(logits, params.label_smoothing), params.beta, chosen_logratios, rejected_logratios)
 
 
 @molting.hookimpl

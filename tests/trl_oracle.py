@@ -77,3 +77,25 @@ def trl_dpo(trainer, loss_type: str, chosen, rejected, ref_chosen, ref_rejected,
     loss = trainer._compute_loss(FixedLogps(token_logps), inputs, return_outputs=False)
     metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
     return loss, metrics
+
+
+def molting_inputs(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len):
+    """The ``PreferenceInputs`` that match what :func:`trl_dpo` feeds trl, tensor for tensor.
+
+    trl sums the per-token log-probs that :func:`spread` lays out, and that sum
+    can differ from ``chosen`` in the last float32 bit; the summed log-probs
+    here are the same sums, and ``chosen_token_logps``/``chosen_mask`` the same
+    per-token layout (total/length on each of length tokens, same width), which
+    the ``sft`` loss averages.
+    """
+    from molting.components import PreferenceInputs
+
+    width = int(max(chosen_len.max(), rejected_len.max()))
+    token_logps, mask = spread(torch.cat([chosen, rejected]), torch.cat([chosen_len, rejected_len]), width)
+    n = chosen.size(0)
+    sums = token_logps.sum(dim=1)
+    return PreferenceInputs(
+        chosen_logps=sums[:n], rejected_logps=sums[n:], ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+        chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+        chosen_token_logps=token_logps[:n], chosen_mask=mask[:n],
+    )

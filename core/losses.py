@@ -1,0 +1,69 @@
+"""Small helpers shared by the preference losses (DPO and its family in ``molting.plugins``).
+
+Each takes and returns tensors and imports nothing heavy at module level, so a
+loss plugin that uses them stays cheap to import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from molting.components import LossOutput, PreferenceInputs
+
+
+@attrs.frozen
+class BetaParams:
+    """Hyperparameters of a loss whose only knob is β."""
+
+    beta: float = attrs.field(default=0.1, validator=attrs.validators.gt(0))
+    """Strength of the KL regularisation to the reference; 0.1-0.5 is usual."""
+
+
+def _label_smoothing_below_half(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0 <= value < 0.5:
+        raise ValueError(
+            f"label_smoothing must lie in [0, 0.5), got {value!r}: it is the assumed probability that a preference "
+            "label is flipped, and at 0.5 the labels carry no information"
+        )
+
+
+@attrs.frozen
+class LabelSmoothingParams(BetaParams):
+    """β and a label-flip probability ε, for the losses that smooth the sigmoid loss with it."""
+
+    label_smoothing: float = attrs.field(default=0.0, validator=_label_smoothing_below_half)
+    """Assumed probability that a preference label is flipped, in [0, 0.5); 0 trusts every label."""
+
+
+def logratios(inputs: PreferenceInputs) -> tuple[Any, Any]:
+    """``(log π(y_w|x)/π_ref(y_w|x), log π(y_l|x)/π_ref(y_l|x))``, one entry per pair."""
+    if inputs.ref_chosen_logps is None or inputs.ref_rejected_logps is None:
+        raise ValueError("this loss needs the reference model's log-probs (ref_chosen_logps, ref_rejected_logps)")
+    return inputs.chosen_logps - inputs.ref_chosen_logps, inputs.rejected_logps - inputs.ref_rejected_logps
+
+
+def per_token(values: Any, lengths: Any) -> Any:
+    """``values`` divided by the completion token counts (at least 1), as trl length-normalises."""
+    if lengths is None:
+        raise ValueError("this loss needs the completion token counts (chosen_lengths, rejected_lengths)")
+    return values / lengths.clamp(min=1)
+
+
+def smoothed_sigmoid(logits: Any, label_smoothing: float) -> Any:
+    """``-(1-ε)·log σ(z) - ε·log σ(-z)``: the (conservative) DPO loss of a logit."""
+    import torch.nn.functional as F
+
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def rewards(beta: float, chosen_logratios: Any, rejected_logratios: Any) -> tuple[Any, Any]:
+    """The implicit rewards ``β·log π/π_ref`` of each completion, detached (what trl logs as ``rewards/*``)."""
+    return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def output(losses: Any, beta: float, chosen_logratios: Any, rejected_logratios: Any) -> LossOutput:
+    """A :class:`LossOutput` with ``losses`` and the implicit rewards of :func:`rewards`."""
+    chosen_rewards, rejected_rewards = rewards(beta, chosen_logratios, rejected_logratios)
+    return LossOutput(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)

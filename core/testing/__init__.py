@@ -1,0 +1,61 @@
+"""The plugin conformance suite.
+
+Two ways in, as scikit-learn's ``check_estimator`` and zarr's ``zarr.testing``:
+
+* the function API::
+
+      from molting.testing import check_plugin
+      results = check_plugin("simpo", expected_failures={"batch-independence": "sorts the batch"})
+      assert all(r.ok for r in results), [r for r in results if not r.ok]
+
+* base test classes, one small test file::
+
+      from molting.testing import LossTests
+
+      class TestSimPO(LossTests):
+          name = "simpo"            # found through the entry points, as users find it
+
+  (``StageTests``, ``JudgeTests``, ``DatasetTests``; ``PluginTests`` checks
+  every component of a plugin or a distribution.)
+
+and on the command line: ``molting check NAME``.
+"""
+
+from molting.testing.checks import (
+    CHECKS,
+    Check,
+    CheckFailed,
+    CheckResult,
+    CheckSkipped,
+    Subject,
+    check,
+    check_plugin,
+    checks_for,
+    example_inputs,
+)
+
+_CLASSES = ("ComponentTests", "DatasetTests", "JudgeTests", "LossTests", "PluginTests", "StageTests")
+
+
+def __getattr__(name: str):
+    # The base classes import pytest; the function API does not need it.
+    if name in _CLASSES:
+        from molting.testing import classes
+
+        return getattr(classes, name)
+    raise AttributeError(f"module 'molting.testing' has no attribute {name!r}")
+
+
+__all__ = [
+    "CHECKS",
+    "Check",
+    "CheckFailed",
+    "CheckResult",
+    "CheckSkipped",
+    "Subject",
+    "check",
+    "check_plugin",
+    "checks_for",
+    "example_inputs",
+    *_CLASSES,
+]
