@@ -1,7 +1,7 @@
 """Small helpers shared by the preference losses (DPO and its family in ``molting.plugins``).
 
-Each takes and returns tensors and imports nothing heavy at module level, so a
-loss plugin that uses them stays cheap to import.
+Hyperparameter classes and tensor helpers; torch is imported only inside the
+functions that need it, so a loss plugin that uses them stays cheap to import.
 """
 
 from __future__ import annotations

@@ -42,3 +42,11 @@ def test_ci_runs_the_test_command_readme_gives():
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in ci
     assert any("molting run --plugin dpo" in c for c in commands)
+
+
+def test_every_conformance_check_is_documented():
+    from molting.testing import CHECKS
+
+    page = (ROOT / "docs" / "conformance.md").read_text()
+    for chk in CHECKS:
+        assert f"| `{chk.name}` | {chk.kind} |" in page, f"docs/conformance.md lacks the check {chk.name}"
