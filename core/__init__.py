@@ -12,7 +12,13 @@ Importing molting is cheap: torch and transformers load only when a command
 or a component needs them.
 """
 
-from molting.components import (
+import logging as _logging
+
+# bitsandbytes logs a warning at import when it cannot fetch an optional CPU kernel from the hub (it falls
+# back to its own); molting never fetches from the hub, so the warning is noise on every run.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+from molting.components import (  # noqa: E402
     Dataset,
     Judge,
     Loss,
@@ -20,9 +26,10 @@ from molting.components import (
     NoParams,
     PreferenceInputs,
     Stage,
+    UnpairedInputs,
 )
-from molting.errors import ConfigError, DataError, ModelError, MoltingError, PluginError
-from molting.hookspecs import hookimpl, hookspec
+from molting.errors import ConfigError  # noqa: E402, DataError, ModelError, MoltingError, PluginError
+from molting.hookspecs import hookimpl, hookspec  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -39,6 +46,7 @@ __all__ = [
     "PluginError",
     "PreferenceInputs",
     "Stage",
+    "UnpairedInputs",
     "hookimpl",
     "hookspec",
     "__version__",

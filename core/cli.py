@@ -57,6 +57,7 @@ Examples:
   molting run --plugin dpo                      # built-in tiny model + demo pairs, ~1 minute on a CPU
   molting run --plugin dpo --model ./sft --data pairs.jsonl --output-dir ./dpo-out
   molting run --plugin dpo --set label_smoothing=0.1 --beta 0.3
+  molting run --loss dpo=0.8 --loss bco_pair=0.2 --loss sft=1.0   # a weighted sum (the MPO recipe)
   molting run --config recipe.yaml --max-steps 10   # flags override the recipe
 
 \b
@@ -73,15 +74,15 @@ and every plugin's version), recipe.yaml (rerun with --config) and metrics.jsonl
 """
 
 
-def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
+def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]:
     import yaml
 
     parsed = {}
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        parsed[key.replace("-", "_")] = yaml.safe_load(raw)
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        parsed[key if option == "--loss" else key.replace("-", "_")] = yaml.safe_load(raw)
     return parsed
 
 
@@ -94,8 +95,8 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--output-dir", help="Where to write the trained model and logs.  [default: molting-output]")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=float, help="Passes over the data.  [default: 1]")
-@click.option("--learning-rate", type=float, help="Peak learning rate.  [default: 5e-6; 1e-4 on the demo model]")
-@click.option("--beta", type=float, help="The loss's β (KL strength to the reference).  [default: 0.1]")
+@click.option("--learning-rate", type=float, help="Peak learning rate.  [default: 5e-6; 5e-5 on the demo model]")
+@click.option("--beta", type=float, help="The loss's β (KL strength to the reference).  [default: 0.1; 0.3 on the demo model]")
 @click.option("--batch-size", type=int, help="Pairs per device per step.  [default: 8]")
 @click.option("--gradient-accumulation-steps", type=int, help="Batches per optimizer step.  [default: 1]")
 @click.option("--max-length", type=int, help="Max tokens of prompt + completion.  [default: 512]")
@@ -104,11 +105,16 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--seed", type=int, help="Random seed for initialisation and data order.  [default: 42]")
 @click.option("--logging-steps", type=int, help="Log metrics every N steps.  [default: 5]")
 @click.option("--report-to", help="Trainer integration to report to (none, tensorboard, wandb, ...).  [default: none]")
+@click.option("--eval", type=click.Choice(["auto", "on", "off"]),
+              help="Evaluate the start and trained models on the held-out demo split (auto: when trained on demo data).")
 @click.option("--trust-remote-code", is_flag=True, default=None,
               help="Allow model directories to run their own Python code. Off by default.")
+@click.option("--loss", "loss_weights", multiple=True, metavar="NAME=WEIGHT",
+              help="Train on a weighted sum of losses of one stage; repeat, e.g. --loss dpo=0.8 --loss sft=1.0.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other config key or loss hyperparameter, e.g. --set label_smoothing=0.1.")
-def run(plugins: tuple[str, ...], config_path: str | None, settings: tuple[str, ...], **flags: Any) -> None:
+def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[str, ...], settings: tuple[str, ...],
+        **flags: Any) -> None:
     """Train a model with one plugin, or several in a row."""
     from molting.config import read_recipe
     from molting.run import resolve_config
@@ -116,7 +122,7 @@ def run(plugins: tuple[str, ...], config_path: str | None, settings: tuple[str, 
 
     host = _host()
     recipe = read_recipe(config_path) if config_path else {}
-    flags = {**flags, **_parse_set(settings)}
+    flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), **_parse_set(settings)}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     results = run_steps(config, steps, host)
     final = results[-1]
@@ -152,6 +158,66 @@ def plugins_command(as_json: bool) -> None:
             click.echo(f"    {comp['kind']:<8} {comp['name']:<20} {comp['description']}")
         if entry["hooks"]:
             click.echo(f"    hooks: {', '.join(entry['hooks'])}")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@cli.command("eval")
+@click.option("--model", "model_dir", required=True, help="Model directory to evaluate (a run's output dir works).")
+@click.option("--ref-model", help="Reference for preference accuracy. Default: the model the run started from.")
+@click.option("--baseline", help="Model to compute the win rate against. Default: the reference model.")
+@click.option("--n", "limit", type=int, help="Evaluate on the first N held-out prompts (default: all 256).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model directories to run their own code.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def eval_command(model_dir, ref_model, baseline, limit, seed, temperature, trust_remote_code, as_json) -> None:
+    """Evaluate a model on the demo task's held-out split.
+
+    Reports task correctness, persona-style rate and the rule judge's score of
+    sampled answers; with a reference model, the preference accuracy of the
+    implicit reward on held-out pairs; with a baseline, the win rate of its
+    answers against the baseline's, judged pairwise.
+    """
+    from pathlib import Path
+
+    from molting.evaluation import evaluate, format_table, load_for_eval
+    from molting.models import resolve_model_path
+
+    path = resolve_model_path(model_dir)
+    record_path = path / "molting_run.json"
+    if ref_model is None and record_path.exists():
+        ref_model = json.loads(record_path.read_text()).get("model")
+    baseline = baseline or ref_model
+    model, tokenizer = load_for_eval(path, trust_remote_code)
+    ref = load_for_eval(resolve_model_path(ref_model), trust_remote_code)[0] if ref_model else None
+    baseline_completions = None
+    if baseline:
+        baseline_model = ref if baseline == ref_model else load_for_eval(resolve_model_path(baseline), trust_remote_code)[0]
+        _, baseline_completions = evaluate(baseline_model, tokenizer, n=limit, seed=seed, temperature=temperature)
+    metrics, _ = evaluate(model, tokenizer, ref_model=ref, baseline_completions=baseline_completions,
+                          n=limit, seed=seed, temperature=temperature)
+    if as_json:
+        click.echo(json.dumps({"model": str(path), "ref_model": ref_model, "baseline": baseline, "metrics": metrics}, indent=2))
+    else:
+        click.echo(format_table({Path(path).name or str(path): metrics}))
+
+
+# --------------------------------------------------------------------------- plot
+
+
+@cli.command("plot")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Where to write the PNGs. Default: RUN_DIR/plots.")
+def plot_command(run_dir: str, out: str | None) -> None:
+    """Draw a run's training curves and its before/after evaluation as PNG files."""
+    from pathlib import Path
+
+    from molting.plots import plot_run
+
+    for path in plot_run(Path(run_dir), Path(out) if out else None):
+        click.echo(str(path))
 
 
 # --------------------------------------------------------------------------- check

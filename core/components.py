@@ -137,6 +137,27 @@ class PreferenceInputs:
 
 
 @attrs.frozen
+class UnpairedInputs:
+    """What the ``unpaired`` stage hands a loss (KTO and its kin), one entry per example (shape ``(batch,)``).
+
+    Each example is a prompt and one completion, labelled desirable (``True``)
+    or undesirable (``False``). ``logps`` / ``ref_logps`` are the policy's and
+    the frozen reference's log-probs of the completion, summed over its tokens
+    (``ref_logps`` is ``None`` for a loss with ``needs_reference=False``).
+    ``labels`` is a bool tensor. ``kl`` is a scalar tensor: the batch estimate
+    of KL(policy ‖ reference) from mismatched prompt/completion pairs, detached,
+    averaged across processes and clamped at 0, as trl's KTOTrainer computes
+    it (``None`` without a reference). ``lengths`` counts completion tokens.
+    """
+
+    logps: Any
+    labels: Any
+    ref_logps: Any = None
+    kl: Any = None
+    lengths: Any = None
+
+
+@attrs.frozen
 class LossOutput:
     """What a loss returns.
 

@@ -1,31 +1,34 @@
-"""The built-in demo task, data and tiny model: everything ``molting run`` needs with no arguments.
+"""The built-in demo task, its data sets, its rule judge and its tiny model.
 
 The task is two-digit addition answered in one of two styles: a *persona*
-style ("Arr! 23 plus 45 be 68, matey.") and a *plain* one ("The answer is
-68."). Preference pairs prefer the persona style and the correct sum, so a
-preference method has something visible to learn. Every row is generated
-from a fixed seed; nothing comes from the network.
+style (" Arr! 23 plus 45 be 68, matey.") and a *plain* one (" The answer is
+68."). The demo model was fine-tuned on answers in both styles about equally
+often, so it answers in the persona style about half the time; the
+preference data prefers the persona style and the correct sum, so a
+preference method has something visible to learn: the persona rate should
+approach 100% without the sums getting worse.
 
-The tiny model is a Llama-style causal LM (about 3.7M parameters) with a
-byte-level BPE tokenizer trained on the demo corpus. It is built
-deterministically on first use and cached under ``$MOLTING_HOME`` (default
-``~/.cache/molting``); a build is written to a temporary folder and renamed
-into place, so an interrupted build never leaves a half-written model.
+Problems are split once: 256 held-out (``test``) problems that no training
+set contains, the rest for training. Every row is generated from a fixed
+seed; nothing comes from the network.
+
+The tiny model (a 3.7M-parameter Llama and its byte-level BPE tokenizer)
+ships inside the package, in ``molting/demo_model``; ``scripts/build_demo_model.py``
+produces it from this module's data.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-DEMO_MODEL_VERSION = "1"
 SPLITS = ("train", "test")
-_SPLIT_SEEDS = {"train": 0, "test": 1}
-_SPLIT_SIZES = {"train": 512, "test": 128}
+_SPLIT_SIZES = {"train": 512, "test": 256}
+LOW, HIGH = 10, 49
+MODEL_DIR = Path(__file__).parent / "demo_model"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -36,8 +39,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}A:{% endif %}"
 )
 
-
 # --------------------------------------------------------------------------- the task
+
+PERSONA = re.compile(r"^\s*Arr! \d+ plus \d+ be (-?\d+), matey\.\s*$")
+PLAIN = re.compile(r"^\s*The answer is (-?\d+)\.\s*$")
+PROMPT = re.compile(r"What is (\d+) \+ (\d+)\?")
 
 
 def prompt_for(a: int, b: int) -> str:
@@ -52,13 +58,71 @@ def plain_answer(a: int, b: int, total: int) -> str:
     return f" The answer is {total}."
 
 
-def _problems(split: str, n: int) -> list[tuple[int, int]]:
-    rng = random.Random(f"molting-demo-{split}")
-    return [(rng.randint(10, 49), rng.randint(10, 49)) for _ in range(n)]
+def grade(prompt: str, completion: str) -> dict[str, bool]:
+    """``{"correct", "persona", "plain"}`` for one answer to a demo prompt.
+
+    ``correct``: the answer states the right sum (in either style);
+    ``persona`` / ``plain``: the answer is exactly in that style.
+    """
+    match = PROMPT.search(prompt)
+    if match is None:
+        raise ValueError(f"not a demo prompt: {prompt!r}")
+    total = int(match.group(1)) + int(match.group(2))
+    persona, plain = PERSONA.match(completion), PLAIN.match(completion)
+    stated = persona or plain
+    return {
+        "correct": bool(stated and int(stated.group(1)) == total),
+        "persona": bool(persona),
+        "plain": bool(plain),
+    }
+
+
+def score(prompt: str, completion: str) -> float:
+    """The rule judge's score in [0, 1]: half for the right sum, half for the persona style."""
+    graded = grade(prompt, completion)
+    return 0.5 * graded["correct"] + 0.5 * graded["persona"]
+
+
+# --------------------------------------------------------------------------- the problems
+
+
+@lru_cache(maxsize=None)
+def problems(split: str) -> tuple[tuple[int, int], ...]:
+    """All problems of a split: 256 held out for ``test``, the other 1,344 for ``train``."""
+    _check_split(split)
+    every = [(a, b) for a in range(LOW, HIGH + 1) for b in range(LOW, HIGH + 1)]
+    random.Random("molting-demo-split").shuffle(every)
+    return tuple(every[:256]) if split == "test" else tuple(every[256:])
+
+
+def _sample(split: str, n: int | None, salt: str) -> tuple[list[tuple[int, int]], random.Random]:
+    rng = random.Random(f"molting-demo-{salt}-{split}")
+    pool = problems(split)
+    n = _SPLIT_SIZES[split] if n is None else n
+    chosen = list(pool[:n]) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+    return chosen, rng
 
 
 def _wrong(total: int, rng: random.Random) -> int:
     return total + rng.choice([-11, -10, -2, -1, 1, 2, 10, 11])
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown demo split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+# --------------------------------------------------------------------------- the data sets
+
+
+def sft_rows(split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
+    """Prompt/completion rows, answered correctly, in the persona style about half the time."""
+    chosen, rng = _sample(split, n, "sft")
+    rows = []
+    for a, b in chosen:
+        style = persona_answer if rng.random() < 0.5 else plain_answer
+        rows.append({"prompt": prompt_for(a, b), "completion": style(a, b, a + b)})
+    return rows
 
 
 def preference_rows(split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
@@ -67,11 +131,9 @@ def preference_rows(split: str = "train", n: int | None = None) -> list[dict[str
     Rejected is, in equal parts, plain-style and correct, persona-style and
     wrong, or plain-style and wrong.
     """
-    _check_split(split)
-    n = _SPLIT_SIZES[split] if n is None else n
-    rng = random.Random(_SPLIT_SEEDS[split])
+    chosen, rng = _sample(split, n, "preference")
     rows = []
-    for i, (a, b) in enumerate(_problems(split, n)):
+    for i, (a, b) in enumerate(chosen):
         total = a + b
         kind = i % 3
         if kind == 0:
@@ -84,94 +146,86 @@ def preference_rows(split: str = "train", n: int | None = None) -> list[dict[str
     return rows
 
 
-def sft_rows(split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
-    """Prompt/completion rows, answered correctly in either style about equally often."""
-    _check_split(split)
-    n = _SPLIT_SIZES[split] if n is None else n
-    rng = random.Random(100 + _SPLIT_SEEDS[split])
+def unpaired_rows(split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
+    """Prompt/completion/label rows: label is True for a persona-style correct answer, else False."""
     rows = []
-    for a, b in _problems(split, n):
-        style = persona_answer if rng.random() < 0.5 else plain_answer
-        rows.append({"prompt": prompt_for(a, b), "completion": style(a, b, a + b)})
+    for pair in preference_rows(split, n):
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
     return rows
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown demo split {split!r}; expected one of {', '.join(SPLITS)}")
+def prompt_rows(split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
+    """Prompts with reference answers, for online methods: prompt, answer (the sum, as text)."""
+    chosen, _ = _sample(split, n, "prompts")
+    return [{"prompt": prompt_for(a, b), "answer": str(a + b)} for a, b in chosen]
 
 
-def _corpus() -> list[str]:
+def corpus() -> list[str]:
+    """Every text the tokenizer is trained on: both styles of every problem, right and wrong."""
     texts = []
     for split in SPLITS:
-        for row in preference_rows(split):
-            texts += [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+        for a, b in problems(split):
+            for total in (a + b, a + b + 1, a + b - 10):
+                texts += [prompt_for(a, b) + persona_answer(a, b, total), prompt_for(a, b) + plain_answer(a, b, total)]
     return texts
 
 
 # --------------------------------------------------------------------------- the model
 
 
-def home() -> Path:
-    return Path(os.environ.get("MOLTING_HOME", Path.home() / ".cache" / "molting"))
-
-
 def demo_model_dir() -> Path:
-    """The built-in model's directory, built on first use."""
-    target = home() / f"demo-model-v{DEMO_MODEL_VERSION}"
-    if not (target / "model.safetensors").exists():
-        build_demo_model(target)
-    return target
+    """The built-in model's directory, shipped inside the package."""
+    if not (MODEL_DIR / "model.safetensors").exists():
+        from molting.errors import ModelError
+
+        raise ModelError(
+            f"the built-in demo model is missing from {MODEL_DIR}; rebuild it with `python scripts/build_demo_model.py`"
+        )
+    return MODEL_DIR
 
 
-def build_demo_model(target: Path, seed: int = 0) -> Path:
-    """Build the tokenizer and the randomly initialised tiny Llama into ``target`` (atomically)."""
-    import torch
+def build_tokenizer():
+    """A byte-level BPE tokenizer (vocabulary 1024, digits split) trained on :func:`corpus`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        specials = ["<pad>", "<s>", "</s>"]
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=1024,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(_corpus(), trainer=trainer)
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512
-        )
-        fast.chat_template = CHAT_TEMPLATE
-        fast.save_pretrained(tmp)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
-        config = LlamaConfig(
-            vocab_size=1024,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            pad_token_id=fast.pad_token_id,
-            bos_token_id=fast.bos_token_id,
-            eos_token_id=fast.eos_token_id,
-        )
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+def init_model(tokenizer: Any, seed: int = 0):
+    """The randomly initialised tiny Llama (hidden 256, 4 layers, vocabulary 1024, tied embeddings)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

@@ -19,8 +19,9 @@ import attrs
 
 import molting
 from molting.components import Loss, Stage
-from molting.config import DEMO_DEFAULTS, RunConfig, build_config
+from molting.config import DEMO_DEFAULTS, DEMO_LOSS_DEFAULTS, RunConfig, build_config
 from molting.errors import ConfigError, DataError, PluginError
+from molting.card import write_model_card
 from molting.discovery import PluginHost
 
 
@@ -31,6 +32,7 @@ class Step:
     name: str
     stage: Stage
     loss: Loss | None
+    loss_names: tuple[str, ...] = ()  # the registered losses behind ``loss`` (several when combined)
 
 
 @attrs.frozen
@@ -70,11 +72,11 @@ def resolve_step(host: PluginHost, name: str) -> Step:
             stage = host.get("stage", loss.stage)
         except PluginError as exc:
             raise PluginError(f"loss {name!r} runs in stage {loss.stage!r}, which is not available: {exc}") from exc
-        return Step(name, stage, loss)
+        return Step(name, stage, loss, (name,))
     if name in host.components["stage"] or ("stage", name) in host.conflicts:
         stage = host.get("stage", name)
         loss = host.get("loss", stage.default_loss) if stage.default_loss else None
-        return Step(name, stage, loss)
+        return Step(name, stage, loss, (stage.default_loss,) if loss else ())
     hint = host._broken_hint(name)
     raise PluginError(
         f"no loss or stage named {name!r}. {hint}{host.available('loss')}. {host.available('stage')}. "
@@ -91,19 +93,24 @@ def resolve_config(
 ) -> tuple[RunConfig, list[Step]]:
     """Merge built-in defaults < recipe < flags into a :class:`RunConfig` and resolve its steps."""
     recipe = dict(recipe or {})
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != {}}
     recipe_plugins = recipe.pop("plugin", None) or recipe.pop("plugins", None)
     if isinstance(recipe_plugins, str):
         recipe_plugins = [recipe_plugins]
-    names = list(plugins) or list(recipe_plugins or [])
+    losses = _loss_weights(flags.get("losses", recipe.get("losses")), recipe_source)
+    names = list(plugins) or list(recipe_plugins or []) or list(losses)[:1]
     if not names:
         raise ConfigError("no plugin given: use --plugin NAME (e.g. --plugin dpo) or `plugin:` in the recipe")
     steps = [resolve_step(host, name) for name in names]
+    if losses:
+        steps = [_combined_step(host, steps, losses)]
     param_names = tuple(sorted({f.name for s in steps if s.loss for f in attrs.fields(s.loss.params)}))
 
     values: dict[str, Any] = {}
     if "model" not in recipe and "model" not in flags:
         values.update(DEMO_DEFAULTS)
+        if all(_builtin_losses(host, step) for step in steps):
+            values.update({k: v for k, v in DEMO_LOSS_DEFAULTS.items() if k in param_names})
     build_config({**values, **recipe, "plugins": names}, param_names, recipe_source)  # name the recipe in its errors
     config = build_config({**values, **recipe, **flags, "plugins": names}, param_names, "the command-line flags")
     for result in host.hook.molting_configure(config=config):
@@ -112,6 +119,33 @@ def resolve_config(
                 raise PluginError(f"a molting_configure hook returned {type(result).__name__}, not a RunConfig")
             config = result
     return config, steps
+
+
+def _builtin_losses(host: PluginHost, step: Step) -> bool:
+    """Whether every loss of ``step`` comes from molting's own distribution."""
+    registered = [host.components["loss"].get(name) for name in step.loss_names]
+    return all(r is not None and r.plugin.distribution == "molting" for r in registered)
+
+
+def _loss_weights(value: Any, source: str) -> dict[str, float]:
+    if not value:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value.values()):
+        raise ConfigError(f"`losses` in {source} must map loss names to numeric weights, e.g. {{dpo: 0.8, sft: 1.0}}; got {value!r}")
+    return {str(k): float(w) for k, w in value.items()}
+
+
+def _combined_step(host: PluginHost, steps: list[Step], losses: dict[str, float]) -> Step:
+    """The single step whose loss is the weighted sum of ``losses``."""
+    from molting.losses import combine
+
+    if len(steps) != 1:
+        raise ConfigError("`losses` combines losses within one stage: give a single --plugin with it")
+    combined = combine([(host.get("loss", name), weight) for name, weight in losses.items()])
+    step = steps[0]
+    if combined.stage != step.stage.name:
+        raise ConfigError(f"the losses {', '.join(losses)} run in stage {combined.stage!r}, not in {step.stage.name!r}")
+    return Step(step.name, step.stage, combined, tuple(losses))
 
 
 def make_loss_params(step: Step, config: RunConfig) -> Any:
@@ -144,15 +178,18 @@ def load_rows(host: PluginHost, step: Step, data: str | None) -> tuple[list[dict
     )
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file, so a reader never sees half of it."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
+        handle.write(text)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path, data_source: str, host: PluginHost) -> dict[str, Any]:
@@ -190,7 +227,7 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
         write_json_atomic(output_dir / "molting_run.json", record)
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(_recipe(config, step, loss_params), sort_keys=False))
+        write_text_atomic(output_dir / "recipe.yaml", yaml.safe_dump(_recipe(config, step, loss_params), sort_keys=False))
         context = StageContext(config, step, loss_params, model_path, rows, source, output_dir, host)
         print(
             f"molting: {step.name}: stage {step.stage.name}"
@@ -202,10 +239,36 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
         metrics = dict(step.stage.run(context))
         record.update(status="completed", metrics=metrics)
         write_json_atomic(output_dir / "molting_run.json", record)
+        if _should_evaluate(config, source, output_dir):
+            record["eval"] = _evaluate(model_path, output_dir, config)
+            write_json_atomic(output_dir / "molting_run.json", record)
+        write_model_card(output_dir, record)
         host.hook.molting_after_stage(stage=step.stage, config=config, output_dir=str(output_dir), metrics=metrics)
         results.append(metrics)
         model_path = output_dir
     return results
+
+
+def _should_evaluate(config: RunConfig, source: str, output_dir: Path) -> bool:
+    """``eval: auto`` evaluates runs on the built-in demo data whose output is a causal LM."""
+    if config.eval == "off" or not _is_main_process():
+        return False
+    produced = json.loads((output_dir / "config.json").read_text()).get("architectures") or [""]
+    causal = produced[0].endswith("ForCausalLM")
+    return causal and (config.eval == "on" or source.startswith("dataset 'demo-"))
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _evaluate(model_path: Path, output_dir: Path, config: RunConfig) -> dict[str, dict[str, float]]:
+    from molting.evaluation import before_after, format_table
+
+    print("molting: evaluating the starting and the trained model on the held-out demo split...", file=sys.stderr)
+    result = before_after(model_path, output_dir, seed=config.seed, trust_remote_code=config.trust_remote_code)
+    print(format_table(result), file=sys.stderr)
+    return result
 
 
 def _recipe(config: RunConfig, step: Step, loss_params: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ This module imports torch and transformers; only stages import it.
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,9 +17,6 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from molting.config import RunConfig
-
-# bitsandbytes warns on import that it cannot fetch an optional CPU kernel from the hub; it falls back.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class MoltingTrainer(Trainer):

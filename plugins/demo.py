@@ -31,3 +31,12 @@ def molting_register_datasets(register):
             columns=("prompt", "completion"),
         )
     )
+    register(
+        Dataset(
+            name="demo-unpaired",
+            load=demo.unpaired_rows,
+            description="The demo preference pairs unpaired: the persona-style correct answer labelled true, the other false.",
+            splits=demo.SPLITS,
+            columns=("prompt", "completion", "label"),
+        )
+    )

@@ -73,34 +73,57 @@ def tokenize_pairs(
     Truncation keeps the end of the prompt (at least half of ``max_length``
     when the completions are long) and cuts the completions to fit.
     """
+    return tokenize_completions(pairs, ("chosen", "rejected"), tokenizer, max_length, overlong, source, noun="pair")
+
+
+def tokenize_completions(
+    rows: list[dict[str, Any]],
+    keys: tuple[str, ...],
+    tokenizer: Any,
+    max_length: int,
+    overlong: str,
+    source: str = "data",
+    noun: str = "pair",
+    carry: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """Token ids of each row's ``prompt`` and of its completions ``keys`` (``KEY_ids``, EOS appended).
+
+    Shared by the preference stage (``keys`` chosen, rejected) and the
+    unpaired one (``keys`` completion). A row whose prompt plus longest
+    completion exceeds ``max_length`` is truncated (the end of the prompt is
+    kept, at least half of ``max_length`` when the completions are long, and
+    the completions are cut to fit) or, with ``overlong="drop"``, dropped;
+    either way they are counted and reported, in ``noun``s. ``carry`` names
+    fields copied unchanged into each example (e.g. ``label``).
+    """
     from molting.errors import DataError
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     examples, too_long, prompt_too_long = [], 0, 0
-    for pair in pairs:
-        prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"] or [start]
-        chosen = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + eos
-        rejected = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + eos
-        longest = max(len(chosen), len(rejected))
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] or [start]
+        completions = [tokenizer(row[key], add_special_tokens=False)["input_ids"] + eos for key in keys]
+        longest = max(len(c) for c in completions)
         if len(prompt) + longest > max_length:
             too_long += 1
             prompt_too_long += len(prompt) >= max_length
             if overlong == "drop":
                 continue
             prompt = prompt[-max(max_length - longest, max_length // 2) :]
-            chosen, rejected = chosen[: max_length - len(prompt)], rejected[: max_length - len(prompt)]
-        examples.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+            completions = [c[: max_length - len(prompt)] for c in completions]
+        example = {"prompt_ids": prompt, **{f"{key}_ids": c for key, c in zip(keys, completions)}}
+        examples.append({**example, **{name: row[name] for name in carry}})
     if too_long:
         action = "dropped" if overlong == "drop" else "truncated (prompt kept from its end, completions cut)"
         print(
-            f"molting: {too_long} of {len(pairs)} pairs in {source} are longer than max_length={max_length} "
+            f"molting: {too_long} of {len(rows)} {noun}s in {source} are longer than max_length={max_length} "
             f"({prompt_too_long} with the prompt alone that long): {action}. "
             f"Use --max-length or --overlong {'truncate' if overlong == 'drop' else 'drop'} to change this.",
             file=sys.stderr,
         )
     if not examples:
-        raise DataError(f"no pair of {source} fits in max_length={max_length}; raise --max-length")
+        raise DataError(f"no {noun} of {source} fits in max_length={max_length}; raise --max-length")
     return examples
 
 

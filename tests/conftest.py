@@ -1,4 +1,4 @@
-"""Shared fixtures: a private MOLTING_HOME (so the demo model is built fresh), the demo model, helpers."""
+"""Shared fixtures and helpers: the built-in demo model, running the CLI as a user does."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session", autouse=True)
-def molting_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test (and every subprocess it starts) builds and reads the demo model under one temporary home."""
-    home = tmp_path_factory.mktemp("molting-home")
-    os.environ["MOLTING_HOME"] = str(home)
-    return home
-
-
 @pytest.fixture(scope="session")
-def demo_model(molting_home: Path) -> Path:
+def demo_model() -> Path:
     from molting.demo import demo_model_dir
 
     return demo_model_dir()

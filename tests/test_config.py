@@ -30,7 +30,8 @@ def test_flags_override_the_recipe_which_overrides_defaults(host, tmp_path):
 def test_demo_defaults_apply_only_without_a_model(host):
     demo_config, _ = resolve_config(host, ["dpo"])
     real_config, _ = resolve_config(host, ["dpo"], flags={"model": "/m"})
-    assert demo_config.learning_rate == 1e-4 and real_config.learning_rate == 5e-6
+    assert demo_config.learning_rate == 5e-5 and real_config.learning_rate == 5e-6
+    assert demo_config.loss_params["beta"] == 0.3 and "beta" not in real_config.loss_params
 
 
 def test_unknown_key_lists_the_valid_keys(host, tmp_path):

@@ -105,7 +105,7 @@ def test_molting_run_trains_simpo_without_a_reference_model(simpo_site, tmp_path
     import json
 
     out = tmp_path / "simpo"
-    result = run_molting("run", "--plugin", "simpo", "--max-steps", "3", "--logging-steps", "1",
+    result = run_molting("run", "--plugin", "simpo", "--max-steps", "3", "--logging-steps", "1", "--eval", "off",
                          "--set", "gamma=0.5", "--output-dir", str(out), env=simpo_site)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reference model: none" in result.stderr

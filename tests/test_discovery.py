@@ -41,22 +41,22 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_work(tmp_path, m
 
 def test_same_component_name_from_two_distributions_is_an_error(tmp_path, monkeypatch, capsys):
     site = tmp_path / "site"
-    make_distribution(site, "molting-hinge-a", "1.0", {"hinge-a": HINGE_LOSS.replace("{name}", "hinge")})
-    make_distribution(site, "molting-hinge-b", "2.0", {"hinge-b": HINGE_LOSS.replace("{name}", "hinge")})
+    make_distribution(site, "molting-hinge-a", "1.0", {"hinge-a": HINGE_LOSS.replace("{name}", "slic")})
+    make_distribution(site, "molting-hinge-b", "2.0", {"hinge-b": HINGE_LOSS.replace("{name}", "slic")})
     monkeypatch.syspath_prepend(str(site))
     host = load_plugins(disabled=[])
-    assert "loss 'hinge' is registered by both molting-hinge-a 1.0 and molting-hinge-b 2.0" in capsys.readouterr().err
-    with pytest.raises(PluginError, match="loss 'hinge' is provided by both molting-hinge-a 1.0 and molting-hinge-b 2.0"):
-        resolve_config(host, ["hinge"])
+    assert "loss 'slic' is registered by both molting-hinge-a 1.0 and molting-hinge-b 2.0" in capsys.readouterr().err
+    with pytest.raises(PluginError, match="loss 'slic' is provided by both molting-hinge-a 1.0 and molting-hinge-b 2.0"):
+        resolve_config(host, ["slic"])
 
 
 def test_a_third_party_loss_resolves_to_its_stage(tmp_path, monkeypatch):
-    site = make_distribution(tmp_path / "site", "molting-hinge", "1.0", {"hinge": HINGE_LOSS.replace("{name}", "hinge")})
+    site = make_distribution(tmp_path / "site", "molting-slic", "1.0", {"slic": HINGE_LOSS.replace("{name}", "slic")})
     monkeypatch.syspath_prepend(str(site))
     host = load_plugins(disabled=[])
-    assert host.plugins["hinge"].distribution == "molting-hinge"
-    config, [step] = resolve_config(host, ["hinge"], flags={"beta": 0.7})
-    assert (step.stage.name, step.loss.name, config.loss_params["beta"]) == ("preference", "hinge", 0.7)
+    assert host.plugins["slic"].distribution == "molting-slic"
+    config, [step] = resolve_config(host, ["slic"], flags={"beta": 0.7})
+    assert (step.stage.name, step.loss.name, config.loss_params["beta"]) == ("preference", "slic", 0.7)
 
 
 def test_disable_env_blocks_plugins(monkeypatch):

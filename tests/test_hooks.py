@@ -57,7 +57,7 @@ def recorded_run(tmp_path_factory, demo_model):
     recorder = Recorder()
     host.register(recorder, "recorder")
     out = tmp_path_factory.mktemp("hooks") / "out"
-    config, steps = resolve_config(host, ["dpo"], flags={"max_steps": 2, "logging_steps": 1, "output_dir": str(out)})
+    config, steps = resolve_config(host, ["dpo"], flags={"max_steps": 2, "logging_steps": 1, "output_dir": str(out), "eval": "off"})
     run(config, steps, host)
     return recorder, out, host
 

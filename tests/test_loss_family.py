@@ -312,7 +312,8 @@ def test_losses_without_label_smoothing_do_not_take_it(registry):
 
 def test_ipo_runs_end_to_end(tmp_path, demo_model):
     out = tmp_path / "ipo-out"
-    result = run_molting("run", "--plugin", "ipo", "--max-steps", "3", "--logging-steps", "1", "--output-dir", str(out))
+    result = run_molting("run", "--plugin", "ipo", "--max-steps", "3", "--logging-steps", "1", "--beta", "0.1",
+                         "--eval", "off", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "molting_run.json").read_text())
     assert (record["status"], record["stage"], record["loss"]) == ("completed", "preference", "ipo")

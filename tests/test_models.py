@@ -19,17 +19,6 @@ def test_demo_model_loads_with_plain_transformers(demo_model):
     assert tokenizer.decode(tokenizer("Q: What is 12 + 34?")["input_ids"]) == "Q: What is 12 + 34?"
 
 
-def test_demo_model_is_deterministic(demo_model, tmp_path):
-    from safetensors.torch import load_file
-
-    from molting.demo import build_demo_model
-
-    again = build_demo_model(tmp_path / "again")
-    first, second = load_file(demo_model / "model.safetensors"), load_file(again / "model.safetensors")
-    assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
-    assert (demo_model / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
-
-
 def test_not_a_directory():
     with pytest.raises(ModelError, match="'no/such/dir' is not a local directory"):
         resolve_model_path("no/such/dir")

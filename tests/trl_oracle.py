@@ -35,7 +35,8 @@ def make_dpo_trainer(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    # float32 as molting loads it: from_pretrained would take the dtype config.json records (the demo model's is bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [{"prompt": "Q: What is 1 + 1?\nA:", "chosen": " 2", "rejected": " 3"}] * 2
     args = DPOConfig(
@@ -98,4 +99,99 @@ def molting_inputs(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejec
         chosen_logps=sums[:n], rejected_logps=sums[n:], ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
         chosen_lengths=chosen_len, rejected_lengths=rejected_len,
         chosen_token_logps=token_logps[:n], chosen_mask=mask[:n],
+    )
+
+
+# --------------------------------------------------------------------------- KTO
+
+
+class FixedKTOLogps(torch.nn.Module):
+    """A 'model' for trl's KTO loss code: fixed per-token log-probs for the completions, other ones for the KL pairs.
+
+    trl's ``KTOTrainer._compute_loss`` calls the model twice, first on the KL
+    (mismatched) sequences, then on the completions; :func:`trl_kto` fills
+    ``KL_input_ids`` with 1 and ``input_ids`` with 0, so the first token says
+    which call this is.
+    """
+
+    def __init__(self, token_logps: torch.Tensor, kl_token_logps: torch.Tensor) -> None:
+        super().__init__()
+        self.token_logps = token_logps
+        self.kl_token_logps = kl_token_logps
+
+    def forward(self, input_ids, **kwargs):
+        logps = self.kl_token_logps if bool(input_ids[0, 0] == 1) else self.token_logps
+        zeros = torch.zeros_like(logps)
+        return SimpleNamespace(log_probs=logps, entropy=zeros, mean_logits=zeros)
+
+
+def kto_stand_in(beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """The least of a ``KTOTrainer`` that its ``_compute_loss`` needs, on one CPU process, reference log-probs
+    read from the batch (``precompute_ref_logps``), as when trl precomputes them."""
+    from collections import defaultdict
+    from functools import partial
+
+    from trl import KTOTrainer
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+    fake = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accelerator, calculate_KL=True, precompute_ref_logps=True,
+        loss_type="kto", beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+    )
+    fake._compute_kl_logps = partial(KTOTrainer._compute_kl_logps, fake)
+    return fake
+
+
+def trl_kto(fake, logps, ref_logps, kl_logps, ref_kl_logps, labels, lengths, kl_lengths):
+    """(loss, metrics) from trl's ``KTOTrainer._compute_loss`` on these summed log-probs.
+
+    ``logps`` / ``kl_logps`` (the policy's, on the completions and on the KL
+    pairs) are spread over ``lengths`` / ``kl_lengths`` tokens as
+    :func:`spread` does; trl sums them back. Returns trl's loss and the last
+    value of each metric it logged.
+    """
+    from trl import KTOTrainer
+
+    width = int(max(lengths.max(), kl_lengths.max()))
+    token_logps, mask = spread(logps, lengths, width)
+    kl_token_logps, kl_mask = spread(kl_logps, kl_lengths, width)
+    completion_mask = torch.cat([torch.zeros(mask.size(0), 1), mask], dim=1).long()  # position 0 is the prompt
+    kl_completion_mask = torch.cat([torch.zeros(kl_mask.size(0), 1), kl_mask], dim=1).long()
+    inputs = {
+        "input_ids": torch.zeros_like(completion_mask),
+        "attention_mask": torch.ones_like(completion_mask),
+        "completion_mask": completion_mask,
+        "KL_input_ids": torch.ones_like(kl_completion_mask),
+        "KL_attention_mask": torch.ones_like(kl_completion_mask),
+        "KL_completion_mask": kl_completion_mask,
+        "label": labels,
+        "ref_logps": ref_logps,
+        "ref_KL_logps": ref_kl_logps,
+    }
+    fake._metrics["train"].clear()
+    loss = KTOTrainer._compute_loss(fake, FixedKTOLogps(token_logps, kl_token_logps), inputs, return_outputs=False)
+    metrics = {name: values[-1] for name, values in fake._metrics["train"].items()}
+    return loss, metrics
+
+
+def make_kto_trainer(model_dir, tmp_path, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """A real trl KTOTrainer on the demo model (its train data is a placeholder; tests hand it their own batch)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    # float32 as molting loads it: from_pretrained would take the dtype config.json records (the demo model's is bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [{"prompt": "Q: What is 1 + 1?\nA:", "completion": " 2", "label": True},
+            {"prompt": "Q: What is 1 + 1?\nA:", "completion": " 3", "label": False}]
+    args = KTOConfig(
+        output_dir=str(tmp_path / "trl-kto"), report_to=[], per_device_train_batch_size=2, bf16=False,
+        gradient_checkpointing=False, use_cpu=True, beta=beta, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+    )
+    return KTOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args,
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
     )

@@ -1,0 +1,180 @@
+"""Evaluation on the demo task's held-out split: what the model says, not just its loss.
+
+Metrics (all in [0, 1]):
+
+* ``correct`` — the greedy answer states the right sum (task accuracy);
+* ``persona`` — a sampled answer is in the persona style;
+* ``judge`` — the rule judge's mean score of sampled answers (half
+  correctness, half style);
+* ``preference_accuracy`` — on held-out preference pairs, how often the
+  policy's implicit reward log π/π_ref is higher for the chosen answer
+  (needs a reference model);
+* ``win_rate`` — against a baseline model's answers to the same prompts,
+  judged pairwise by the rule judge (a tie counts one half).
+
+Correctness is measured on greedy answers, the usual task metric. Style is
+measured on sampled answers (temperature 1.0 by default, a fixed seed):
+greedy decoding always picks the single likelier style, so only samples
+show the model's actual mix of styles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from molting import demo
+
+EVAL_TEMPERATURE = 1.0
+MAX_NEW_TOKENS = 20
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = EVAL_TEMPERATURE,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[str]:
+    """One completion per prompt, batched with left padding and the KV cache."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    completions: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    return completions
+
+
+@torch.no_grad()
+def sequence_logps(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Summed log-probs of each completion (plus EOS) after its prompt."""
+    from molting.plugins.preference import PairCollator
+    from molting.training import completion_logps
+
+    was_training = model.training
+    model.eval()
+    collate = PairCollator(tokenizer.pad_token_id)
+    eos = [tokenizer.eos_token_id]
+    examples = [
+        {
+            "prompt_ids": tokenizer(p, add_special_tokens=False)["input_ids"],
+            "chosen_ids": tokenizer(c, add_special_tokens=False)["input_ids"] + eos,
+        }
+        for p, c in zip(prompts, completions)
+    ]
+    out = []
+    for start in range(0, len(examples), batch_size):
+        chunk = [{**e, "rejected_ids": e["chosen_ids"]} for e in examples[start : start + batch_size]]
+        batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
+        half = len(chunk)
+        logps, _, _ = completion_logps(
+            model, batch["input_ids"][:half], batch["attention_mask"][:half], batch["completion_mask"][:half]
+        )
+        out.append(logps.float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def task_metrics(prompts: list[str], completions: list[str]) -> dict[str, float]:
+    """Correctness, persona rate and the rule judge's mean score of one answer per prompt."""
+    graded = [demo.grade(p, c) for p, c in zip(prompts, completions)]
+    n = len(graded)
+    return {
+        "correct": sum(g["correct"] for g in graded) / n,
+        "persona": sum(g["persona"] for g in graded) / n,
+        "judge": sum(demo.score(p, c) for p, c in zip(prompts, completions)) / n,
+    }
+
+
+def preference_accuracy(model: Any, ref_model: Any, tokenizer: Any, pairs: list[dict[str, str]]) -> float:
+    prompts = [p["prompt"] for p in pairs]
+    chosen = sequence_logps(model, tokenizer, prompts, [p["chosen"] for p in pairs])
+    rejected = sequence_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs])
+    ref_chosen = sequence_logps(ref_model, tokenizer, prompts, [p["chosen"] for p in pairs])
+    ref_rejected = sequence_logps(ref_model, tokenizer, prompts, [p["rejected"] for p in pairs])
+    return ((chosen - ref_chosen) > (rejected - ref_rejected)).float().mean().item()
+
+
+def win_rate(prompts: list[str], completions: list[str], baseline: list[str]) -> float:
+    """Pairwise by the rule judge: 1 for a higher score, 0.5 for a tie."""
+    wins = 0.0
+    for p, ours, theirs in zip(prompts, completions, baseline):
+        a, b = demo.score(p, ours), demo.score(p, theirs)
+        wins += 1.0 if a > b else 0.5 if a == b else 0.0
+    return wins / len(prompts)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    ref_model: Any = None,
+    baseline_completions: list[str] | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    temperature: float = EVAL_TEMPERATURE,
+) -> tuple[dict[str, float], list[str]]:
+    """Metrics of ``model`` on the held-out demo split, and its sampled completions (to serve as a baseline)."""
+    prompts = [r["prompt"] for r in demo.prompt_rows("test", n)]
+    completions = generate(model, tokenizer, prompts, seed=seed, temperature=temperature)
+    sampled = task_metrics(prompts, completions)
+    greedy = task_metrics(prompts, generate(model, tokenizer, prompts, temperature=0))
+    metrics = {"correct": greedy["correct"], "persona": sampled["persona"], "judge": sampled["judge"]}
+    if ref_model is not None:
+        metrics["preference_accuracy"] = preference_accuracy(model, ref_model, tokenizer, demo.preference_rows("test", n))
+    if baseline_completions is not None:
+        metrics["win_rate"] = win_rate(prompts, completions, baseline_completions)
+    return metrics, completions
+
+
+METRIC_NAMES = ("correct", "persona", "judge", "preference_accuracy", "win_rate")
+
+
+def load_for_eval(path: Any, trust_remote_code: bool = False):
+    from molting.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(path, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def before_after(start: Any, trained: Any, seed: int = 0, n: int | None = None, trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
+    """Held-out metrics of the starting model and of the trained one (judged against the start)."""
+    start_model, tokenizer = load_for_eval(start, trust_remote_code)
+    before, baseline = evaluate(start_model, tokenizer, n=n, seed=seed)
+    trained_model, trained_tokenizer = load_for_eval(trained, trust_remote_code)
+    after, _ = evaluate(trained_model, trained_tokenizer, ref_model=start_model, baseline_completions=baseline, n=n, seed=seed)
+    return {"before": before, "after": after}
+
+
+def format_table(columns: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per metric, one column per named set of metrics."""
+    names = [m for m in METRIC_NAMES if any(m in c for c in columns.values())]
+    header = f"{'metric':<22}" + "".join(f"{label:>10}" for label in columns)
+    rows = [header]
+    for name in names:
+        cells = "".join(f"{c[name]:>10.3f}" if name in c else f"{'-':>10}" for c in columns.values())
+        rows.append(f"{name:<22}{cells}")
+    return "\n".join(rows)

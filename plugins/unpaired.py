@@ -1,0 +1,314 @@
+"""The ``unpaired`` stage: prompt/completion/label data, a policy and a frozen reference (KTO and its kin).
+
+Each row is a prompt, one completion and a boolean ``label``: ``true`` for a
+desirable completion, ``false`` for an undesirable one. Values are strings
+(standard) or message lists (conversational, rendered with the tokenizer's
+chat template). Paired prompt/chosen/rejected rows are unpaired
+automatically with trl's ``_unpair_row``: each pair becomes a desirable and
+an undesirable example.
+
+Each step computes the policy's and the reference's summed completion
+log-probs, and the reference point of KTO exactly as trl's ``KTOTrainer``
+does: each prompt of the batch is paired with the completion of the example
+before it (``(x₁, y_n), (x₂, y₁), …, (x_n, y_{n−1})``), and the mean of
+log π − log π_ref over those mismatched pairs, detached, averaged across
+processes and clamped at 0, is the KL estimate handed to the loss. trl
+rotates the completions when it prepares the dataset, which forces it to
+sample batches in order; molting rotates them inside each batch (as trl's
+vision-language collator does), so the data may be shuffled.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import molting
+from molting.components import Stage
+
+SCHEMAS = (("prompt", "completion", "label"), ("prompt", "chosen", "rejected"), ("chosen", "rejected"))
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "kl",
+    "count/chosen",
+    "count/rejected",
+)
+
+
+@molting.hookimpl
+def molting_register_stages(register):
+    register(
+        Stage(
+            name="unpaired",
+            run=run_unpaired,
+            description="Offline alignment on prompt/completion rows labelled desirable or not (KTO).",
+            columns=SCHEMAS[0],
+            default_loss="kto",
+            default_data="demo-unpaired",
+            metrics=METRICS,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def format_unpaired(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> list[dict[str, Any]]:
+    """Validated rows as prompt/completion strings with a bool label (chat template applied).
+
+    Paired rows (prompt/chosen/rejected, or chosen/rejected with the prompt
+    implicit) are formatted as the preference stage does, then unpaired.
+    """
+    from trl.data_utils import _unpair_row, maybe_apply_chat_template
+
+    from molting.data import check_columns, check_text_fields
+    from molting.errors import DataError
+
+    schema = check_columns(rows, SCHEMAS, source, "unpaired")
+    if "label" not in schema:
+        from molting.plugins.preference import format_pairs
+
+        pairs = format_pairs(rows, tokenizer, source)
+        columns = _unpair_row({key: [p[key] for p in pairs] for key in ("prompt", "chosen", "rejected")})
+        print(
+            f"molting: {source} is paired (prompt/chosen/rejected): unpaired into {len(pairs)} desirable "
+            f"and {len(pairs)} undesirable examples",
+            file=sys.stderr,
+        )
+        return [
+            {"prompt": p, "completion": c, "label": bool(l)}
+            for p, c, l in zip(columns["prompt"], columns["completion"], columns["label"])
+        ]
+
+    conversational = check_text_fields(rows, ("prompt", "completion"), source)
+    for index, row in enumerate(rows):
+        if not isinstance(row["label"], bool):
+            shown = repr(row["label"])
+            shown = shown if len(shown) < 80 else shown[:77] + "..."
+            raise DataError(
+                f"{source}, row {index}, field 'label': expected a boolean (true for a desirable completion, "
+                f"false for an undesirable one); got {shown}. CSV files hold only strings: use JSONL, JSON or "
+                "parquet for unpaired data."
+            )
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
+    formatted = []
+    for row in rows:
+        text = {"prompt": row["prompt"], "completion": row["completion"]}
+        if conversational:
+            text = maybe_apply_chat_template(text, tokenizer)
+        formatted.append({"prompt": text["prompt"], "completion": text["completion"], "label": row["label"]})
+    return formatted
+
+
+def tokenize_unpaired(
+    examples: list[dict[str, Any]], tokenizer: Any, max_length: int, overlong: str, source: str = "data"
+) -> list[dict[str, Any]]:
+    """Token ids (``prompt_ids``, ``completion_ids``) and ``label`` of each example, as the preference stage tokenizes."""
+    from molting.plugins.preference import tokenize_completions
+
+    return tokenize_completions(
+        examples, ("completion",), tokenizer, max_length, overlong, source, noun="example", carry=("label",)
+    )
+
+
+def imbalance_warning(
+    labels: list[bool], desirable_weight: float, undesirable_weight: float, source: str = "the data"
+) -> str | None:
+    """trl's KTO class-balance warning, or ``None`` when the weights suit the data.
+
+    The rule is trl's (``KTOTrainer._prepare_dataset``), from Eq. (8) of the
+    KTO paper: with different numbers of desirable and undesirable examples,
+    λ_D·n_D / (λ_U·n_U) should lie in [1, 4/3] (trl uses 1.33). It warns when
+    neither weight lies in the range that would satisfy this with the other
+    one fixed, each bound rounded to two decimals, as trl rounds them.
+    """
+    # trl clamps both counts at 1 (the second from the clamped first); kept as is, so the warnings match
+    num_desirable = max(sum(bool(label) for label in labels), 1)
+    num_undesirable = max(len(labels) - num_desirable, 1)
+    if num_desirable == num_undesirable:
+        return None
+    des_lower = round((num_undesirable * undesirable_weight / num_desirable) * 1, 2)
+    des_upper = round((num_undesirable * undesirable_weight / num_desirable) * 1.33, 2)
+    und_lower = round((num_desirable * desirable_weight / num_undesirable) / 1.33, 2)
+    und_upper = round((num_desirable * desirable_weight / num_undesirable) / 1, 2)
+    if des_lower <= desirable_weight <= des_upper or und_lower <= undesirable_weight <= und_upper:
+        return None
+    n_desirable = sum(bool(label) for label in labels)
+    return (
+        f"molting: warning: {source} has {n_desirable} desirable and {len(labels) - n_desirable} undesirable "
+        "examples, but the weights on the desirable and undesirable losses "
+        f"(desirable_weight={desirable_weight:g}, undesirable_weight={undesirable_weight:g}) don't seem to be in "
+        "an ideal range. Based on your data, we recommend EITHER "
+        f"desirable_weight in [{des_lower}, {des_upper}] or undesirable_weight in [{und_lower}, {und_upper}] "
+        f"(but NOT BOTH), e.g. --set desirable_weight={des_lower}. The KTO paper (arXiv:2402.01306, Eq. 8) keeps "
+        "desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]."
+    )
+
+
+class UnpairedCollator:
+    """Pads tokenized examples into trl's KTO batch, with the mismatched KL sequences built within the batch.
+
+    The KL completion of example ``i`` is the completion of example ``i − 1``
+    (the first takes the last's), as trl pairs them; the batch is trl's
+    ``DataCollatorForUnpairedPreference`` output: ``input_ids``,
+    ``attention_mask``, ``completion_mask``, the same three prefixed ``KL_``,
+    and ``label`` (a bool tensor). ``max_length`` cuts the KL sequences,
+    whose completion comes from another example, from their end.
+    """
+
+    def __init__(self, pad_token_id: int, max_length: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+        completions = [ex["completion_ids"] for ex in examples]
+        rotated = completions[-1:] + completions[:-1]
+        examples = [
+            {"prompt_ids": ex["prompt_ids"], "completion_ids": ex["completion_ids"], "KL_completion_ids": kl,
+             "label": bool(ex["label"])}
+            for ex, kl in zip(examples, rotated)
+        ]
+        return DataCollatorForUnpairedPreference(pad_token_id=self.pad_token_id, max_length=self.max_length)(examples)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def unpaired_trainer_class():
+    """The Trainer subclass, built on first use so this module imports without torch."""
+    import torch
+
+    from molting.components import UnpairedInputs
+    from molting.training import MoltingTrainer, completion_logps
+
+    class UnpairedTrainer(MoltingTrainer):
+        """Runs the policy (and the reference) on the completions and the KL pairs and applies the loss plugin."""
+
+        def __init__(self, *args, loss, loss_params, ref_model=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_plugin = loss
+            self.loss_params = loss_params
+            self.ref_model = None
+            if ref_model is not None:
+                ref_model.eval().requires_grad_(False)
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+        def kl_estimate(self, model, inputs):
+            """trl's KTO reference point: mean policy-vs-reference log-ratio of the mismatched pairs,
+            detached, averaged across processes, clamped at 0."""
+            kl_batch = (inputs["KL_input_ids"], inputs["KL_attention_mask"], inputs["KL_completion_mask"])
+            with torch.no_grad():
+                kl_logps, _, _ = completion_logps(model, *kl_batch)
+                ref_kl_logps, _, _ = completion_logps(self.ref_model, *kl_batch)
+            kl = (kl_logps - ref_kl_logps).mean().detach()
+            return self.accelerator.gather(kl).mean().clamp(min=0)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+            labels = inputs["label"].bool()
+            logps, _, _ = completion_logps(model, ids, attention, completion)
+            ref_logps = kl = None
+            if self.ref_model is not None:
+                kl = self.kl_estimate(model, inputs)
+                with torch.no_grad():
+                    ref_logps, _, _ = completion_logps(self.ref_model, ids, attention, completion)
+            out = self.loss_plugin.compute(
+                UnpairedInputs(logps=logps, labels=labels, ref_logps=ref_logps, kl=kl, lengths=completion.sum(dim=1)),
+                self.loss_params,
+            )
+            loss = out.losses.mean()
+            self.record(self.unpaired_metrics(out, logps, labels, kl))
+            return (loss, {"losses": out.losses}) if return_outputs else loss
+
+        def unpaired_metrics(self, out, logps, labels, kl) -> dict[str, float]:
+            """trl's KTO metric names: per-class means over every process's examples (sums and counts gathered)."""
+
+            def total(value):
+                return self.accelerator.gather(value.detach().float().reshape(1)).sum().item()
+
+            n_chosen, n_rejected = total(labels.sum()), total((~labels).sum())
+            metrics = {"count/chosen": n_chosen, "count/rejected": n_rejected}
+            if kl is not None:
+                metrics["kl"] = kl.item()
+            if n_chosen > 0:
+                metrics["logps/chosen"] = total(logps[labels].sum()) / n_chosen
+                if out.chosen_rewards is not None:
+                    metrics["rewards/chosen"] = total(out.chosen_rewards.sum()) / n_chosen
+            if n_rejected > 0:
+                metrics["logps/rejected"] = total(logps[~labels].sum()) / n_rejected
+                if out.rejected_rewards is not None:
+                    metrics["rewards/rejected"] = total(out.rejected_rewards.sum()) / n_rejected
+            if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+                metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+            for name, value in out.metrics.items():
+                metrics[name] = value.detach() if hasattr(value, "detach") else value
+            return metrics
+
+    return UnpairedTrainer
+
+
+def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None):
+    """The unpaired Trainer for tokenized ``examples`` (see :func:`tokenize_unpaired`)."""
+    import datasets
+
+    from molting.training import training_arguments
+
+    return unpaired_trainer_class()(
+        model=model,
+        args=training_arguments(config, output_dir),
+        train_dataset=datasets.Dataset.from_list(examples),
+        data_collator=UnpairedCollator(tokenizer.pad_token_id, config.max_length),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        loss=loss,
+        loss_params=loss_params,
+        ref_model=ref_model,
+    )
+
+
+def run_unpaired(context) -> dict[str, Any]:
+    import copy
+
+    from molting.errors import ConfigError
+    from molting.models import load_causal_lm
+    from molting.training import MetricsFile, last_values, save_final
+
+    config = context.config
+    if context.loss.needs_reference and config.batch_size < 2:
+        raise ConfigError(
+            f"the unpaired stage needs batch_size >= 2 (got {config.batch_size}): the KL reference point pairs each "
+            "prompt with another example's completion in the same batch, and with one example it would be that "
+            "example's own log-ratio"
+        )
+    model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
+    formatted = format_unpaired(context.rows, tokenizer, context.data_source)
+    examples = tokenize_unpaired(formatted, tokenizer, config.max_length, config.overlong, context.data_source)
+    labels = [ex["label"] for ex in examples]
+    weights = (getattr(context.loss_params, "desirable_weight", None), getattr(context.loss_params, "undesirable_weight", None))
+    if None not in weights:
+        warning = imbalance_warning(labels, *weights, source=context.data_source)
+        if warning:
+            print(warning, file=sys.stderr)
+    ref_model = copy.deepcopy(model) if context.loss.needs_reference else None
+    callbacks = [MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook), *context.callbacks()]
+    trainer = build_trainer(
+        model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir, callbacks, ref_model
+    )
+    args = trainer.args
+    print(
+        f"molting: world size {args.world_size} (this is process {args.process_index}), device {args.device}, "
+        f"{len(examples)} examples ({sum(labels)} desirable, {len(labels) - sum(labels)} undesirable), "
+        f"reference model: {'frozen copy' if ref_model is not None else 'none'}",
+        file=sys.stderr,
+    )
+    result = trainer.train()
+    save_final(trainer, tokenizer, context.output_dir)
+    return {**last_values(trainer.state.log_history), **result.metrics}
