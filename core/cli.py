@@ -109,6 +109,17 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
               help="Evaluate the start and trained models on the held-out demo split (auto: when trained on demo data).")
 @click.option("--trust-remote-code", is_flag=True, default=None,
               help="Allow model directories to run their own Python code. Off by default.")
+@click.option("--lora-r", type=int, help="Train LoRA adapters of this rank instead of every weight (peft).")
+@click.option("--lora-alpha", type=float, help="LoRA scaling α.  [default: 16]")
+@click.option("--lora-dropout", type=float, help="LoRA dropout.  [default: 0]")
+@click.option("--lora-target-modules", help="Comma-separated module names, or all-linear.  [default: all-linear]")
+@click.option("--load-in-4bit", is_flag=True, default=None, help="QLoRA: 4-bit NF4 base (bitsandbytes) + LoRA.")
+@click.option("--merge", is_flag=True, default=None, help="With LoRA: write the merged model, adapter in OUTPUT/adapter.")
+@click.option("--precompute-ref", is_flag=True, default=None,
+              help="Compute reference log-probs once (cached on disk); hold no reference model while training.")
+@click.option("--save-steps", type=int, help="Write a checkpoint every N steps (atomically).  [default: 0, none]")
+@click.option("--save-total-limit", type=int, help="Keep at most this many checkpoints.")
+@click.option("--resume", metavar="auto|PATH", help="Resume from the latest checkpoint in --output-dir, or from PATH.")
 @click.option("--loss", "loss_weights", multiple=True, metavar="NAME=WEIGHT",
               help="Train on a weighted sum of losses of one stage; repeat, e.g. --loss dpo=0.8 --loss sft=1.0.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",

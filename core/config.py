@@ -49,6 +49,28 @@ class RunConfig:
         validator=attrs.validators.in_(("auto", "on", "off")),
     )
     trust_remote_code: bool = False
+    # parameter-efficient training
+    lora_r: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    """LoRA rank; 0 trains every weight."""
+    lora_alpha: float = 16.0
+    lora_dropout: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0), attrs.validators.lt(1)])
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names, or all-linear."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base model in 4-bit NF4 (bitsandbytes) and train LoRA adapters on it."""
+    merge: bool = False
+    """With LoRA: also write the base model with the adapter merged in."""
+    # reference model
+    precompute_ref: bool = False
+    """Compute the reference log-probs once before training (cached on disk) and hold no reference model."""
+    # checkpoints and robustness
+    save_steps: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    """Write a checkpoint every N steps; 0: none."""
+    save_total_limit: int | None = None
+    resume: str | None = None
+    """``auto`` (the latest checkpoint in the output dir, if any) or a checkpoint directory."""
+    max_skipped_steps: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    """Stop after this many consecutive optimizer steps skipped for a non-finite loss or gradient."""
     losses: Mapping[str, float] = attrs.field(factory=dict, converter=dict)
     """Several losses of one stage and their weights ({name: weight}); empty: the plugin's own loss."""
     loss_params: Mapping[str, Any] = attrs.field(factory=dict)

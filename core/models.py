@@ -27,13 +27,19 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any = None):
-    """A causal LM and its tokenizer from ``path``, with clear errors for anything else."""
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any = None, load_in_4bit: bool = False):
+    """A causal LM and its tokenizer from ``path``, with clear errors for anything else.
+
+    A directory holding a LoRA adapter (``adapter_config.json``, no
+    ``config.json``) loads as its base model with the adapter applied.
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path = Path(path)
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        return _load_adapter(path, trust_remote_code)
     if not (path / "config.json").exists():
         raise ModelError(f"{path} has no config.json: not a transformers model directory")
     try:
@@ -55,12 +61,14 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any
             f"{path} has no .safetensors weights; molting loads weights as safetensors only "
             "(convert with model.save_pretrained(dir, safe_serialization=True))"
         )
+    quantization = _four_bit_config() if load_in_4bit else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             dtype=dtype or torch.float32,
+            quantization_config=quantization,
         )
     except Exception as exc:
         raise ModelError(f"cannot load {path} as a causal LM: {_first_line(exc)}") from exc
@@ -68,6 +76,60 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _four_bit_config():
+    """NF4 quantisation (QLoRA); a clear error, before any training, where bitsandbytes cannot run."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(8, 8, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+        layer = layer.to("cuda" if torch.cuda.is_available() else "cpu")
+        layer(torch.zeros(1, 8, device=layer.weight.device))
+    except Exception as exc:
+        raise ModelError(
+            f"--load-in-4bit needs bitsandbytes working on this device, and a 4-bit test layer failed: {_first_line(exc)}"
+        ) from exc
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=False
+    )
+
+
+def apply_lora(model: Any, r: int, alpha: float, dropout: float, target_modules: str):
+    """Wrap ``model`` with fresh LoRA adapters (peft); a 4-bit model is prepared for k-bit training first."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",") if m.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ModelError(f"cannot apply LoRA with target modules {target_modules!r}: {_first_line(exc)}") from exc
+
+
+def _load_adapter(path: Path, trust_remote_code: bool):
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise ModelError(f"the LoRA adapter in {path} names base model {base!r}, which is not a local directory")
+    model, tokenizer = load_causal_lm(base, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(model, path), tokenizer
+
+
+def merge_adapter(adapter_dir: Path, output_dir: Path, trust_remote_code: bool = False) -> None:
+    """Write the base model (reloaded in float32) with the adapter in ``adapter_dir`` merged in."""
+    model, tokenizer = _load_adapter(adapter_dir, trust_remote_code)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -225,7 +225,8 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
         rows, source = load_rows(host, step, config.data)
         record = run_record(config, step, loss_params, model_path, source, host)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if not config.resume:
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
         write_json_atomic(output_dir / "molting_run.json", record)
         write_text_atomic(output_dir / "recipe.yaml", yaml.safe_dump(_recipe(config, step, loss_params), sort_keys=False))
         context = StageContext(config, step, loss_params, model_path, rows, source, output_dir, host)
@@ -253,8 +254,11 @@ def _should_evaluate(config: RunConfig, source: str, output_dir: Path) -> bool:
     """``eval: auto`` evaluates runs on the built-in demo data whose output is a causal LM."""
     if config.eval == "off" or not _is_main_process():
         return False
-    produced = json.loads((output_dir / "config.json").read_text()).get("architectures") or [""]
-    causal = produced[0].endswith("ForCausalLM")
+    if (output_dir / "adapter_config.json").exists() and not (output_dir / "config.json").exists():
+        causal = True  # a LoRA adapter of the (causal) starting model
+    else:
+        produced = json.loads((output_dir / "config.json").read_text()).get("architectures") or [""]
+        causal = produced[0].endswith("ForCausalLM")
     return causal and (config.eval == "on" or source.startswith("dataset 'demo-"))
 
 

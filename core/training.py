@@ -9,6 +9,9 @@ This module imports torch and transformers; only stages import it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,18 +20,74 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from molting.config import RunConfig
+from molting.errors import ConfigError, MoltingError
 
 
 class MoltingTrainer(Trainer):
-    """A Trainer that averages per-step metrics recorded with :meth:`record` into each log.
+    """The Trainer every stage builds on.
 
-    Values are gathered across processes before averaging, as trl does, so the
-    logged numbers are the same for one process and for many.
+    - holds the loss plugin, its hyperparameters, and the reference: a frozen
+      model, or the policy itself with its LoRA adapter disabled
+      (:meth:`reference_logps`);
+    - averages per-step metrics recorded with :meth:`record` into each log,
+      gathered across processes first, as trl does, so the logged numbers are
+      the same for one process and for many;
+    - writes checkpoints atomically: into a hidden staging folder, then
+      renamed into place, so a crash during a save leaves the previous
+      checkpoint whole.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss: Any = None, loss_params: Any = None, ref_model: Any = None,
+                 adapter_reference: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.loss_plugin = loss
+        self.loss_params = loss_params
+        self.ref_model = None
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.adapter_reference = adapter_reference
+        self.last_batch_indices: Any = None
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_model is not None or self.adapter_reference
+
+    @torch.no_grad()
+    def reference_logps(self, model: Any, input_ids: Any, attention_mask: Any, completion_mask: Any) -> Any:
+        """Summed completion log-probs under the reference, or ``None`` without one."""
+        if self.ref_model is not None:
+            return completion_logps(self.ref_model, input_ids, attention_mask, completion_mask)[0]
+        if self.adapter_reference:
+            with self.accelerator.unwrap_model(model).disable_adapter():
+                return completion_logps(model, input_ids, attention_mask, completion_mask)[0]
+        return None
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        self.last_batch_indices = inputs.get("index")
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f".staging-{name}")
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def record(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
         mode = "train" if self.model.training else "eval"
@@ -93,12 +152,16 @@ def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) ->
         logging_first_step=True,
         seed=config.seed,
         data_seed=config.seed,
-        save_strategy="no",
         report_to=[] if config.report_to == "none" else [config.report_to],
         remove_unused_columns=False,
         bf16=use_bf16,  # fp32 is fastest on CPUs without native bf16
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # without an accelerator, say so: accelerate then runs several launched processes as MULTI_CPU (gloo)
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=config.save_total_limit,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -125,17 +188,161 @@ class MetricsFile(TrainerCallback):
         self.hook.molting_on_log(metrics=dict(logs), step=state.global_step)
 
 
-def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path) -> None:
+class NonFiniteGuard(TrainerCallback):
+    """Skips an optimizer step whose gradients are not finite (a NaN/inf loss or gradient).
+
+    The gradients are dropped before the step (``p.grad = None``), so the
+    optimizer leaves the weights *and* its moments alone. Each skip is logged
+    with the step and the indices of the batch's examples; after
+    ``max_skipped`` skips in a row the run stops with an error, and the last
+    checkpoint written stays the last good one.
+    """
+
+    def __init__(self, max_skipped: int) -> None:
+        self.max_skipped = max_skipped
+        self.in_a_row = 0
+        self.trainer: MoltingTrainer | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):
+            self.in_a_row = 0
+            return
+        for p in model.parameters():
+            p.grad = None
+        self.in_a_row += 1
+        indices = self.trainer.last_batch_indices if self.trainer is not None else None
+        shown = indices.tolist() if hasattr(indices, "tolist") else "unknown"
+        print(
+            f"molting: step {state.global_step + 1}: non-finite loss or gradient on the batch of examples {shown}; "
+            f"optimizer step skipped ({self.in_a_row} in a row, at most {self.max_skipped})",
+            file=sys.stderr,
+        )
+        if self.in_a_row >= self.max_skipped:
+            last = _last_checkpoint(args.output_dir)
+            raise MoltingError(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient (last batch: examples "
+                f"{shown}); stopping. "
+                + (f"The last good checkpoint is {last}." if last else "No checkpoint was written (use --save-steps).")
+            )
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+# --------------------------------------------------------------------------- pieces every stage uses
+
+
+def load_policy(context: Any) -> tuple[Any, Any]:
+    """The model to train and its tokenizer: full weights, LoRA adapters, or QLoRA (4-bit base + LoRA)."""
+    from molting.models import apply_lora, load_causal_lm
+
+    config = context.config
+    if config.load_in_4bit and not config.lora_r:
+        raise ConfigError("--load-in-4bit freezes the base model in 4 bits: give --lora-r to train LoRA adapters on it")
+    if config.merge and not config.lora_r:
+        raise ConfigError("--merge merges a LoRA adapter: give --lora-r")
+    model, tokenizer = load_causal_lm(
+        context.model_path, trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit
+    )
+    if config.lora_r:
+        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    return model, tokenizer
+
+
+def reference_for(model: Any, context: Any) -> tuple[Any, bool, str]:
+    """``(ref_model, adapter_reference, description)`` for a stage's loss.
+
+    No reference when the loss needs none; with LoRA, the policy with its
+    adapter disabled (no second copy of the weights); otherwise a frozen copy.
+    """
+    import copy
+
+    if context.loss is None or not context.loss.needs_reference:
+        return None, False, "none"
+    if context.config.lora_r:
+        return None, True, "the base model (adapter disabled)"
+    return copy.deepcopy(model), False, "frozen copy"
+
+
+def stage_callbacks(context: Any) -> list[Any]:
+    """metrics.jsonl, the non-finite guard, and the callbacks plugins add."""
+    return [
+        MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook),
+        NonFiniteGuard(context.config.max_skipped_steps),
+        *context.callbacks(),
+    ]
+
+
+def announce(trainer: MoltingTrainer, what: str, reference: str) -> None:
+    args = trainer.args
+    print(
+        f"molting: world size {args.world_size} (this is process {args.process_index}), device {args.device}, "
+        f"{what}, reference model: {reference}",
+        file=sys.stderr,
+    )
+
+
+def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: Any) -> dict[str, Any]:
+    """Train (resuming if asked), save the result, and return the final metrics."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, NonFiniteGuard):
+            callback.trainer = trainer
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(context.config, context.output_dir))
+    save_final(trainer, tokenizer, context.output_dir, merge=context.config.merge, trust_remote_code=context.config.trust_remote_code)
+    return {**last_values(trainer.state.log_history), **result.metrics}
+
+
+def resume_checkpoint(config: RunConfig, output_dir: Path) -> str | None:
+    """The checkpoint ``--resume`` names (``auto``: the latest one in the output dir, if any)."""
+    if not config.resume:
+        return None
+    if config.resume == "auto":
+        found = _last_checkpoint(str(output_dir))
+        if found is None:
+            return None
+        path = Path(found)
+    else:
+        path = Path(config.resume)
+        if not (path / "trainer_state.json").exists():
+            raise ConfigError(f"--resume {config.resume}: not a checkpoint directory (no trainer_state.json)")
+    step = json.loads((path / "trainer_state.json").read_text())["global_step"]
+    _trim_metrics(Path(output_dir) / "metrics.jsonl", step)
+    print(f"molting: resuming from {path} (step {step})", file=sys.stderr)
+    return str(path)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl records up to ``step``: the resumed run logs the later ones again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, merge: bool = False, trust_remote_code: bool = False) -> None:
     """Save the trained model and tokenizer as plain transformers files (safetensors).
 
-    The Trainer also pickles its arguments to training_args.bin; the run's
-    settings are in molting_run.json, so the pickle is removed and the output
-    directory holds no file that needs unpickling.
+    A LoRA run saves its adapter; with ``merge``, the adapter goes to
+    ``OUTPUT/adapter`` and ``OUTPUT`` gets the base model with the adapter
+    merged in. The Trainer also pickles its arguments to training_args.bin;
+    the run's settings are in molting_run.json, so the pickle is removed and
+    the output directory holds no file that needs unpickling.
     """
-    trainer.save_model(str(output_dir))
+    output_dir = Path(output_dir)
+    target = output_dir / "adapter" if merge else output_dir
+    trainer.save_model(str(target))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(output_dir))
-        (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(target))
+        for folder in {target, output_dir}:
+            (folder / "training_args.bin").unlink(missing_ok=True)
+        if merge:
+            from molting.models import merge_adapter
+
+            merge_adapter(target, output_dir, trust_remote_code=trust_remote_code)
 
 
 def last_values(log_history: list[dict[str, Any]]) -> dict[str, Any]:

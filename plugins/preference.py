@@ -101,7 +101,7 @@ def tokenize_completions(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     examples, too_long, prompt_too_long = [], 0, 0
-    for row in rows:
+    for index, row in enumerate(rows):
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] or [start]
         completions = [tokenizer(row[key], add_special_tokens=False)["input_ids"] + eos for key in keys]
         longest = max(len(c) for c in completions)
@@ -112,7 +112,7 @@ def tokenize_completions(
                 continue
             prompt = prompt[-max(max_length - longest, max_length // 2) :]
             completions = [c[: max_length - len(prompt)] for c in completions]
-        example = {"prompt_ids": prompt, **{f"{key}_ids": c for key, c in zip(keys, completions)}}
+        example = {"index": index, "prompt_ids": prompt, **{f"{key}_ids": c for key, c in zip(keys, completions)}}
         examples.append({**example, **{name: row[name] for name in carry}})
     if too_long:
         action = "dropped" if overlong == "drop" else "truncated (prompt kept from its end, completions cut)"
@@ -149,7 +149,11 @@ class PairCollator:
             input_ids[row, : len(seq)] = torch.tensor(seq)
             attention_mask[row, : len(seq)] = 1
             completion_mask[row, plen : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        for key in ("index", "ref_chosen_logps", "ref_rejected_logps"):  # carried through when present
+            if key in examples[0]:
+                batch[key] = torch.tensor([ex[key] for ex in examples])
+        return batch
 
 
 # --------------------------------------------------------------------------- training
@@ -157,22 +161,11 @@ class PairCollator:
 
 def preference_trainer_class():
     """The Trainer subclass, built on first use so this module imports without torch."""
-    import torch
-
     from molting.components import PreferenceInputs
     from molting.training import MoltingTrainer, completion_logps
 
     class PreferenceTrainer(MoltingTrainer):
-        """Runs the policy (and the reference) on chosen+rejected and applies the loss plugin."""
-
-        def __init__(self, *args, loss, loss_params, ref_model=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.loss_plugin = loss
-            self.loss_params = loss_params
-            self.ref_model = None
-            if ref_model is not None:
-                ref_model.eval().requires_grad_(False)
-                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        """Runs the policy (and the reference, unless precomputed) on chosen+rejected and applies the loss plugin."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
@@ -180,9 +173,10 @@ def preference_trainer_class():
             half = ids.size(0) // 2
             lengths = completion.sum(dim=1)
             ref_chosen = ref_rejected = None
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    ref_logps, _, _ = completion_logps(self.ref_model, ids, attention, completion)
+            if "ref_chosen_logps" in inputs:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            elif self.has_reference:
+                ref_logps = self.reference_logps(model, ids, attention, completion)
                 ref_chosen, ref_rejected = ref_logps[:half], ref_logps[half:]
             out = self.loss_plugin.compute(
                 PreferenceInputs(
@@ -221,7 +215,8 @@ def preference_metrics(out: Any, chosen_logps: Any, rejected_logps: Any) -> dict
     return metrics
 
 
-def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None):
+def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None,
+                  adapter_reference=False):
     """The preference Trainer for tokenized ``examples`` (see :func:`tokenize_pairs`)."""
     import datasets
 
@@ -237,30 +232,25 @@ def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_
         loss=loss,
         loss_params=loss_params,
         ref_model=ref_model,
+        adapter_reference=adapter_reference,
     )
 
 
 def run_preference(context) -> dict[str, Any]:
-    import copy
-
-    from molting.models import load_causal_lm
-    from molting.training import MetricsFile, last_values, save_final
+    from molting.training import announce, load_policy, reference_for, stage_callbacks, train_and_save
 
     config = context.config
-    model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
+    model, tokenizer = load_policy(context)
     pairs = format_pairs(context.rows, tokenizer, context.data_source)
     examples = tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source)
-    ref_model = copy.deepcopy(model) if context.loss.needs_reference else None
-    callbacks = [MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook), *context.callbacks()]
-    trainer = build_trainer(
-        model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir, callbacks, ref_model
-    )
-    args = trainer.args
-    print(
-        f"molting: world size {args.world_size} (this is process {args.process_index}), device {args.device}, "
-        f"{len(examples)} pairs, reference model: {'frozen copy' if ref_model is not None else 'none'}",
-        file=sys.stderr,
-    )
-    result = trainer.train()
-    save_final(trainer, tokenizer, context.output_dir)
-    return {**last_values(trainer.state.log_history), **result.metrics}
+    ref_model, adapter_reference, reference = reference_for(model, context)
+    if config.precompute_ref and (ref_model is not None or adapter_reference):
+        from molting.refcache import precomputed_reference
+
+        examples = precomputed_reference(ref_model if ref_model is not None else model, adapter_reference, examples,
+                                         tokenizer, context, PairCollator(tokenizer.pad_token_id))
+        ref_model, adapter_reference, reference = None, False, "precomputed (none held while training)"
+    trainer = build_trainer(model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir,
+                            stage_callbacks(context), ref_model, adapter_reference)
+    announce(trainer, f"{len(examples)} pairs", reference)
+    return train_and_save(trainer, tokenizer, context)

@@ -169,6 +169,9 @@ class UnpairedCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
+        import torch
+
+        indices = [ex["index"] for ex in examples] if "index" in examples[0] else None
         completions = [ex["completion_ids"] for ex in examples]
         rotated = completions[-1:] + completions[:-1]
         examples = [
@@ -176,7 +179,10 @@ class UnpairedCollator:
              "label": bool(ex["label"])}
             for ex, kl in zip(examples, rotated)
         ]
-        return DataCollatorForUnpairedPreference(pad_token_id=self.pad_token_id, max_length=self.max_length)(examples)
+        batch = DataCollatorForUnpairedPreference(pad_token_id=self.pad_token_id, max_length=self.max_length)(examples)
+        if indices is not None:
+            batch["index"] = torch.tensor(indices)
+        return batch
 
 
 # --------------------------------------------------------------------------- training
@@ -192,22 +198,13 @@ def unpaired_trainer_class():
     class UnpairedTrainer(MoltingTrainer):
         """Runs the policy (and the reference) on the completions and the KL pairs and applies the loss plugin."""
 
-        def __init__(self, *args, loss, loss_params, ref_model=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.loss_plugin = loss
-            self.loss_params = loss_params
-            self.ref_model = None
-            if ref_model is not None:
-                ref_model.eval().requires_grad_(False)
-                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-
         def kl_estimate(self, model, inputs):
             """trl's KTO reference point: mean policy-vs-reference log-ratio of the mismatched pairs,
             detached, averaged across processes, clamped at 0."""
             kl_batch = (inputs["KL_input_ids"], inputs["KL_attention_mask"], inputs["KL_completion_mask"])
             with torch.no_grad():
                 kl_logps, _, _ = completion_logps(model, *kl_batch)
-                ref_kl_logps, _, _ = completion_logps(self.ref_model, *kl_batch)
+            ref_kl_logps = self.reference_logps(model, *kl_batch)
             kl = (kl_logps - ref_kl_logps).mean().detach()
             return self.accelerator.gather(kl).mean().clamp(min=0)
 
@@ -216,10 +213,9 @@ def unpaired_trainer_class():
             labels = inputs["label"].bool()
             logps, _, _ = completion_logps(model, ids, attention, completion)
             ref_logps = kl = None
-            if self.ref_model is not None:
+            if self.has_reference:
                 kl = self.kl_estimate(model, inputs)
-                with torch.no_grad():
-                    ref_logps, _, _ = completion_logps(self.ref_model, ids, attention, completion)
+                ref_logps = self.reference_logps(model, ids, attention, completion)
             out = self.loss_plugin.compute(
                 UnpairedInputs(logps=logps, labels=labels, ref_logps=ref_logps, kl=kl, lengths=completion.sum(dim=1)),
                 self.loss_params,
@@ -255,7 +251,8 @@ def unpaired_trainer_class():
     return UnpairedTrainer
 
 
-def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None):
+def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None,
+                  adapter_reference=False):
     """The unpaired Trainer for tokenized ``examples`` (see :func:`tokenize_unpaired`)."""
     import datasets
 
@@ -271,15 +268,13 @@ def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_
         loss=loss,
         loss_params=loss_params,
         ref_model=ref_model,
+        adapter_reference=adapter_reference,
     )
 
 
 def run_unpaired(context) -> dict[str, Any]:
-    import copy
-
     from molting.errors import ConfigError
-    from molting.models import load_causal_lm
-    from molting.training import MetricsFile, last_values, save_final
+    from molting.training import announce, load_policy, reference_for, stage_callbacks, train_and_save
 
     config = context.config
     if context.loss.needs_reference and config.batch_size < 2:
@@ -288,7 +283,9 @@ def run_unpaired(context) -> dict[str, Any]:
             "prompt with another example's completion in the same batch, and with one example it would be that "
             "example's own log-ratio"
         )
-    model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
+    if config.precompute_ref:
+        raise ConfigError("--precompute-ref is not supported by the unpaired stage yet: its KL pairs change with each batch")
+    model, tokenizer = load_policy(context)
     formatted = format_unpaired(context.rows, tokenizer, context.data_source)
     examples = tokenize_unpaired(formatted, tokenizer, config.max_length, config.overlong, context.data_source)
     labels = [ex["label"] for ex in examples]
@@ -297,18 +294,9 @@ def run_unpaired(context) -> dict[str, Any]:
         warning = imbalance_warning(labels, *weights, source=context.data_source)
         if warning:
             print(warning, file=sys.stderr)
-    ref_model = copy.deepcopy(model) if context.loss.needs_reference else None
-    callbacks = [MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook), *context.callbacks()]
-    trainer = build_trainer(
-        model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir, callbacks, ref_model
-    )
-    args = trainer.args
-    print(
-        f"molting: world size {args.world_size} (this is process {args.process_index}), device {args.device}, "
-        f"{len(examples)} examples ({sum(labels)} desirable, {len(labels) - sum(labels)} undesirable), "
-        f"reference model: {'frozen copy' if ref_model is not None else 'none'}",
-        file=sys.stderr,
-    )
-    result = trainer.train()
-    save_final(trainer, tokenizer, context.output_dir)
-    return {**last_values(trainer.state.log_history), **result.metrics}
+    ref_model, adapter_reference, reference = reference_for(model, context)
+    trainer = build_trainer(model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir,
+                            stage_callbacks(context), ref_model, adapter_reference)
+    desirable = sum(labels)
+    announce(trainer, f"{len(examples)} examples ({desirable} desirable, {len(labels) - desirable} undesirable)", reference)
+    return train_and_save(trainer, tokenizer, context)

@@ -1,0 +1,95 @@
+"""Precomputed reference log-probs, cached on disk.
+
+One pass of the reference model over the tokenized data before training;
+the result is stored under ``$MOLTING_CACHE`` (default
+``~/.cache/molting``)/``reference-logps/<key>.safetensors``, where the key
+hashes the reference model's files and the tokenized data, so a second run
+on the same model and data reuses it and a change to either misses. The
+reference model is then not held during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOLTING_CACHE", Path.home() / ".cache" / "molting")) / "reference-logps"
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """SHA-256 over the model directory's config and weight files (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.suffix in (".json", ".safetensors") and path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprint(examples: Iterable[dict[str, Any]], keys: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example[k] for k in keys]).encode())
+    return digest.hexdigest()
+
+
+def precomputed_reference(ref_model: Any, adapter_disabled: bool, examples: list[dict[str, Any]], tokenizer: Any,
+                          context: Any, collator: Any, batch_size: int = 32) -> list[dict[str, Any]]:
+    """``examples`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` added, from the cache or one pass."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(
+        (model_fingerprint(context.model_path)
+         + data_fingerprint(examples, ("prompt_ids", "chosen_ids", "rejected_ids"))).encode()
+    ).hexdigest()[:32]
+    path = cache_dir() / f"{key}.safetensors"
+    if path.exists():
+        cached = load_file(path)
+        chosen, rejected = cached["chosen"], cached["rejected"]
+        print(f"molting: reference log-probs: reusing {path}", file=sys.stderr)
+    else:
+        chosen, rejected = _compute(ref_model, adapter_disabled, examples, collator, batch_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        os.close(fd)
+        save_file({"chosen": chosen, "rejected": rejected}, tmp)
+        os.replace(tmp, path)
+        print(f"molting: reference log-probs: computed for {len(examples)} pairs, cached in {path}", file=sys.stderr)
+    return [
+        {**ex, "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
+        for ex, c, r in zip(examples, chosen.tolist(), rejected.tolist())
+    ]
+
+
+def _compute(model: Any, adapter_disabled: bool, examples: list[dict[str, Any]], collator: Any, batch_size: int):
+    import contextlib
+
+    import torch
+
+    from molting.training import completion_logps
+
+    was_training = model.training
+    model.eval()
+    context = model.disable_adapter() if adapter_disabled else contextlib.nullcontext()
+    chosen, rejected = [], []
+    device = next(model.parameters()).device
+    with torch.no_grad(), context:
+        for start in range(0, len(examples), batch_size):
+            chunk = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in examples[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in collator(chunk).items()}
+            logps, _, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            half = len(chunk)
+            chosen.append(logps[:half].float().cpu())
+            rejected.append(logps[half:].float().cpu())
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)

@@ -1,0 +1,262 @@
+"""Scale and robustness: LoRA/QLoRA, precomputed reference, two processes, checkpoints and resume, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import molting
+from conftest import run_molting
+from molting import demo
+from molting.discovery import load_plugins
+from molting.errors import MoltingError
+from molting.run import resolve_config, run
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def eight_pairs(tmp_path_factory):
+    """A fixed batch: 8 demo pairs, so every step sees the same data and the loss must fall."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo.preference_rows("train", 8)))
+    return str(path)
+
+
+def in_process(flags, *plugins):
+    host = load_plugins(disabled=[])
+    for index, plugin in enumerate(plugins):
+        host.register(plugin, f"test-plugin-{index}")
+    config, steps = resolve_config(host, ["dpo"], flags={"eval": "off", "logging_steps": 1, **flags})
+    return run(config, steps, host)
+
+
+# --------------------------------------------------------------------------- LoRA / QLoRA
+
+
+def test_lora_uses_the_base_as_reference_and_writes_adapter_and_merged_model(tmp_path, demo_model):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    result = run_molting("run", "--plugin", "dpo", "--lora-r", "8", "--learning-rate", "1e-3", "--max-steps", "3",
+                         "--merge", "--eval", "off", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reference model: the base model (adapter disabled)" in result.stderr
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["base_model_name_or_path"] == str(demo_model)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(demo_model)
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    with_adapter = AutoModelForCausalLM.from_pretrained(out / "adapter")  # transformers applies the adapter itself
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(with_adapter(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+class FourBitWatch:
+    """Snapshots the 4-bit base weights when training starts and compares them when it ends."""
+
+    def __init__(self):
+        self.report = {}
+
+    @molting.hookimpl
+    def molting_trainer_callbacks(self, stage, config):
+        from transformers import TrainerCallback
+
+        watch = self
+
+        class Watch(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                watch.before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" not in n}
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                after = {n: p.detach() for n, p in model.named_parameters() if "lora" not in n}
+                quantized = [n for n, p in after.items() if p.dtype == torch.uint8]
+                watch.report = {
+                    "quantized": len(quantized),
+                    "unchanged": all(torch.equal(watch.before[n], after[n]) for n in after),
+                    "trainable": sorted({n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad}),
+                }
+
+        return [Watch()]
+
+
+def test_qlora_trains_adapters_on_a_frozen_4bit_base(tmp_path, eight_pairs):
+    watch = FourBitWatch()
+    out = tmp_path / "qlora"
+    in_process({"data": eight_pairs, "batch_size": 8, "max_steps": 4, "learning_rate": 2e-3, "lr_scheduler_type": "constant",
+                "lora_r": 8, "load_in_4bit": True, "output_dir": str(out)}, watch)
+    trajectory = losses(out)
+    assert trajectory[-1] < trajectory[0] - 0.01
+    assert watch.report["quantized"] >= 28  # every linear layer of the 4 blocks is NF4-packed uint8
+    assert watch.report["unchanged"]
+    assert watch.report["trainable"] == ["lora_A", "lora_B"]
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_4bit_without_lora_is_refused_before_training(tmp_path):
+    with pytest.raises(MoltingError, match="--load-in-4bit freezes the base model in 4 bits: give --lora-r"):
+        in_process({"max_steps": 1, "load_in_4bit": True, "output_dir": str(tmp_path / "x")})
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def test_precomputed_reference_gives_the_live_trajectory_and_is_cached(tmp_path):
+    env = {"MOLTING_CACHE": str(tmp_path / "cache")}
+    common = ["run", "--plugin", "dpo", "--max-steps", "6", "--logging-steps", "1", "--eval", "off"]
+    live = run_molting(*common, "--output-dir", str(tmp_path / "live"), env=env)
+    first = run_molting(*common, "--precompute-ref", "--output-dir", str(tmp_path / "pre"), env=env)
+    second = run_molting(*common, "--precompute-ref", "--output-dir", str(tmp_path / "pre2"), env=env)
+    for result in (live, first, second):
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "computed for 512 pairs, cached in" in first.stderr and "reusing" in second.stderr
+    assert "reference model: precomputed (none held while training)" in first.stderr
+    a, b, c = losses(tmp_path / "live"), losses(tmp_path / "pre"), losses(tmp_path / "pre2")
+    assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5 and b == c
+    assert list((tmp_path / "cache" / "reference-logps").glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def test_two_processes_follow_the_one_process_trajectory(tmp_path):
+    import sys
+
+    one = run_molting("run", "--plugin", "dpo", "--max-steps", "4", "--logging-steps", "1", "--eval", "off",
+                      "--batch-size", "8", "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    import os
+    import subprocess
+
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "molting",
+         "run", "--plugin", "dpo", "--max-steps", "4", "--logging-steps", "1", "--eval", "off", "--batch-size", "4",
+         "--output-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world size 2 (this is process 0)" in two.stderr and "world size 2 (this is process 1)" in two.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+
+
+class StopAt:
+    """Ends training after ``step`` steps, as a crash would (without the final save being the point)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @molting.hookimpl
+    def molting_trainer_callbacks(self, stage, config):
+        from transformers import TrainerCallback
+
+        stop = self.step
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == stop:
+                    control.should_training_stop = True
+
+        return [Stop()]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+    flags = {"max_steps": 6, "save_steps": 2, "seed": 3}
+    in_process({**flags, "output_dir": str(tmp_path / "straight")})
+    in_process({**flags, "output_dir": str(tmp_path / "resumed")}, StopAt(3))  # checkpoint-2 is the last one
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-2"]
+    in_process({**flags, "output_dir": str(tmp_path / "resumed"), "resume": "auto"})
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    la, lb = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(lb) == 6 and abs(la[-1] - lb[-1]) < 1e-5  # metrics.jsonl kept steps 1-2, then the resumed 3-6
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from molting.training import MoltingTrainer
+
+    original = MoltingTrainer._save_rng_state
+
+    def crash_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("killed while saving")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(MoltingTrainer, "_save_rng_state", crash_at_step_4)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        in_process({"max_steps": 6, "save_steps": 2, "output_dir": str(out)})
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    monkeypatch.setattr(MoltingTrainer, "_save_rng_state", original)
+    in_process({"max_steps": 6, "save_steps": 2, "output_dir": str(out), "resume": "auto"})
+    assert json.loads((out / "molting_run.json").read_text())["status"] == "completed"
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(MoltingError, match="not a checkpoint directory"):
+        in_process({"max_steps": 1, "resume": str(tmp_path), "output_dir": str(tmp_path / "o")})
+
+
+# --------------------------------------------------------------------------- non-finite guard
+
+
+class NaNLoss:
+    """A dpo variant whose loss is NaN on the listed calls (0-based)."""
+
+    def __init__(self, bad_calls):
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    @molting.hookimpl
+    def molting_register_losses(self, register):
+        from molting.plugins.dpo import DPOParams, dpo_loss
+
+        def flaky(inputs, params):
+            out = dpo_loss(inputs, params)
+            bad = self.calls in self.bad_calls or "all" in self.bad_calls
+            self.calls += 1
+            return attrs_evolve(out, losses=out.losses * math.nan) if bad else out
+
+        register(molting.Loss(name="flaky", compute=flaky, params=DPOParams, description="NaN on some steps."))
+
+
+def attrs_evolve(obj, **changes):
+    import attrs
+
+    return attrs.evolve(obj, **changes)
+
+
+def run_flaky(tmp_path, bad_calls, capsys):
+    host = load_plugins(disabled=[])
+    host.register(NaNLoss(bad_calls), "flaky")
+    config, steps = resolve_config(host, ["flaky"], flags={"max_steps": 4, "logging_steps": 1, "eval": "off",
+                                                            "output_dir": str(tmp_path / "o")})
+    return lambda: run(config, steps, host)
+
+
+def test_a_nan_step_is_skipped_and_logged(tmp_path, capsys):
+    run_flaky(tmp_path, {1}, capsys)()
+    err = capsys.readouterr().err
+    assert "step 2: non-finite loss or gradient on the batch of examples [" in err
+    assert "optimizer step skipped (1 in a row, at most 3)" in err
+    assert json.loads((tmp_path / "o" / "molting_run.json").read_text())["status"] == "completed"
+
+
+def test_repeated_nan_steps_stop_the_run(tmp_path, capsys):
+    with pytest.raises(MoltingError, match="3 optimizer steps in a row had a non-finite loss or gradient"):
+        run_flaky(tmp_path, {"all"}, capsys)()
