@@ -60,6 +60,8 @@ class RunConfig:
     """QLoRA: load the base model in 4-bit NF4 (bitsandbytes) and train LoRA adapters on it."""
     merge: bool = False
     """With LoRA: also write the base model with the adapter merged in."""
+    group_by_length: bool = False
+    """Batch rows of similar length together (less padding on mixed-length data)."""
     # reference model
     precompute_ref: bool = False
     """Compute the reference log-probs once before training (cached on disk) and hold no reference model."""

@@ -159,6 +159,8 @@ def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) ->
         dataloader_pin_memory=torch.cuda.is_available(),
         # without an accelerator, say so: accelerate then runs several launched processes as MULTI_CPU (gloo)
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        length_column_name="length",
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
         save_total_limit=config.save_total_limit,

@@ -112,7 +112,8 @@ def tokenize_completions(
                 continue
             prompt = prompt[-max(max_length - longest, max_length // 2) :]
             completions = [c[: max_length - len(prompt)] for c in completions]
-        example = {"index": index, "prompt_ids": prompt, **{f"{key}_ids": c for key, c in zip(keys, completions)}}
+        example = {"index": index, "length": len(prompt) + max(len(c) for c in completions), "prompt_ids": prompt,
+                   **{f"{key}_ids": c for key, c in zip(keys, completions)}}
         examples.append({**example, **{name: row[name] for name in carry}})
     if too_long:
         action = "dropped" if overlong == "drop" else "truncated (prompt kept from its end, completions cut)"
