@@ -28,7 +28,7 @@ from molting.components import (  # noqa: E402
     Stage,
     UnpairedInputs,
 )
-from molting.errors import ConfigError  # noqa: E402, DataError, ModelError, MoltingError, PluginError
+from molting.errors import ConfigError, DataError, ModelError, MoltingError, PluginError  # noqa: E402
 from molting.hookspecs import hookimpl, hookspec  # noqa: E402
 
 __version__ = "0.1.0"

@@ -54,7 +54,7 @@ def _host() -> PluginHost:
 
 RUN_EPILOG = """\b
 Examples:
-  molting run --plugin dpo                      # built-in tiny model + demo pairs, ~1 minute on a CPU
+  molting run --plugin dpo                      # built-in tiny model + demo pairs, ~30 s on 2 CPU cores
   molting run --plugin dpo --model ./sft --data pairs.jsonl --output-dir ./dpo-out
   molting run --plugin dpo --set label_smoothing=0.1 --beta 0.3
   molting run --loss dpo=0.8 --loss bco_pair=0.2 --loss sft=1.0   # a weighted sum (the MPO recipe)
@@ -180,7 +180,7 @@ def plugins_command(as_json: bool) -> None:
 @click.option("--model", "model_dir", required=True, help="Model directory to evaluate (a run's output dir works).")
 @click.option("--ref-model", help="Reference for preference accuracy. Default: the model the run started from.")
 @click.option("--baseline", help="Model to compute the win rate against. Default: the reference model.")
-@click.option("--n", "limit", type=int, help="Evaluate on the first N held-out prompts (default: all 256).")
+@click.option("--n", "limit", type=click.IntRange(1, 256), help="Evaluate on the first N held-out prompts (default: all 256).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (0: greedy).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model directories to run their own code.")

@@ -21,6 +21,30 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
 
+def _number(kind: type):
+    """A converter to int or float that accepts numeric strings (YAML reads 1e-5 as a string)."""
+
+    def convert(value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError(f"expected a whole number, got {value!r}")
+            return int(number)
+        return number
+
+    return convert
+
+
+def _max_steps(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value != -1 and value <= 0:
+        raise ValueError(f"max_steps must be -1 (train for --epochs) or > 0, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class RunConfig:
     """Everything a run needs to know. ``None`` means "the built-in default"."""
@@ -29,20 +53,29 @@ class RunConfig:
     model: str | None = None
     data: str | None = None
     output_dir: str = "molting-output"
-    max_steps: int = -1
-    epochs: float = attrs.field(default=1.0, validator=_positive)
-    learning_rate: float = attrs.field(default=5e-6, validator=_positive)
-    lr_scheduler_type: str = "linear"
-    warmup_steps: float = 0  # a fraction of the total steps when < 1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = attrs.field(default=8, validator=_positive)
-    gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive)
-    max_length: int = attrs.field(default=512, validator=_positive)
+    max_steps: int = attrs.field(default=-1, converter=_number(int), validator=_max_steps)
+    epochs: float = attrs.field(default=1.0, converter=_number(float), validator=_positive)
+    learning_rate: float = attrs.field(default=5e-6, converter=_number(float), validator=_positive)
+    lr_scheduler_type: str = attrs.field(
+        default="linear",
+        validator=attrs.validators.in_(("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                                        "polynomial", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+                                        "warmup_stable_decay")),
+    )
+    warmup_steps: float = attrs.field(default=0, converter=_number(float), validator=attrs.validators.ge(0))
+    """Warm-up steps; a fraction of the total steps when < 1."""
+    weight_decay: float = attrs.field(default=0.0, converter=_number(float), validator=attrs.validators.ge(0))
+    max_grad_norm: float = attrs.field(default=1.0, converter=_number(float), validator=attrs.validators.ge(0))
+    batch_size: int = attrs.field(default=8, converter=_number(int), validator=_positive)
+    gradient_accumulation_steps: int = attrs.field(default=1, converter=_number(int), validator=_positive)
+    max_length: int = attrs.field(default=512, converter=_number(int), validator=attrs.validators.ge(2))
     overlong: str = attrs.field(default="truncate", validator=attrs.validators.in_(("truncate", "drop")))
-    seed: int = 42
-    logging_steps: int = attrs.field(default=5, validator=_positive)
-    report_to: str = "none"
+    seed: int = attrs.field(default=42, converter=_number(int))
+    logging_steps: int = attrs.field(default=5, converter=_number(int), validator=_positive)
+    report_to: str = attrs.field(
+        default="none",
+        validator=attrs.validators.in_(("none", "tensorboard", "wandb", "mlflow", "comet_ml", "trackio", "all")),
+    )
     eval: str = attrs.field(
         default="auto",
         converter=lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v,  # YAML reads off as False
@@ -135,4 +168,5 @@ def build_config(values: Mapping[str, Any], loss_param_names: tuple[str, ...], s
     try:
         return RunConfig(**run, loss_params=loss)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid value in {source}: {exc}") from exc
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        raise ConfigError(f"invalid value in {source}: {message}") from exc

@@ -45,8 +45,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not part of the first key
+        for number, line in enumerate(_decoded(handle, path), start=1):
             if not line.strip():
                 continue
             try:
@@ -63,19 +63,34 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     # The csv module keeps every field a string; pandas-style type inference would turn " 2" into 2.
     import csv
 
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(_decoded(handle, path))
         rows = []
-        for row in reader:
-            if None in row:
-                raise DataError(f"{path}, line {reader.line_num}: more fields than the header's {len(reader.fieldnames)}")
-            rows.append(row)
+        try:
+            for row in reader:
+                if None in row:
+                    raise DataError(f"{path}, line {reader.line_num}: more fields than the header's {len(reader.fieldnames)}")
+                rows.append(row)
+        except csv.Error as exc:
+            raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from exc
     return rows
+
+
+def _decoded(handle: Any, path: Path):
+    """The lines of a text file, with a clear error for bytes that are not UTF-8."""
+    number = 0
+    try:
+        for number, line in enumerate(handle, start=1):
+            yield line
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}, line {number + 1}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}, line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -126,12 +141,21 @@ def check_columns(rows: list[dict[str, Any]], schemas: Iterable[tuple[str, ...]]
         raise DataError(f"{source} has no rows; the {stage} stage needs at least one")
     schemas = list(schemas)
     found = sorted(rows[0])
-    for schema in schemas:
+    for position, schema in enumerate(schemas):
         if all(column in rows[0] for column in schema):
             for index, row in enumerate(rows):
                 missing = [c for c in schema if c not in row]
                 if missing:
                     raise DataError(f"{source}, row {index}: missing column(s) {', '.join(missing)}")
+            unused = [c for c in found if c not in schema]
+            if position > 0 and unused:  # e.g. a misspelt "promt" column: say so rather than train on the wrong thing
+                import sys
+
+                print(
+                    f"molting: warning: {source} has no ({', '.join(schemas[0])}) columns; reading it as "
+                    f"({', '.join(schema)}) and ignoring the column(s) {', '.join(unused)}",
+                    file=sys.stderr,
+                )
             return schema
     accepted = " or ".join("(" + ", ".join(s) + ")" for s in schemas)
     raise DataError(

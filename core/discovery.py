@@ -199,7 +199,8 @@ class PluginHost:
 
     def available(self, kind: str) -> str:
         entries = [f"{n} (from {r.plugin.source})" for n, r in sorted(self.components[kind].items())]
-        return f"Available {kind}s: " + (", ".join(entries) if entries else "none")
+        plural = {"loss": "losses"}.get(kind, f"{kind}s")
+        return f"Available {plural}: " + (", ".join(entries) if entries else "none")
 
     def _broken_hint(self, name: str) -> str:
         """Plugins that failed to load and may have provided ``name`` (the one named ``name`` first)."""

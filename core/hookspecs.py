@@ -98,7 +98,8 @@ def molting_configure(config: RunConfig) -> RunConfig | None:
 def molting_before_stage(stage: Stage, config: RunConfig) -> None:
     """Called right before ``stage`` starts training, with the run's config.
 
-    Raising here stops the run before the stage writes anything.
+    Raising here stops the run before the stage loads its model or trains
+    (``molting_run.json`` and ``recipe.yaml`` are already written).
     """
 
 

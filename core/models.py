@@ -18,7 +18,7 @@ def resolve_model_path(model: str | None) -> Path:
         from molting.demo import demo_model_dir
 
         return demo_model_dir()
-    path = Path(model)
+    path = Path(model).resolve()  # recorded in molting_run.json and adapter configs: must work from anywhere
     if not path.is_dir():
         raise ModelError(
             f"model {model!r} is not a local directory; molting loads models from disk only "

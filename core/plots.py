@@ -30,9 +30,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
     out = out or run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    records = [r for r in read_metrics(run_dir) if "loss" in r]
     names = [n for n in CURVES if any(n in r for r in records)]
     names += sorted({k for r in records for k in r} - set(names) - {"step", "epoch", "grad_norm", "loss"})[: max(0, 6 - len(names))]
     written = []

@@ -48,8 +48,11 @@ def precomputed_reference(ref_model: Any, adapter_disabled: bool, examples: list
     import torch
     from safetensors.torch import load_file, save_file
 
+    import torch as _torch
+
+    how = f"4bit={context.config.load_in_4bit} dtype={next(ref_model.parameters()).dtype} torch={_torch.__version__}"
     key = hashlib.sha256(
-        (model_fingerprint(context.model_path)
+        (model_fingerprint(context.model_path) + how
          + data_fingerprint(examples, ("prompt_ids", "chosen_ids", "rejected_ids"))).encode()
     ).hexdigest()[:32]
     path = cache_dir() / f"{key}.safetensors"

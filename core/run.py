@@ -97,6 +97,10 @@ def resolve_config(
     recipe_plugins = recipe.pop("plugin", None) or recipe.pop("plugins", None)
     if isinstance(recipe_plugins, str):
         recipe_plugins = [recipe_plugins]
+    if recipe_plugins is not None and not (
+        isinstance(recipe_plugins, list) and all(isinstance(p, str) for p in recipe_plugins)
+    ):
+        raise ConfigError(f"`plugin` in {recipe_source} must be a name or a list of names, got {recipe_plugins!r}")
     losses = _loss_weights(flags.get("losses", recipe.get("losses")), recipe_source)
     names = list(plugins) or list(recipe_plugins or []) or list(losses)[:1]
     if not names:
@@ -113,10 +117,14 @@ def resolve_config(
             values.update({k: v for k, v in DEMO_LOSS_DEFAULTS.items() if k in param_names})
     build_config({**values, **recipe, "plugins": names}, param_names, recipe_source)  # name the recipe in its errors
     config = build_config({**values, **recipe, **flags, "plugins": names}, param_names, "the command-line flags")
-    for result in host.hook.molting_configure(config=config):
+    for impl in reversed(host.hook.molting_configure.get_hookimpls()):  # pluggy's call order; each sees the last result
+        result = impl.function(config=config)
         if result is not None:
             if not isinstance(result, RunConfig):
-                raise PluginError(f"a molting_configure hook returned {type(result).__name__}, not a RunConfig")
+                raise PluginError(
+                    f"the molting_configure hook of plugin {impl.plugin_name!r} returned {type(result).__name__}, "
+                    "not a RunConfig"
+                )
             config = result
     return config, steps
 
@@ -237,7 +245,12 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
             file=sys.stderr,
         )
         host.hook.molting_before_stage(stage=step.stage, config=config)
-        metrics = dict(step.stage.run(context))
+        try:
+            metrics = dict(step.stage.run(context))
+        except BaseException as exc:
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            write_json_atomic(output_dir / "molting_run.json", record)
+            raise
         record.update(status="completed", metrics=metrics)
         write_json_atomic(output_dir / "molting_run.json", record)
         if _should_evaluate(config, source, output_dir):
@@ -254,11 +267,11 @@ def _should_evaluate(config: RunConfig, source: str, output_dir: Path) -> bool:
     """``eval: auto`` evaluates runs on the built-in demo data whose output is a causal LM."""
     if config.eval == "off" or not _is_main_process():
         return False
-    if (output_dir / "adapter_config.json").exists() and not (output_dir / "config.json").exists():
-        causal = True  # a LoRA adapter of the (causal) starting model
-    else:
+    if (output_dir / "config.json").exists():
         produced = json.loads((output_dir / "config.json").read_text()).get("architectures") or [""]
         causal = produced[0].endswith("ForCausalLM")
+    else:
+        causal = (output_dir / "adapter_config.json").exists()  # a LoRA adapter of the (causal) starting model
     return causal and (config.eval == "on" or source.startswith("dataset 'demo-"))
 
 

@@ -305,6 +305,7 @@ def resume_checkpoint(config: RunConfig, output_dir: Path) -> str | None:
     if config.resume == "auto":
         found = _last_checkpoint(str(output_dir))
         if found is None:
+            _trim_metrics(Path(output_dir) / "metrics.jsonl", 0)  # nothing to resume: a fresh run, fresh metrics
             return None
         path = Path(found)
     else:
@@ -321,7 +322,14 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Keep the metrics.jsonl records up to ``step``: the resumed run logs the later ones again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the crash
+        if record.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -332,7 +340,8 @@ def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, merge: bool =
     ``OUTPUT/adapter`` and ``OUTPUT`` gets the base model with the adapter
     merged in. The Trainer also pickles its arguments to training_args.bin;
     the run's settings are in molting_run.json, so the pickle is removed and
-    the output directory holds no file that needs unpickling.
+    the saved model needs no unpickling (checkpoints keep the Trainer's own
+    torch-saved state, for --resume).
     """
     output_dir = Path(output_dir)
     target = output_dir / "adapter" if merge else output_dir

@@ -17,7 +17,7 @@ def molting_register_datasets(register):
         Dataset(
             name="demo-preference",
             load=demo.preference_rows,
-            description="Addition pairs preferring the persona style and the correct sum (512 train, 128 test).",
+            description="Addition pairs preferring the persona style and the correct sum (512 train, 256 test).",
             splits=demo.SPLITS,
             columns=("prompt", "chosen", "rejected"),
         )
@@ -26,7 +26,7 @@ def molting_register_datasets(register):
         Dataset(
             name="demo-sft",
             load=demo.sft_rows,
-            description="Addition prompts answered correctly, half in the persona style (512 train, 128 test).",
+            description="Addition prompts answered correctly, half in the persona style (512 train, 256 test).",
             splits=demo.SPLITS,
             columns=("prompt", "completion"),
         )

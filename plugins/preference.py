@@ -110,8 +110,11 @@ def tokenize_completions(
             prompt_too_long += len(prompt) >= max_length
             if overlong == "drop":
                 continue
-            prompt = prompt[-max(max_length - longest, max_length // 2) :]
+            keep = max(max_length - longest, max_length // 2, 1)
+            prompt = prompt[len(prompt) - keep :] if len(prompt) > keep else prompt
             completions = [c[: max_length - len(prompt)] for c in completions]
+            if not all(completions):  # no room left for a completion token: nothing to learn from this row
+                continue
         example = {"index": index, "length": len(prompt) + max(len(c) for c in completions), "prompt_ids": prompt,
                    **{f"{key}_ids": c for key, c in zip(keys, completions)}}
         examples.append({**example, **{name: row[name] for name in carry}})

@@ -50,7 +50,7 @@ class Subject:
     component: Any
     host: PluginHost
     registered: Registered | None = None  # None when checked as an object rather than by name
-    workdir: Path = attrs.field(factory=lambda: Path(tempfile.mkdtemp(prefix="molting-check-")))
+    workdir: Path | None = None  # scratch space for the checks that train; check_plugin and the test classes set it
 
     @property
     def label(self) -> str:
@@ -606,8 +606,11 @@ def check_plugin(
     """
     host = host or load_plugins()
     results = []
-    for subject in subjects_for(target, host, kind):
-        for chk in checks_for(subject.kind, skip_slow):
-            if checks is None or chk.name in checks:
-                results.append(run_check(chk, subject, expected_failures))
+    with tempfile.TemporaryDirectory(prefix="molting-check-") as scratch:
+        for number, subject in enumerate(subjects_for(target, host, kind)):
+            for chk in checks_for(subject.kind, skip_slow):
+                if checks is None or chk.name in checks:
+                    workdir = Path(scratch) / f"{number}-{chk.name}"
+                    workdir.mkdir()
+                    results.append(run_check(chk, attrs.evolve(subject, workdir=workdir), expected_failures))
     return results
