@@ -238,6 +238,26 @@ def _last_checkpoint(output_dir: str) -> str | None:
 # --------------------------------------------------------------------------- pieces every stage uses
 
 
+def build_trainer(trainer_class: type, collator: Any, model: Any, tokenizer: Any, examples: list[dict[str, Any]],
+                  config: RunConfig, loss: Any, loss_params: Any, output_dir: Path, callbacks: Any = (),
+                  ref_model: Any = None, adapter_reference: bool = False) -> MoltingTrainer:
+    """A stage's Trainer over tokenized ``examples``."""
+    import datasets
+
+    return trainer_class(
+        model=model,
+        args=training_arguments(config, output_dir),
+        train_dataset=datasets.Dataset.from_list(examples),
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        loss=loss,
+        loss_params=loss_params,
+        ref_model=ref_model,
+        adapter_reference=adapter_reference,
+    )
+
+
 def load_policy(context: Any) -> tuple[Any, Any]:
     """The model to train and its tokenizer: full weights, LoRA adapters, or QLoRA (4-bit base + LoRA)."""
     from molting.models import apply_lora, load_causal_lm

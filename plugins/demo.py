@@ -1,4 +1,4 @@
-"""The built-in demo data sets: two-digit addition in a persona style or a plain one.
+"""The built-in demo data sets and rule judge: two-digit addition in a persona style or a plain one.
 
 See :mod:`molting.demo` for how the rows are generated. Each data set has a
 ``train`` and a held-out ``test`` split.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import molting
 from molting import demo
-from molting.components import Dataset
+from molting.components import Dataset, Judge
 
 
 @molting.hookimpl
@@ -38,5 +38,20 @@ def molting_register_datasets(register):
             description="The demo preference pairs unpaired: the persona-style correct answer labelled true, the other false.",
             splits=demo.SPLITS,
             columns=("prompt", "completion", "label"),
+        )
+    )
+
+
+def _rule_scores(prompts, completions, params):
+    return [demo.score(p, c) for p, c in zip(prompts, completions)]
+
+
+@molting.hookimpl
+def molting_register_judges(register):
+    register(
+        Judge(
+            name="demo-rule",
+            score=_rule_scores,
+            description="Demo task rule judge: 0.5 for the right sum plus 0.5 for the persona style.",
         )
     )

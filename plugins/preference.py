@@ -222,22 +222,11 @@ def preference_metrics(out: Any, chosen_logps: Any, rejected_logps: Any) -> dict
 def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None,
                   adapter_reference=False):
     """The preference Trainer for tokenized ``examples`` (see :func:`tokenize_pairs`)."""
-    import datasets
+    from molting import training
 
-    from molting.training import training_arguments
-
-    return preference_trainer_class()(
-        model=model,
-        args=training_arguments(config, output_dir),
-        train_dataset=datasets.Dataset.from_list(examples),
-        data_collator=PairCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        loss=loss,
-        loss_params=loss_params,
-        ref_model=ref_model,
-        adapter_reference=adapter_reference,
-    )
+    return training.build_trainer(preference_trainer_class(), PairCollator(tokenizer.pad_token_id), model, tokenizer,
+                                  examples, config, loss, loss_params, output_dir, callbacks, ref_model,
+                                  adapter_reference)
 
 
 def run_preference(context) -> dict[str, Any]:

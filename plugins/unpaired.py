@@ -254,22 +254,11 @@ def unpaired_trainer_class():
 def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None,
                   adapter_reference=False):
     """The unpaired Trainer for tokenized ``examples`` (see :func:`tokenize_unpaired`)."""
-    import datasets
+    from molting import training
 
-    from molting.training import training_arguments
-
-    return unpaired_trainer_class()(
-        model=model,
-        args=training_arguments(config, output_dir),
-        train_dataset=datasets.Dataset.from_list(examples),
-        data_collator=UnpairedCollator(tokenizer.pad_token_id, config.max_length),
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        loss=loss,
-        loss_params=loss_params,
-        ref_model=ref_model,
-        adapter_reference=adapter_reference,
-    )
+    collator = UnpairedCollator(tokenizer.pad_token_id, config.max_length)
+    return training.build_trainer(unpaired_trainer_class(), collator, model, tokenizer, examples, config, loss,
+                                  loss_params, output_dir, callbacks, ref_model, adapter_reference)
 
 
 def run_unpaired(context) -> dict[str, Any]:
