@@ -73,7 +73,11 @@ def step_timer():
     return Timer()
 
 
-def worker_molting(data: str, steps: int, out: str, best: bool, defaults: bool) -> dict:
+def worker_molting_bf16(data: str, steps: int, out: str, best: bool, defaults: bool) -> dict:
+    return worker_molting(data, steps, out, best, defaults, precision="bf16")
+
+
+def worker_molting(data: str, steps: int, out: str, best: bool, defaults: bool, precision: str = "auto") -> dict:
     import molting
     from molting.discovery import load_plugins
     from molting.run import resolve_config, run
@@ -87,7 +91,7 @@ def worker_molting(data: str, steps: int, out: str, best: bool, defaults: bool) 
 
     host = load_plugins()
     host.register(Timing(), "timing")
-    flags = {"data": data, "max_steps": steps, "eval": "off", "output_dir": out, "logging_steps": 1}
+    flags = {"data": data, "max_steps": steps, "eval": "off", "output_dir": out, "logging_steps": 1, "precision": precision}
     if not defaults:
         flags.update(batch_size=BATCH, learning_rate=LR, max_length=512, beta=0.1)
     if best:
@@ -181,7 +185,7 @@ def worker_plain(data: str, steps: int, out: str, best: bool, defaults: bool) ->
     return {"times": times, "losses": losses}
 
 
-WORKERS = {"molting": worker_molting, "trl": worker_trl, "plain": worker_plain}
+WORKERS = {"molting": worker_molting, "molting-bf16": worker_molting_bf16, "trl": worker_trl, "plain": worker_plain}
 
 # name: (worker, data, best, defaults)
 CONFIGS = {
@@ -190,6 +194,7 @@ CONFIGS = {
     "trl": ("trl", "fixed", False, False),
     "molting defaults": ("molting", "fixed", False, True),
     "trl defaults": ("trl", "fixed", False, True),
+    "molting --precision bf16": ("molting-bf16", "fixed", False, False),
     "molting best (mixed)": ("molting", "mixed", True, False),
     "trl best (mixed)": ("trl", "mixed", True, False),
 }
@@ -248,6 +253,7 @@ def main() -> None:
     print(f"\nmax |molting - trl| loss over the {len(same)} steps, same settings: {max(same):.2e}")
     print(f"molting / plain loop: {step('molting') / step('plain loop'):.3f}")
     print(f"molting defaults / trl defaults: {step('molting defaults') / step('trl defaults'):.3f}")
+    print(f"molting --precision bf16 / trl defaults: {step('molting --precision bf16') / step('trl defaults'):.3f}")
     print(f"molting/trl step-time ratio (same settings): {step('molting') / step('trl'):.3f}")
     print(f"molting/trl step-time ratio (mixed lengths, best settings): {step('molting best (mixed)') / step('trl best (mixed)'):.3f}")
 

@@ -93,6 +93,9 @@ class RunConfig:
     """QLoRA: load the base model in 4-bit NF4 (bitsandbytes) and train LoRA adapters on it."""
     merge: bool = False
     """With LoRA: also write the base model with the adapter merged in."""
+    precision: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp32", "bf16")))
+    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere; bf16 also pays off on CPUs with native bf16
+    (avx512_bf16 or AMX)."""
     group_by_length: bool = False
     """Batch rows of similar length together (less padding on mixed-length data)."""
     # reference model

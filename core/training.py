@@ -135,7 +135,10 @@ def completion_logps(
 
 def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) -> TrainingArguments:
     """The ``TrainingArguments`` a stage runs with, from the run's config."""
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if config.precision == "auto":
+        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        use_bf16 = config.precision == "bf16"
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
@@ -154,7 +157,7 @@ def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) ->
         data_seed=config.seed,
         report_to=[] if config.report_to == "none" else [config.report_to],
         remove_unused_columns=False,
-        bf16=use_bf16,  # fp32 is fastest on CPUs without native bf16
+        bf16=use_bf16,  # autocast; the weights stay fp32. fp32 is fastest on CPUs without native bf16
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         # without an accelerator, say so: accelerate then runs several launched processes as MULTI_CPU (gloo)
