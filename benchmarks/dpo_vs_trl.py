@@ -2,7 +2,7 @@
 
     python benchmarks/dpo_vs_trl.py [--repeats 3] [--steps 12]
 
-Every configuration trains the built-in demo model (3.7M-parameter Llama) in
+Every configuration trains the built-in demo model (3.5M-parameter Llama) in
 a fresh subprocess, so peak RSS is its own; configurations alternate
 (A B C A B C ...) so drift of a noisy machine hits all of them alike. Step
 times are the median of each run's steps after two warm-up steps; the table

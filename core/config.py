@@ -124,7 +124,7 @@ class RunConfig:
 RUN_KEYS = tuple(f.name for f in attrs.fields(RunConfig) if f.name not in ("plugins", "loss_params"))
 
 # Settings that suit the built-in tiny model, used when no --model is given:
-# the 3.7M-parameter demo model takes a larger step than a real LM, and 3 epochs of the 512 demo pairs.
+# the 3.5M-parameter demo model takes a larger step than a real LM, and 3 epochs of the 512 demo pairs.
 DEMO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "epochs": 3.0, "batch_size": 8}
 # For molting's own losses (whose β is on DPO's scale): β 0.3 keeps the demo's sums as right as they were
 # while the style changes (β 0.1 loses about 4 points). A third-party loss keeps its own defaults.

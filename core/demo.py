@@ -12,7 +12,7 @@ Problems are split once: 256 held-out (``test``) problems that no training
 set contains, the rest for training. Every row is generated from a fixed
 seed; nothing comes from the network.
 
-The tiny model (a 3.7M-parameter Llama and its byte-level BPE tokenizer)
+The tiny model (a 3.5M-parameter Llama and its byte-level BPE tokenizer)
 ships inside the package, in ``molting/demo_model``; ``scripts/build_demo_model.py``
 produces it from this module's data.
 """

@@ -4,7 +4,7 @@
 
 From the demo task's training problems (molting.demo), answered correctly in
 the persona style or the plain style with equal probability, it trains a
-3.7M-parameter Llama from a fixed seed with a constant learning rate on the
+3.5M-parameter Llama from a fixed seed with a constant learning rate on the
 completion tokens, then saves it in bfloat16 (about 7 MB) with
 build_info.json: steps, wall time, and held-out metrics.
 
