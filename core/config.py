@@ -96,6 +96,8 @@ class RunConfig:
     precision: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp32", "bf16")))
     """auto: bf16 autocast on GPUs that support it, fp32 elsewhere; bf16 also pays off on CPUs with native bf16
     (avx512_bf16 or AMX)."""
+    padding_free: bool = False
+    """Pack each batch's sequences into one row without padding (position ids restart, attention stays within each)."""
     group_by_length: bool = False
     """Batch rows of similar length together (less padding on mixed-length data)."""
     # reference model

@@ -131,6 +131,37 @@ def tokenize_completions(
     return examples
 
 
+class PackedPairCollator:
+    """Packs a list of tokenized pairs into ONE row without padding: chosen sequences first, then rejected.
+
+    ``position_ids`` restart at each sequence, ``segment_ids`` number the
+    sequences; ``molting.training.packed_completion_logps`` keeps attention
+    within each one.
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids, positions, segments, completion = [], [], [], []
+        sequences = [ex["prompt_ids"] + ex[key] for key in ("chosen_ids", "rejected_ids") for ex in examples]
+        prompts = [len(ex["prompt_ids"]) for _ in ("chosen_ids", "rejected_ids") for ex in examples]
+        for number, (sequence, prompt) in enumerate(zip(sequences, prompts)):
+            ids += sequence
+            positions += range(len(sequence))
+            segments += [number] * len(sequence)
+            completion += [0] * prompt + [1] * (len(sequence) - prompt)
+        batch = {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([positions]),
+            "segment_ids": torch.tensor([segments]),
+            "completion_mask": torch.tensor([completion]),
+        }
+        for key in ("index", "ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([ex[key] for ex in examples])
+        return batch
+
+
 class PairCollator:
     """Pads a list of tokenized pairs into one batch: chosen rows first, then rejected rows."""
 
@@ -166,21 +197,29 @@ class PairCollator:
 def preference_trainer_class():
     """The Trainer subclass, built on first use so this module imports without torch."""
     from molting.components import PreferenceInputs
-    from molting.training import MoltingTrainer, completion_logps
+    from molting.training import MoltingTrainer, completion_logps, packed_completion_logps
 
     class PreferenceTrainer(MoltingTrainer):
         """Runs the policy (and the reference, unless precomputed) on chosen+rejected and applies the loss plugin."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-            logps, token_logps, token_mask = completion_logps(model, ids, attention, completion)
-            half = ids.size(0) // 2
-            lengths = completion.sum(dim=1)
+            if "segment_ids" in inputs:  # packed, padding-free
+                compute = lambda m: packed_completion_logps(m, inputs)  # noqa: E731
+                segments = inputs["segment_ids"][0]
+                lengths = inputs["completion_mask"].new_zeros(int(segments.max()) + 1).index_add(
+                    0, segments, inputs["completion_mask"][0]
+                )
+            else:
+                ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+                compute = lambda m: completion_logps(m, ids, attention, completion)  # noqa: E731
+                lengths = completion.sum(dim=1)
+            logps, token_logps, token_mask = compute(model)
+            half = logps.size(0) // 2
             ref_chosen = ref_rejected = None
             if "ref_chosen_logps" in inputs:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             elif self.has_reference:
-                ref_logps = self.reference_logps(model, ids, attention, completion)
+                ref_logps = self.under_reference(model, lambda m: compute(m)[0])
                 ref_chosen, ref_rejected = ref_logps[:half], ref_logps[half:]
             out = self.loss_plugin.compute(
                 PreferenceInputs(
@@ -224,9 +263,9 @@ def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_
     """The preference Trainer for tokenized ``examples`` (see :func:`tokenize_pairs`)."""
     from molting import training
 
-    return training.build_trainer(preference_trainer_class(), PairCollator(tokenizer.pad_token_id), model, tokenizer,
-                                  examples, config, loss, loss_params, output_dir, callbacks, ref_model,
-                                  adapter_reference)
+    collator = PackedPairCollator() if config.padding_free else PairCollator(tokenizer.pad_token_id)
+    return training.build_trainer(preference_trainer_class(), collator, model, tokenizer, examples, config, loss,
+                                  loss_params, output_dir, callbacks, ref_model, adapter_reference)
 
 
 def run_preference(context) -> dict[str, Any]:

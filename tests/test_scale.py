@@ -260,3 +260,44 @@ def test_a_nan_step_is_skipped_and_logged(tmp_path, capsys):
 def test_repeated_nan_steps_stop_the_run(tmp_path, capsys):
     with pytest.raises(MoltingError, match="3 optimizer steps in a row had a non-finite loss or gradient"):
         run_flaky(tmp_path, {"all"}, capsys)()
+
+
+# --------------------------------------------------------------------------- padding-free batches
+
+
+def test_padding_free_batches_give_the_padded_loss(demo_model):
+    from molting.config import RunConfig
+    from molting.losses import combine
+    from molting.models import load_causal_lm
+    from molting.plugins.preference import PackedPairCollator, PairCollator, build_trainer, format_pairs, tokenize_pairs
+
+    model, tokenizer = load_causal_lm(demo_model)
+    rows = demo.preference_rows("test", 6)
+    rows[0] = {**rows[0], "prompt": "Q: What is 1 + 2?\nQ: What is 3 + 4?\n" + rows[0]["prompt"]}  # mixed lengths
+    examples = tokenize_pairs(format_pairs(rows, tokenizer, "demo"), tokenizer, 512, "drop")
+    host = load_plugins(disabled=[])
+    loss = combine([(host.get("loss", "dpo"), 1.0), (host.get("loss", "sft"), 0.5)])  # sft reads per-token log-probs
+    params = loss.params(beta=0.1)
+    padded, packed = PairCollator(tokenizer.pad_token_id)(examples), PackedPairCollator()(examples)
+    assert packed["input_ids"].shape[0] == 1 and (packed["input_ids"] != tokenizer.pad_token_id).all()
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    import copy
+
+    trainer = build_trainer(model, tokenizer, examples, RunConfig(plugins=["dpo"]), loss, params, "unused",
+                            ref_model=copy.deepcopy(model))
+    trainer.model.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in model.parameters():  # a policy that differs from its reference
+            p.add_(0.01 * torch.randn_like(p))
+    a = trainer.compute_loss(trainer.model, padded).item()
+    b = trainer.compute_loss(trainer.model, packed).item()
+    assert abs(a - b) < 1e-5 and abs(a - math.log(2) - 0.5 * 0) > 1e-4
+
+
+def test_padding_free_run_follows_the_padded_trajectory(tmp_path):
+    flags = {"max_steps": 4}
+    in_process({**flags, "output_dir": str(tmp_path / "padded")})
+    in_process({**flags, "output_dir": str(tmp_path / "packed"), "padding_free": True})
+    a, b = losses(tmp_path / "padded"), losses(tmp_path / "packed")
+    assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
