@@ -124,7 +124,15 @@ def test_precomputed_reference_gives_the_live_trajectory_and_is_cached(tmp_path)
 # --------------------------------------------------------------------------- two processes
 
 
-def test_two_processes_follow_the_one_process_trajectory(tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_follow_the_one_process_trajectory(tmp_path, launcher):
     import sys
 
     one = run_molting("run", "--plugin", "dpo", "--max-steps", "4", "--logging-steps", "1", "--eval", "off",
@@ -134,7 +142,7 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
     import subprocess
 
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "molting",
+        [sys.executable, *LAUNCHERS[launcher], "-m", "molting",
          "run", "--plugin", "dpo", "--max-steps", "4", "--logging-steps", "1", "--eval", "off", "--batch-size", "4",
          "--output-dir", str(tmp_path / "two")],
         capture_output=True, text=True, timeout=600, env=os.environ.copy(),
