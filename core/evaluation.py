@@ -69,36 +69,6 @@ def generate(
     return completions
 
 
-@torch.no_grad()
-def sequence_logps(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Summed log-probs of each completion (plus EOS) after its prompt."""
-    from molting.plugins.preference import PairCollator
-    from molting.training import completion_logps
-
-    was_training = model.training
-    model.eval()
-    collate = PairCollator(tokenizer.pad_token_id)
-    eos = [tokenizer.eos_token_id]
-    examples = [
-        {
-            "prompt_ids": tokenizer(p, add_special_tokens=False)["input_ids"],
-            "chosen_ids": tokenizer(c, add_special_tokens=False)["input_ids"] + eos,
-        }
-        for p, c in zip(prompts, completions)
-    ]
-    out = []
-    for start in range(0, len(examples), batch_size):
-        chunk = [{**e, "rejected_ids": e["chosen_ids"]} for e in examples[start : start + batch_size]]
-        batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
-        half = len(chunk)
-        logps, _, _ = completion_logps(
-            model, batch["input_ids"][:half], batch["attention_mask"][:half], batch["completion_mask"][:half]
-        )
-        out.append(logps.float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
 def task_metrics(prompts: list[str], completions: list[str]) -> dict[str, float]:
     """Correctness, persona rate and the rule judge's mean score of one answer per prompt."""
     graded = [demo.grade(p, c) for p, c in zip(prompts, completions)]
@@ -111,11 +81,14 @@ def task_metrics(prompts: list[str], completions: list[str]) -> dict[str, float]
 
 
 def preference_accuracy(model: Any, ref_model: Any, tokenizer: Any, pairs: list[dict[str, str]]) -> float:
-    prompts = [p["prompt"] for p in pairs]
-    chosen = sequence_logps(model, tokenizer, prompts, [p["chosen"] for p in pairs])
-    rejected = sequence_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs])
-    ref_chosen = sequence_logps(ref_model, tokenizer, prompts, [p["chosen"] for p in pairs])
-    ref_rejected = sequence_logps(ref_model, tokenizer, prompts, [p["rejected"] for p in pairs])
+    """How often log π/π_ref is higher for the chosen answer than for the rejected one."""
+    from molting.plugins.preference import PairCollator, tokenize_pairs
+    from molting.training import pair_logps
+
+    examples = tokenize_pairs(pairs, tokenizer, max_length=tokenizer.model_max_length, overlong="truncate")
+    collator = PairCollator(tokenizer.pad_token_id)
+    chosen, rejected = pair_logps(model, examples, collator, batch_size=64)
+    ref_chosen, ref_rejected = pair_logps(ref_model, examples, collator, batch_size=64)
     return ((chosen - ref_chosen) > (rejected - ref_rejected)).float().mean().item()
 
 

@@ -77,22 +77,7 @@ def precomputed_reference(ref_model: Any, adapter_disabled: bool, examples: list
 def _compute(model: Any, adapter_disabled: bool, examples: list[dict[str, Any]], collator: Any, batch_size: int):
     import contextlib
 
-    import torch
+    from molting.training import pair_logps
 
-    from molting.training import completion_logps
-
-    was_training = model.training
-    model.eval()
-    context = model.disable_adapter() if adapter_disabled else contextlib.nullcontext()
-    chosen, rejected = [], []
-    device = next(model.parameters()).device
-    with torch.no_grad(), context:
-        for start in range(0, len(examples), batch_size):
-            chunk = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in examples[start : start + batch_size]]
-            batch = {k: v.to(device) for k, v in collator(chunk).items()}
-            logps, _, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            half = len(chunk)
-            chosen.append(logps[:half].float().cpu())
-            rejected.append(logps[half:].float().cpu())
-    model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    with model.disable_adapter() if adapter_disabled else contextlib.nullcontext():
+        return pair_logps(model, examples, collator, batch_size)

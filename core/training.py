@@ -137,6 +137,24 @@ def completion_logps(
     return token_logps.sum(dim=1), token_logps, mask
 
 
+@torch.no_grad()
+def pair_logps(model: torch.nn.Module, examples: list[dict[str, Any]], collator: Any,
+               batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of the chosen and the rejected side of tokenized pairs, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in examples[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collator(chunk).items()}
+        logps, _, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        chosen.append(logps[: len(chunk)].float().cpu())
+        rejected.append(logps[len(chunk) :].float().cpu())
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
 def packed_completion_logps(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`completion_logps` for a packed batch (see ``PackedPairCollator``): one row, no padding.
 
