@@ -20,15 +20,17 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 from molting.components import (  # noqa: E402
     Dataset,
+    GroupInputs,
     Judge,
     Loss,
     LossOutput,
     NoParams,
     PreferenceInputs,
+    RewardInputs,
     Stage,
     UnpairedInputs,
 )
-from molting.errors import ConfigError, DataError, ModelError, MoltingError, PluginError  # noqa: E402
+from molting.errors import ConfigError, DataError, JudgeError, ModelError, MoltingError, PluginError  # noqa: E402
 from molting.hookspecs import hookimpl, hookspec  # noqa: E402
 
 __version__ = "0.1.0"
@@ -37,7 +39,9 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Dataset",
+    "GroupInputs",
     "Judge",
+    "JudgeError",
     "Loss",
     "LossOutput",
     "ModelError",
@@ -45,6 +49,7 @@ __all__ = [
     "NoParams",
     "PluginError",
     "PreferenceInputs",
+    "RewardInputs",
     "Stage",
     "UnpairedInputs",
     "hookimpl",

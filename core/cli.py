@@ -126,12 +126,16 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--save-steps", type=int, help="Write a checkpoint every N steps (atomically).  [default: 0, none]")
 @click.option("--save-total-limit", type=int, help="Keep at most this many checkpoints.")
 @click.option("--resume", metavar="auto|PATH", help="Resume from the latest checkpoint in --output-dir, or from PATH.")
+@click.option("--judge", "judge_weights", multiple=True, metavar="NAME[=WEIGHT]",
+              help="Judge that scores samples in online stages (ppo, grpo, sample-pairs); repeat to sum several.")
+@click.option("--force", is_flag=True, default=None,
+              help="In a pipeline, rerun steps already complete in the output dir (they are skipped otherwise).")
 @click.option("--loss", "loss_weights", multiple=True, metavar="NAME=WEIGHT",
               help="Train on a weighted sum of losses of one stage; repeat, e.g. --loss dpo=0.8 --loss sft=1.0.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other config key or loss hyperparameter, e.g. --set label_smoothing=0.1.")
-def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[str, ...], settings: tuple[str, ...],
-        **flags: Any) -> None:
+def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[str, ...], judge_weights: tuple[str, ...],
+        settings: tuple[str, ...], **flags: Any) -> None:
     """Train a model with one plugin, or several in a row."""
     from molting.config import read_recipe
     from molting.run import resolve_config
@@ -139,7 +143,8 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
 
     host = _host()
     recipe = read_recipe(config_path) if config_path else {}
-    flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), **_parse_set(settings)}
+    judges = {name: float(weight) if weight else 1.0 for name, _, weight in (j.partition("=") for j in judge_weights)}
+    flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges, **_parse_set(settings)}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     results = run_steps(config, steps, host)
     final = results[-1]

@@ -56,6 +56,9 @@ class Loss:
     needs_reference: bool = True
 
 
+PRODUCES = ("policy", "reward-model", "dataset")
+
+
 @attrs.frozen
 class Stage:
     """A training phase: the data it reads, the models it holds and the step.
@@ -66,6 +69,17 @@ class Stage:
     loss used when the stage is asked for by name; ``default_data`` the
     registered dataset it trains on when no ``--data`` is given; ``metrics``
     lists the metric names it logs.
+
+    ``params`` is an attrs class of the stage's own settings (PPO's γ and λ,
+    the number of samples per prompt, ...), set like loss hyperparameters:
+    top-level recipe keys or ``--set``. ``produces`` says what the output
+    directory holds, which is how a pipeline wires one stage to the next:
+    a ``policy`` (a causal LM: the next stage's model), a ``reward-model``
+    (a sequence classifier: the default model of the ``reward-model`` judge
+    later in the run) or a ``dataset`` (``context.output_dir / "data.jsonl"``:
+    the next stage's data). ``demo_defaults`` are run settings (learning
+    rate, epochs, ...) that suit the built-in tiny model, applied when no
+    ``--model`` is given, below the recipe and the flags.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -75,6 +89,11 @@ class Stage:
     default_loss: str | None = None
     default_data: str | None = None
     metrics: tuple[str, ...] = ()
+    params: type = attrs.field(default=NoParams, validator=_check_params)
+    produces: str = attrs.field(default="policy", validator=attrs.validators.in_(PRODUCES))
+    demo_defaults: Mapping[str, Any] = attrs.field(factory=dict)
+    default_judges: Mapping[str, float] = attrs.field(factory=dict)
+    """Judges (name → weight) an online stage scores with when the run names none."""
 
 
 @attrs.frozen
@@ -84,6 +103,12 @@ class Judge:
     ``score(prompts, completions, params)`` returns one float per completion
     for a pointwise judge; for a pairwise judge ``completions`` is a list of
     pairs and the result one index (0, 1, or -1 when undecided) per pair.
+    A ``score`` that also takes ``**columns`` receives the data's other
+    columns, one list per column aligned with ``prompts`` (a reference
+    ``answer``, say), as trl passes dataset columns to reward functions.
+    Callers go through :class:`molting.judging.Scorer`, which caches
+    deterministic judges' scores and turns an exception, a wrong count or a
+    NaN into an error naming the judge and the prompt.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -171,3 +196,42 @@ class LossOutput:
     chosen_rewards: Any = None
     rejected_rewards: Any = None
     metrics: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class RewardInputs:
+    """What the ``reward-model`` stage hands a loss, one entry per pair (shape ``(batch,)``).
+
+    ``chosen_rewards`` / ``rejected_rewards`` are the reward model's scalar
+    outputs for the two completions; ``margin`` is the row's ``margin`` column
+    (how much better chosen is) or ``None`` when the data has none.
+    """
+
+    chosen_rewards: Any
+    rejected_rewards: Any
+    margin: Any = None
+
+
+@attrs.frozen
+class GroupInputs:
+    """What the ``grpo`` stage hands a loss: per-token tensors of sampled completions, shape ``(batch, tokens)``.
+
+    ``logps`` are the policy's per-token log-probs of the completions (with
+    gradients), ``old_logps`` those of the policy that sampled them
+    (detached), ``ref_logps`` the reference's (``None`` when β = 0 and no
+    reference is loaded). ``advantages`` has one value per completion
+    (shape ``(batch,)``); ``mask`` is 1 on completion tokens.
+    ``max_completion_length`` (Dr. GRPO's constant normaliser) and
+    ``num_items_in_batch`` (the completion tokens of the whole generation
+    batch on every process, DAPO's normaliser) and ``num_processes`` let a
+    loss normalise as trl's variants do.
+    """
+
+    logps: Any
+    old_logps: Any
+    advantages: Any
+    mask: Any
+    ref_logps: Any = None
+    max_completion_length: int | None = None
+    num_items_in_batch: Any = None
+    num_processes: int = 1

@@ -40,6 +40,27 @@ def _number(kind: type):
     return convert
 
 
+def _weights(value: Any, key: str) -> dict[str, float]:
+    """``{name: weight}`` from a mapping, a list of names (weight 1 each) or one name."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        value = {name: 1.0 for name in value}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key} must map names to weights, e.g. {{rule: 1.0}}, or list names; got {value!r}")
+    weights = {}
+    for name, weight in value.items():
+        if isinstance(weight, bool):
+            raise ValueError(f"{key}: the weight of {name!r} must be a number, got {weight!r}")
+        try:
+            weights[str(name)] = float(1.0 if weight is None else weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: the weight of {name!r} must be a number, got {weight!r}") from None
+    return weights
+
+
 def _max_steps(instance: Any, attribute: attrs.Attribute, value: int) -> None:
     if value != -1 and value <= 0:
         raise ValueError(f"max_steps must be -1 (train for --epochs) or > 0, got {value!r}")
@@ -111,6 +132,12 @@ class RunConfig:
     """``auto`` (the latest checkpoint in the output dir, if any) or a checkpoint directory."""
     max_skipped_steps: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     """Stop after this many consecutive optimizer steps skipped for a non-finite loss or gradient."""
+    force: bool = False
+    """In a pipeline, rerun steps whose output is already complete (by default they are skipped)."""
+    judges: Mapping[str, float] = attrs.field(factory=dict, converter=lambda v: _weights(v, "judges"))
+    """Judges (name → weight) that online stages score samples with; empty: the stage's default judges."""
+    judge_args: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=dict)
+    """Each judge's settings, e.g. {rule: {mode: numeric, column: answer}, python: {function: "mod:fn"}}."""
     losses: Mapping[str, float] = attrs.field(factory=dict, converter=dict)
     """Several losses of one stage and their weights ({name: weight}); empty: the plugin's own loss."""
     loss_params: Mapping[str, Any] = attrs.field(factory=dict)
@@ -120,6 +147,8 @@ class RunConfig:
         data["plugins"] = list(self.plugins)
         data["loss_params"] = dict(self.loss_params)
         data["losses"] = dict(self.losses)
+        data["judges"] = dict(self.judges)
+        data["judge_args"] = {name: dict(args) for name, args in self.judge_args.items()}
         return data
 
 

@@ -26,3 +26,7 @@ class PluginError(MoltingError):
 
 class ModelError(MoltingError):
     """A model directory cannot be loaded as the model a stage needs."""
+
+
+class JudgeError(MoltingError):
+    """A judge raised, or returned the wrong number of scores or a non-finite one, naming the judge and the prompt."""

@@ -27,12 +27,23 @@ from molting.discovery import PluginHost
 
 @attrs.frozen
 class Step:
-    """One stage of a run, with the loss it optimises (``None`` for stages without one)."""
+    """One stage of a run, with the loss it optimises (``None`` for stages without one).
+
+    ``config`` is the step's own configuration in a pipeline whose recipe
+    gives per-stage keys (``stages:``); ``None`` means the run's.
+    """
 
     name: str
     stage: Stage
     loss: Loss | None
     loss_names: tuple[str, ...] = ()  # the registered losses behind ``loss`` (several when combined)
+    config: RunConfig | None = None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The hyperparameters this step reads: its loss's and its stage's."""
+        classes = [self.stage.params] + ([self.loss.params] if self.loss else [])
+        return tuple(sorted({f.name for cls in classes for f in attrs.fields(cls)}))
 
 
 @attrs.frozen
@@ -47,6 +58,9 @@ class StageContext:
     data_source: str
     output_dir: Path
     host: PluginHost
+    stage_params: Any = None
+    artifacts: Mapping[str, Path] = attrs.field(factory=dict)
+    """The latest output of each kind (``policy``, ``reward-model``, ``dataset``) of the run's earlier steps."""
 
     @property
     def stage(self) -> Stage:
@@ -65,7 +79,15 @@ class StageContext:
 
 
 def resolve_step(host: PluginHost, name: str) -> Step:
-    """``--plugin NAME``: a loss (run in its stage) or a stage (run with its default loss)."""
+    """``--plugin NAME``: a stage (run with its default loss) or a loss (run in its stage).
+
+    A name that is both (``sft``: the SFT stage, and the NLL loss of the
+    preference stage) means the stage; the loss is reached by ``--loss``.
+    """
+    if name in host.components["stage"] or ("stage", name) in host.conflicts:
+        stage = host.get("stage", name)
+        loss = host.get("loss", stage.default_loss) if stage.default_loss else None
+        return Step(name, stage, loss, (stage.default_loss,) if loss else ())
     if name in host.components["loss"] or ("loss", name) in host.conflicts:
         loss = host.get("loss", name)
         try:
@@ -73,10 +95,6 @@ def resolve_step(host: PluginHost, name: str) -> Step:
         except PluginError as exc:
             raise PluginError(f"loss {name!r} runs in stage {loss.stage!r}, which is not available: {exc}") from exc
         return Step(name, stage, loss, (name,))
-    if name in host.components["stage"] or ("stage", name) in host.conflicts:
-        stage = host.get("stage", name)
-        loss = host.get("loss", stage.default_loss) if stage.default_loss else None
-        return Step(name, stage, loss, (stage.default_loss,) if loss else ())
     hint = host._broken_hint(name)
     raise PluginError(
         f"no loss or stage named {name!r}. {hint}{host.available('loss')}. {host.available('stage')}. "
@@ -91,9 +109,17 @@ def resolve_config(
     flags: Mapping[str, Any] | None = None,
     recipe_source: str = "the recipe",
 ) -> tuple[RunConfig, list[Step]]:
-    """Merge built-in defaults < recipe < flags into a :class:`RunConfig` and resolve its steps."""
+    """Merge built-in defaults < recipe < flags into a :class:`RunConfig` and resolve its steps.
+
+    A recipe may list its steps with their own keys (``stages: [{plugin: sft,
+    epochs: 1}, {plugin: dpo, beta: 0.2}]``); each step's config is then the
+    defaults < the recipe's top-level keys < the step's keys < the flags, so
+    run-wide flags such as ``--max-steps`` apply to every step. Each returned
+    step carries its config; the returned config is the run-wide one.
+    """
     recipe = dict(recipe or {})
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != {}}
+    stage_entries = _stage_entries(recipe.pop("stages", None), recipe_source)
     recipe_plugins = recipe.pop("plugin", None) or recipe.pop("plugins", None)
     if isinstance(recipe_plugins, str):
         recipe_plugins = [recipe_plugins]
@@ -101,6 +127,15 @@ def resolve_config(
         isinstance(recipe_plugins, list) and all(isinstance(p, str) for p in recipe_plugins)
     ):
         raise ConfigError(f"`plugin` in {recipe_source} must be a name or a list of names, got {recipe_plugins!r}")
+    if stage_entries and recipe_plugins:
+        raise ConfigError(f"{recipe_source} gives both `stages` and `plugin`: list the steps once, under `stages`")
+    if stage_entries:
+        recipe_plugins = [name for name, _ in stage_entries]
+        if plugins and list(plugins) != recipe_plugins:
+            raise ConfigError(
+                f"{recipe_source} lists the stages {', '.join(recipe_plugins)}, but --plugin gives "
+                f"{', '.join(plugins)}: drop --plugin, or make it the same list"
+            )
     losses = _loss_weights(flags.get("losses", recipe.get("losses")), recipe_source)
     names = list(plugins) or list(recipe_plugins or []) or list(losses)[:1]
     if not names:
@@ -108,16 +143,58 @@ def resolve_config(
     steps = [resolve_step(host, name) for name in names]
     if losses:
         steps = [_combined_step(host, steps, losses)]
-    param_names = tuple(sorted({f.name for s in steps if s.loss for f in attrs.fields(s.loss.params)}))
+    overrides = [keys for _, keys in stage_entries] or [{} for _ in steps]
+    param_names = tuple(sorted({name for step in steps for name in step.param_names}))
+    demo = "model" not in recipe and "model" not in flags
 
-    values: dict[str, Any] = {}
-    if "model" not in recipe and "model" not in flags:
-        values.update(DEMO_DEFAULTS)
-        if all(_builtin_losses(host, step) for step in steps):
-            values.update({k: v for k, v in DEMO_LOSS_DEFAULTS.items() if k in param_names})
-    build_config({**values, **recipe, "plugins": names}, param_names, recipe_source)  # name the recipe in its errors
-    config = build_config({**values, **recipe, **flags, "plugins": names}, param_names, "the command-line flags")
-    for impl in reversed(host.hook.molting_configure.get_hookimpls()):  # pluggy's call order; each sees the last result
+    def defaults(chosen: list[Step]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if demo:
+            values.update(DEMO_DEFAULTS)
+            if all(_builtin_losses(host, step) for step in chosen):
+                names_read = {name for step in chosen for name in step.param_names}
+                values.update({k: v for k, v in DEMO_LOSS_DEFAULTS.items() if k in names_read})
+            if len(chosen) == 1:
+                values.update(chosen[0].stage.demo_defaults)
+        return values
+
+    base = {**defaults(steps), **recipe, "plugins": names}
+    build_config(base, param_names, recipe_source)  # name the recipe in its errors
+    config = _configured(host, build_config({**base, **flags}, param_names, "the command-line flags"))
+    configured = []
+    for index, (step, keys) in enumerate(zip(steps, overrides)):
+        where = f"{recipe_source}, stage {index + 1} ({step.name})"
+        build_config({**defaults([step]), **keys, "plugins": names}, step.param_names, where)
+        values = {**defaults([step]), **recipe, **keys, **flags, "plugins": names}
+        configured.append(attrs.evolve(step, config=_configured(host, build_config(values, param_names, where))))
+    return config, configured
+
+
+def _stage_entries(value: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
+    """The ``stages:`` list of a recipe as (plugin name, its own keys)."""
+    from molting.config import normalise_key
+
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"`stages` in {source} must be a list of mappings, each with a `plugin`; got {value!r}")
+    entries = []
+    for index, entry in enumerate(value):
+        if isinstance(entry, str):
+            entry = {"plugin": entry}
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("plugin"), str):
+            raise ConfigError(
+                f"`stages` item {index + 1} in {source} must be a mapping with a `plugin` name "
+                f"(e.g. {{plugin: sft, epochs: 1}}); got {entry!r}"
+            )
+        keys = {normalise_key(k): v for k, v in entry.items() if k != "plugin"}
+        entries.append((entry["plugin"], keys))
+    return entries
+
+
+def _configured(host: PluginHost, config: RunConfig) -> RunConfig:
+    """``config`` after every ``molting_configure`` hook, each seeing the last one's result."""
+    for impl in reversed(host.hook.molting_configure.get_hookimpls()):  # pluggy's call order
         result = impl.function(config=config)
         if result is not None:
             if not isinstance(result, RunConfig):
@@ -126,7 +203,7 @@ def resolve_config(
                     "not a RunConfig"
                 )
             config = result
-    return config, steps
+    return config
 
 
 def _builtin_losses(host: PluginHost, step: Step) -> bool:
@@ -159,18 +236,32 @@ def _combined_step(host: PluginHost, steps: list[Step], losses: dict[str, float]
 def make_loss_params(step: Step, config: RunConfig) -> Any:
     if step.loss is None:
         return None
-    fields = {f.name for f in attrs.fields(step.loss.params)}
+    return _make_params(step.loss.params, config, f"loss {step.loss.name!r}")
+
+
+def make_stage_params(step: Step, config: RunConfig) -> Any:
+    return _make_params(step.stage.params, config, f"stage {step.stage.name!r}")
+
+
+def _make_params(params: type, config: RunConfig, owner: str) -> Any:
+    fields = {f.name for f in attrs.fields(params)}
     given = {k: v for k, v in config.loss_params.items() if k in fields}
     try:
-        return step.loss.params(**given)
+        return params(**given)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid hyperparameters for loss {step.loss.name!r}: {exc}") from exc
+        raise ConfigError(f"invalid hyperparameters for {owner}: {exc}") from exc
 
 
-def load_rows(host: PluginHost, step: Step, data: str | None) -> tuple[list[dict[str, Any]], str]:
-    """The training rows for ``step`` and a description of where they came from."""
+def load_rows(host: PluginHost, step: Step, data: str | None, produced: Path | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The training rows for ``step`` and a description of where they came from.
+
+    ``produced`` is a data file the previous step of the pipeline wrote; it is
+    used when the step names no data of its own.
+    """
     from molting.data import read_rows
 
+    if data is None and produced is not None:
+        return read_rows(produced), str(produced)
     if data is None:
         default = step.stage.default_data
         if default is None:
@@ -200,13 +291,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path, data_source: str, host: PluginHost) -> dict[str, Any]:
+def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path, data_source: str, host: PluginHost,
+               stage_params: Any = None) -> dict[str, Any]:
     return {
         "molting_version": molting.__version__,
         "plugin": step.name,
         "stage": step.stage.name,
         "loss": step.loss.name if step.loss else None,
         "loss_params": attrs.asdict(loss_params) if loss_params is not None else {},
+        "stage_params": attrs.asdict(stage_params) if stage_params is not None else {},
         "model": str(model_path),
         "data": data_source,
         "config": config.to_dict(),
@@ -219,48 +312,102 @@ def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path
 
 
 def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str, Any]]:
-    """Run every step in order; returns each step's final metrics."""
-    import yaml
+    """Run every step in order; returns each step's final metrics.
 
+    What a step produces (``Stage.produces``) feeds the steps after it: a
+    policy becomes the next step's model, a dataset its data, a reward model
+    the default model of the ``reward-model`` judge. In a pipeline a step
+    whose output directory already holds a completed run of the same
+    settings, model and data is skipped (``--force`` reruns it), so a
+    pipeline that failed half way resumes where it stopped.
+    """
     from molting.models import resolve_model_path
 
     output_root = Path(config.output_dir)
     model_path = resolve_model_path(config.model)
+    artifacts: dict[str, Path] = {"policy": model_path}
+    produced_data: Path | None = None
+    demo_source = False
     results = []
     for index, step in enumerate(steps):
+        step_config = step.config or config
         output_dir = output_root if len(steps) == 1 else output_root / f"{index + 1}-{step.name}"
-        loss_params = make_loss_params(step, config)
-        rows, source = load_rows(host, step, config.data)
-        record = run_record(config, step, loss_params, model_path, source, host)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-        write_json_atomic(output_dir / "molting_run.json", record)
-        write_text_atomic(output_dir / "recipe.yaml", yaml.safe_dump(_recipe(config, step, loss_params), sort_keys=False))
-        context = StageContext(config, step, loss_params, model_path, rows, source, output_dir, host)
-        print(
-            f"molting: {step.name}: stage {step.stage.name}"
-            + (f", loss {step.loss.name}" if step.loss else "")
-            + f", model {model_path}, data {source} ({len(rows)} rows) -> {output_dir}",
-            file=sys.stderr,
-        )
-        host.hook.molting_before_stage(stage=step.stage, config=config)
-        try:
-            metrics = dict(step.stage.run(context))
-        except BaseException as exc:
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            write_json_atomic(output_dir / "molting_run.json", record)
-            raise
-        record.update(status="completed", metrics=metrics)
-        write_json_atomic(output_dir / "molting_run.json", record)
-        if _should_evaluate(config, source, output_dir):
-            record["eval"] = _evaluate(model_path, output_dir, config)
-            write_json_atomic(output_dir / "molting_run.json", record)
-        write_model_card(output_dir, record)
-        host.hook.molting_after_stage(stage=step.stage, config=config, output_dir=str(output_dir), metrics=metrics)
+        loss_params = make_loss_params(step, step_config)
+        stage_params = make_stage_params(step, step_config)
+        rows, source = load_rows(host, step, step_config.data, produced_data)
+        if produced_data is not None and step_config.data is None and demo_source:
+            source += " (made from the demo data)"
+        demo_source = "dataset 'demo-" in source
+        record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
+        done = _completed(output_dir, record) if len(steps) > 1 and not step_config.force else None
+        if done is not None:
+            print(f"molting: {step.name}: already complete in {output_dir}, skipped (--force reruns it)", file=sys.stderr)
+            metrics = done
+        else:
+            metrics = _run_step(step, step_config, loss_params, stage_params, model_path, rows, source, output_dir,
+                                host, record, artifacts)
         results.append(metrics)
-        model_path = output_dir
+        produced = step.stage.produces
+        artifacts[produced] = output_dir / "data.jsonl" if produced == "dataset" else output_dir
+        produced_data = artifacts["dataset"] if produced == "dataset" else None
+        if produced == "policy":
+            model_path = output_dir
     return results
+
+
+def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The metrics of a completed earlier run of the same step in ``output_dir``, or ``None``."""
+    try:
+        previous = json.loads((output_dir / "molting_run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("status") != "completed":
+        return None
+    same = ("plugin", "stage", "loss", "loss_params", "stage_params", "model", "data")
+    ignored = ("force", "resume")
+    settings = {k: v for k, v in record["config"].items() if k not in ignored}
+    before = {k: v for k, v in previous.get("config", {}).items() if k not in ignored}
+    if any(previous.get(k) != json.loads(json.dumps(record.get(k), default=str)) for k in same):
+        return None
+    if before != json.loads(json.dumps(settings, default=str)):
+        return None
+    return previous.get("metrics", {})
+
+
+def _run_step(step: Step, config: RunConfig, loss_params: Any, stage_params: Any, model_path: Path,
+              rows: list[dict[str, Any]], source: str, output_dir: Path, host: PluginHost,
+              record: dict[str, Any], artifacts: Mapping[str, Path]) -> dict[str, Any]:
+    import yaml
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    write_json_atomic(output_dir / "molting_run.json", record)
+    recipe = _recipe(config, step, loss_params, stage_params)
+    write_text_atomic(output_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    context = StageContext(config, step, loss_params, model_path, rows, source, output_dir, host,
+                           stage_params=stage_params, artifacts=dict(artifacts))
+    print(
+        f"molting: {step.name}: stage {step.stage.name}"
+        + (f", loss {step.loss.name}" if step.loss else "")
+        + f", model {model_path}, data {source} ({len(rows)} rows) -> {output_dir}",
+        file=sys.stderr,
+    )
+    host.hook.molting_before_stage(stage=step.stage, config=config)
+    try:
+        metrics = dict(step.stage.run(context))
+    except BaseException as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        write_json_atomic(output_dir / "molting_run.json", record)
+        raise
+    record.update(status="completed", metrics=metrics)
+    write_json_atomic(output_dir / "molting_run.json", record)
+    if _should_evaluate(config, source, output_dir):
+        record["eval"] = _evaluate(model_path, output_dir, config)
+        write_json_atomic(output_dir / "molting_run.json", record)
+    write_model_card(output_dir, record)
+    host.hook.molting_after_stage(stage=step.stage, config=config, output_dir=str(output_dir), metrics=metrics)
+    return metrics
 
 
 def _should_evaluate(config: RunConfig, source: str, output_dir: Path) -> bool:
@@ -272,7 +419,7 @@ def _should_evaluate(config: RunConfig, source: str, output_dir: Path) -> bool:
         causal = produced[0].endswith("ForCausalLM")
     else:
         causal = (output_dir / "adapter_config.json").exists()  # a LoRA adapter of the (causal) starting model
-    return causal and (config.eval == "on" or source.startswith("dataset 'demo-"))
+    return causal and (config.eval == "on" or "dataset 'demo-" in source)
 
 
 def _is_main_process() -> bool:
@@ -288,10 +435,12 @@ def _evaluate(model_path: Path, output_dir: Path, config: RunConfig) -> dict[str
     return result
 
 
-def _recipe(config: RunConfig, step: Step, loss_params: Any) -> dict[str, Any]:
+def _recipe(config: RunConfig, step: Step, loss_params: Any, stage_params: Any = None) -> dict[str, Any]:
     """A YAML recipe that reproduces this step: ``molting run --config recipe.yaml``."""
     data = config.to_dict()
     data.pop("loss_params")
     data.pop("plugins")
-    params = attrs.asdict(loss_params) if loss_params is not None else {}
+    data.pop("force")
+    params = {**(attrs.asdict(stage_params) if stage_params is not None else {}),
+              **(attrs.asdict(loss_params) if loss_params is not None else {})}
     return {"plugin": step.name, **{k: v for k, v in data.items() if v is not None}, **params}
