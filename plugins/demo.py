@@ -40,6 +40,15 @@ def molting_register_datasets(register):
             columns=("prompt", "completion", "label"),
         )
     )
+    register(
+        Dataset(
+            name="demo-prompts",
+            load=demo.prompt_rows,
+            description="Addition prompts with the sum as reference `answer`, for online stages (512 train, 256 test).",
+            splits=demo.SPLITS,
+            columns=("prompt", "answer"),
+        )
+    )
 
 
 def _rule_scores(prompts, completions, params):

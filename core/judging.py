@@ -1,0 +1,245 @@
+"""Scoring completions with judges: resolution, weights, caching and errors a user can act on.
+
+Online stages (PPO, GRPO, on-policy pair sampling) never call a judge's
+``score`` directly; they build a :class:`Scorer` from the run's judges
+(``--judge NAME[=WEIGHT]``, ``judges:`` in the recipe, else the stage's
+default) and their settings (``judge_args: {NAME: {...}}``). The scorer
+
+* passes the data's other columns to judges whose ``score`` takes ``**columns``;
+* awaits a ``score`` that is a coroutine function;
+* caches the scores of deterministic judges per (judge, settings, prompt,
+  completion, columns), so a completion sampled twice is judged once;
+* turns an exception, a wrong number of scores, or a score that is not a
+  finite number into a :class:`~molting.errors.JudgeError` naming the judge
+  and the prompt's index in the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import attrs
+
+from molting.components import Judge
+from molting.errors import ConfigError, JudgeError
+
+ARTIFACT = "molting_artifact"
+"""Metadata key on a judge's params field: fill it with this kind of output of an earlier step when unset."""
+
+
+@attrs.frozen
+class JudgeSpec:
+    """A judge as a run uses it: the component, its weight and its settings."""
+
+    name: str
+    judge: Judge
+    weight: float
+    params: Any
+
+
+def resolve_judges(host: Any, config: Any, default: Mapping[str, float], artifacts: Mapping[str, Path] | None = None,
+                   stage: str = "this stage") -> list[JudgeSpec]:
+    """The run's judges (``config.judges``, else ``default``) with their settings from ``config.judge_args``.
+
+    A params field declared with ``metadata={"molting_artifact": "reward-model"}``
+    and left unset takes the output of the run's latest earlier step of that
+    kind: so the ``reward-model`` judge of ``--plugin sft --plugin
+    reward-model --plugin ppo`` scores with the reward model just trained.
+    """
+    weights = dict(config.judges or default)
+    if not weights:
+        raise ConfigError(f"{stage} scores samples with judges, but none was given: use --judge NAME (see `molting plugins`)")
+    unused = sorted(set(config.judge_args) - set(weights))
+    if unused:
+        raise ConfigError(
+            f"judge_args gives settings for {', '.join(unused)}, which the run does not use (its judges: "
+            f"{', '.join(weights)})"
+        )
+    specs = []
+    for name, weight in weights.items():
+        judge = host.get("judge", name)
+        args = dict(config.judge_args.get(name) or {})
+        if not isinstance(config.judge_args.get(name) or {}, Mapping):
+            raise ConfigError(f"judge_args for {name!r} must be a mapping of settings, got {config.judge_args[name]!r}")
+        for field in attrs.fields(judge.params):
+            kind = field.metadata.get(ARTIFACT)
+            if kind and args.get(field.name) is None and artifacts and kind in artifacts:
+                args[field.name] = str(artifacts[kind])
+        try:
+            params = judge.params(**args)
+        except (TypeError, ValueError) as exc:
+            valid = ", ".join(f.name for f in attrs.fields(judge.params)) or "none"
+            raise ConfigError(f"invalid judge_args for judge {name!r}: {exc} (its settings: {valid})") from exc
+        specs.append(JudgeSpec(name, judge, float(weight), params))
+    return specs
+
+
+class Scorer:
+    """Weighted scores of completions from one or more pointwise judges, cached and checked.
+
+    With ``pairwise=True`` it also holds pairwise judges, for :meth:`score`
+    with pairs of completions (their verdicts are cached the same way).
+    """
+
+    def __init__(self, specs: Sequence[JudgeSpec], cache: bool = True, pairwise: bool = False) -> None:
+        for spec in specs:
+            if spec.judge.kind != "pointwise" and not pairwise:
+                raise ConfigError(
+                    f"judge {spec.name!r} is pairwise (it picks the better of two answers); this stage needs "
+                    "pointwise judges, which score each answer"
+                )
+        self.specs = list(specs)
+        self.use_cache = cache
+        self.cache: dict[tuple, float] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], columns: Mapping[str, Sequence[Any]] | None = None,
+                 rows: Sequence[int] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+        """``(weighted total per completion, {judge name: its scores})``.
+
+        ``columns`` holds the data's other columns aligned with ``prompts``;
+        ``rows`` the data row of each prompt, used in error messages.
+        """
+        per_judge = {spec.name: self.score(spec, prompts, completions, columns, rows) for spec in self.specs}
+        totals = [sum(spec.weight * per_judge[spec.name][i] for spec in self.specs) for i in range(len(prompts))]
+        return totals, per_judge
+
+    def score(self, spec: JudgeSpec, prompts: Sequence[str], completions: Sequence[str],
+              columns: Mapping[str, Sequence[Any]] | None = None, rows: Sequence[int] | None = None) -> list[float]:
+        """One judge's scores, from the cache where it can."""
+        columns = dict(columns or {})
+        rows = list(rows) if rows is not None else list(range(len(prompts)))
+        cacheable = self.use_cache and spec.judge.deterministic
+        settings = repr(attrs.asdict(spec.params)) if attrs.has(type(spec.params)) else repr(spec.params)
+        keys = [
+            (spec.name, settings, p, c, tuple((k, repr(v[i])) for k, v in sorted(columns.items())))
+            for i, (p, c) in enumerate(zip(prompts, completions))
+        ]
+        todo = [i for i, key in enumerate(keys) if not (cacheable and key in self.cache)]
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            sub_columns = {k: [v[i] for i in todo] for k, v in columns.items()}
+            values = call_judge(spec, [prompts[i] for i in todo], [completions[i] for i in todo], sub_columns,
+                                [rows[i] for i in todo])
+            fresh = dict(zip(todo, values))
+            if cacheable:
+                self.cache.update({keys[i]: v for i, v in fresh.items()})
+        else:
+            fresh = {}
+        return [fresh[i] if i in fresh else self.cache[keys[i]] for i in range(len(keys))]
+
+
+def call_judge(spec: JudgeSpec, prompts: list[str], completions: list[Any], columns: Mapping[str, list[Any]],
+               rows: list[int]) -> list[float]:
+    """Call a judge once on a batch and check what it returns (see :class:`Scorer`)."""
+    try:
+        result = _invoke(spec, prompts, completions, columns)
+    except JudgeError:
+        raise
+    except Exception as exc:
+        raise JudgeError(
+            f"judge {spec.name!r} raised {type(exc).__name__}: {exc} — {_culprit(spec, prompts, completions, columns, rows)}"
+        ) from exc
+    try:
+        values = list(result)
+    except TypeError:
+        raise JudgeError(
+            f"judge {spec.name!r} returned {type(result).__name__}, not a list of scores, for the prompts at data rows "
+            f"{_span(rows)}"
+        ) from None
+    if len(values) != len(prompts):
+        raise JudgeError(
+            f"judge {spec.name!r} returned {len(values)} scores for {len(prompts)} completions (the prompts at data rows "
+            f"{_span(rows)}); a judge returns exactly one score per completion"
+        )
+    pairwise = spec.judge.kind == "pairwise"
+    checked = []
+    for value, row, prompt in zip(values, rows, prompts):
+        number = _as_number(value)
+        if number is None or not math.isfinite(number) or (pairwise and number not in (-1, 0, 1)):
+            expected = "0, 1 or -1 (undecided)" if pairwise else "a finite number"
+            raise JudgeError(
+                f"judge {spec.name!r} returned {value!r} for the prompt at data row {row} ({_short(prompt)}); "
+                f"expected {expected}"
+            )
+        checked.append(int(number) if pairwise else float(number))
+    return checked
+
+
+def _invoke(spec: JudgeSpec, prompts: list[str], completions: list[Any], columns: Mapping[str, list[Any]]) -> Any:
+    score = spec.judge.score
+    kwargs = dict(columns) if _takes_columns(score) else {}
+    result = score(prompts, completions, spec.params, **kwargs)
+    if inspect.isawaitable(result):
+        result = _run_coroutine(result)
+    return result
+
+
+def _run_coroutine(awaitable: Any) -> Any:
+    async def wait() -> Any:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # already inside an event loop (a notebook)
+        return pool.submit(asyncio.run, wait()).result()
+
+
+def _takes_columns(function: Any) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _culprit(spec: JudgeSpec, prompts: list[str], completions: list[Any], columns: Mapping[str, list[Any]],
+             rows: list[int]) -> str:
+    """Which prompt makes the judge raise: each one is retried alone, for the first that fails."""
+    if len(prompts) > 1:
+        for i in range(len(prompts)):
+            try:
+                _invoke(spec, prompts[i : i + 1], completions[i : i + 1], {k: v[i : i + 1] for k, v in columns.items()})
+            except Exception:
+                return f"on the prompt at data row {rows[i]} ({_short(prompts[i])})"
+    if len(prompts) == 1:
+        return f"on the prompt at data row {rows[0]} ({_short(prompts[0])})"
+    return f"on the prompts at data rows {_span(rows)}"
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def _span(rows: Sequence[int]) -> str:
+    rows = list(rows)
+    if not rows:
+        return "(none)"
+    if rows == list(range(rows[0], rows[0] + len(rows))) and len(rows) > 2:
+        return f"{rows[0]}–{rows[-1]}"
+    return ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+
+
+def _short(text: Any) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "...'"

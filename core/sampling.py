@@ -1,0 +1,134 @@
+"""Sampling completions from a policy and scoring their tokens: what every online stage shares.
+
+:func:`sample` generates ``n`` completions per prompt with ``model.generate``
+(batched, KV cache, left-padded prompts) and returns token ids and masks as
+trl's online trainers hold them: prompts left-padded, completions
+right-padded, each completion's mask running up to and including its first
+end-of-sequence token. :func:`completion_token_logps` recomputes the per-token
+log-probabilities (and entropies) of those completions under any model, with
+the position ids the generation used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import attrs
+import torch
+
+
+@attrs.frozen
+class Samples:
+    """``len(prompts) * n`` sampled completions, grouped by prompt: ``[p0]*n + [p1]*n + ...``."""
+
+    prompts: list[Any]  # each completion's prompt, as given (a string or a message list)
+    rows: list[int]  # each completion's prompt's index in the given prompts
+    texts: list[str]  # decoded completions, without special tokens
+    prompt_ids: torch.Tensor  # (N, P), left-padded
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # (N, C), right-padded
+    completion_mask: torch.Tensor  # 1 up to and including the first EOS
+    truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)
+
+
+def prompt_texts(prompts: Sequence[Any], tokenizer: Any) -> list[str]:
+    """Prompts as text: strings as they are, message lists through the tokenizer's chat template."""
+    texts = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            texts.append(prompt)
+        else:
+            texts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+    return texts
+
+
+@torch.no_grad()
+def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_new_tokens: int = 32,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
+           max_prompt_length: int | None = None) -> Samples:
+    """``n`` completions for each prompt (temperature 0: greedy)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    texts = prompt_texts(prompts, tokenizer)
+    repeated = [i for i in range(len(texts)) for _ in range(n)]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompt_chunks, completion_chunks = [], []
+    try:
+        for start in range(0, len(repeated), batch_size):
+            chunk = [texts[i] for i in repeated[start : start + batch_size]]
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
+                                truncation=max_prompt_length is not None, max_length=max_prompt_length)
+            encoded = {k: v.to(device) for k, v in encoded.items()}
+            sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+                        if temperature > 0 else {"do_sample": False})
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                    use_cache=True, **sampling)
+            prompt_chunks.append((encoded["input_ids"], encoded["attention_mask"]))
+            completion_chunks.append(output[:, encoded["input_ids"].shape[1] :])
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    prompt_ids = _pad_left([ids for ids, _ in prompt_chunks], pad)
+    prompt_mask = _pad_left([mask for _, mask in prompt_chunks], 0)
+    completion_ids = _pad_right(completion_chunks, pad)
+    is_eos = completion_ids == eos
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), completion_ids.size(1))
+    positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
+    completion_mask = (positions[None, :] <= first_eos[:, None]).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Samples(
+        prompts=[prompts[i] for i in repeated],
+        rows=repeated,
+        texts=decoded,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        truncated=~is_eos.any(dim=1),
+    )
+
+
+def _pad_left(chunks: list[torch.Tensor], value: int) -> torch.Tensor:
+    width = max(c.size(1) for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (width - c.size(1), 0), value=value) for c in chunks])
+
+
+def _pad_right(chunks: list[torch.Tensor], value: int) -> torch.Tensor:
+    width = max(c.size(1) for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.size(1)), value=value) for c in chunks])
+
+
+def completion_token_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
+                           with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs ``(N, C)`` of the completions (and their entropies), as trl computes them.
+
+    The logits are divided by the sampling temperature, so the log-probs are
+    those of the distribution the tokens were sampled from. Position ids
+    follow the attention mask, as in generation with left padding. The output
+    layer runs only on the positions that predict completion tokens.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    keep = completion_ids.size(1) + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=keep).logits
+    logits = logits[:, :-1].float() / temperature
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    token_logps = torch.gather(logits, 2, completion_ids.unsqueeze(-1)).squeeze(-1) - logsumexp
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropy = logsumexp - (probs * logits).sum(dim=-1)
+    return token_logps, entropy
