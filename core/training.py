@@ -441,3 +441,18 @@ def last_values(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     for entry in log_history:
         merged.update(entry)
     return merged
+
+
+def save_final_model(model: Any, tokenizer: Any, output_dir: Path, is_main_process: bool = True, merge: bool = False,
+                     trust_remote_code: bool = False) -> None:
+    """:func:`save_final` for stages with their own loop: the model (or its LoRA adapter) and the tokenizer."""
+    if not is_main_process:
+        return
+    output_dir = Path(output_dir)
+    target = output_dir / "adapter" if merge else output_dir
+    model.save_pretrained(str(target), safe_serialization=True)
+    tokenizer.save_pretrained(str(target))
+    if merge:
+        from molting.models import merge_adapter
+
+        merge_adapter(target, output_dir, trust_remote_code=trust_remote_code)

@@ -1,1 +1,447 @@
-"""(being written)"""
+"""The ``ppo`` stage: online RLHF with PPO (Ziegler et al. 2019; Ouyang et al. 2022), as trl's PPOTrainer.
+
+Each step takes ``batch_size`` prompts and
+
+1. samples one completion per prompt from the policy (KV-cached generation;
+   ``temperature``, ``top_p``, ``max_new_tokens``);
+2. scores each completion with the run's judges (default: the reward model
+   an earlier ``reward-model`` step of the run trained);
+3. computes the per-token reward −β·(log π − log π_ref) on every completion
+   token plus the judge's score on the last one, the critic's values, and
+   GAE advantages and returns (γ, λ), advantages whitened;
+4. optimises the clipped surrogate and the clipped value loss for
+   ``num_ppo_epochs`` passes over ``num_mini_batches`` minibatches.
+
+β adapts towards ``kl_target`` when ``adaptive_kl`` is set (Ziegler et al.'s
+proportional controller). The critic is a sequence-classification model
+(its backbone and scalar head read at every token), initialised from the
+reward model when the run has one, as trl does, else from the policy.
+
+The loop is written here rather than on ``transformers.Trainer``: a PPO step
+is a rollout followed by several optimisation passes over it, which the
+Trainer's one-batch-one-step loop does not express (trl's PPOTrainer
+overrides ``train`` for the same reason). accelerate still places the
+models and wraps them for several processes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import attrs
+
+import molting
+from molting.components import Stage
+
+METRICS = (
+    "objective/scores",
+    "objective/kl",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/entropy",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+    "val/ratio",
+    "completions/mean_length",
+    "kl_coef",
+)
+
+_positive = attrs.validators.gt(0)
+_unit = [attrs.validators.ge(0), attrs.validators.le(1)]
+
+
+@attrs.frozen
+class PPOParams:
+    """PPO's settings; names and defaults as trl's PPOConfig."""
+
+    num_ppo_epochs: int = attrs.field(default=4, validator=_positive)
+    num_mini_batches: int = attrs.field(default=1, validator=_positive)
+    kl_coef: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
+    adaptive_kl: bool = False
+    kl_target: float = attrs.field(default=6.0, validator=_positive)
+    kl_horizon: float = attrs.field(default=10000.0, validator=_positive)
+    gamma: float = attrs.field(default=1.0, validator=_unit)
+    lam: float = attrs.field(default=0.95, validator=_unit)
+    cliprange: float = attrs.field(default=0.2, validator=_positive)
+    cliprange_value: float = attrs.field(default=0.2, validator=_positive)
+    vf_coef: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
+    whiten_rewards: bool = False
+    max_new_tokens: int = attrs.field(default=53, validator=_positive)
+    temperature: float = attrs.field(default=0.7, validator=_positive)
+    top_p: float = attrs.field(default=1.0, validator=[_positive, attrs.validators.le(1)])
+    missing_eos_penalty: float | None = None
+    eval_prompts: int = attrs.field(default=128, validator=attrs.validators.ge(0))
+    """Held-out demo prompts scored by the judges before and after training (0: skip)."""
+
+
+@molting.hookimpl
+def molting_register_stages(register):
+    register(
+        Stage(
+            name="ppo",
+            run=run_ppo,
+            description="Online RLHF: sample, score with a judge (a reward model), PPO with a critic and a KL penalty.",
+            columns=("prompt",),
+            default_data="demo-prompts",
+            metrics=METRICS,
+            params=PPOParams,
+            produces="policy",
+            default_judges={"reward-model": 1.0},
+            demo_defaults={"learning_rate": 3e-5, "epochs": 1.0, "max_new_tokens": 20, "temperature": 1.0},
+        )
+    )
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values, mask, shift_mean: bool = True):
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    whitened = (values - mean) * (variance + 1e-8).rsqrt()
+    return whitened if shift_mean else whitened + mean
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimates and returns over the completion tokens (``(batch, tokens)``)."""
+    import torch
+
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        following = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * following - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def ppo_losses(logps, old_logps, advantages, values, old_values, returns, mask, params: PPOParams):
+    """The clipped surrogate and the clipped value loss, with their statistics."""
+    import torch
+
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - params.cliprange, 1 + params.cliprange)
+    policy_loss = masked_mean(torch.max(unclipped, clipped), mask)
+    values_clipped = old_values + torch.clamp(values - old_values, -params.cliprange_value, params.cliprange_value)
+    value_losses = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    value_loss = 0.5 * masked_mean(value_losses, mask)
+    with torch.no_grad():
+        stats = {
+            "policy/approxkl_avg": 0.5 * masked_mean(log_ratio**2, mask),
+            "policy/clipfrac_avg": masked_mean((clipped > unclipped).float(), mask),
+            "val/clipfrac_avg": masked_mean(((values - returns) ** 2 < (values_clipped - returns) ** 2).float(), mask),
+            "val/ratio": masked_mean(ratio, mask),
+            "loss/policy_avg": policy_loss.detach(),
+            "loss/value_avg": value_loss.detach(),
+        }
+    return policy_loss, value_loss, stats
+
+
+class AdaptiveKL:
+    """Ziegler et al.'s proportional controller: β moves so that the KL approaches ``target``."""
+
+    def __init__(self, value: float, target: float, horizon: float) -> None:
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+# --------------------------------------------------------------------------- models
+
+
+def token_values(critic, input_ids, attention_mask, position_ids, width: int):
+    """The critic's value at each of the last ``width`` positions (the ones predicting completion tokens)."""
+    backbone = getattr(critic, critic.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    return critic.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()
+
+
+def load_critic(path, trust_remote_code: bool):
+    """A sequence classifier with one output, from a reward-model dir or the policy's causal LM dir."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from molting.errors import ModelError
+    from molting.models import load_tokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a causal LM dir has no value head: the load report says so at length
+    try:
+        critic = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
+    except Exception as exc:
+        raise ModelError(f"cannot load {path} as the PPO critic (a sequence classifier): {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if critic.config.pad_token_id is None:
+        critic.config.pad_token_id = load_tokenizer(path, trust_remote_code).pad_token_id
+    return critic
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params: PPOParams, kl_coef: float,
+            unwrap, policy_under_reference):
+    """Sample, score and evaluate one batch of prompts; everything the optimisation passes need."""
+    import torch
+
+    from molting.sampling import completion_token_logps, sample
+
+    prompts = [rows[i]["prompt"] for i in indices]
+    samples = sample(unwrap(policy), tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
+                     temperature=params.temperature, top_p=params.top_p)
+    columns = {k: [rows[i][k] for i in indices] for k in rows[indices[0]] if k != "prompt"}
+    scores, per_judge = scorer(prompts, samples.texts, columns, rows=list(indices))
+    scores = torch.tensor(scores, dtype=torch.float32, device=samples.completion_ids.device)
+    if params.missing_eos_penalty is not None:
+        scores = scores - params.missing_eos_penalty * samples.truncated.float()
+    mask = samples.completion_mask.float()
+    inputs = (samples.prompt_ids, samples.prompt_mask, samples.completion_ids, samples.completion_mask)
+    with torch.no_grad():
+        logps, entropy = completion_token_logps(policy, *inputs, temperature=params.temperature, with_entropy=True)
+        if reference is not None:
+            ref_logps, _ = completion_token_logps(reference, *inputs, temperature=params.temperature)
+        else:
+            ref_logps = policy_under_reference(lambda m: completion_token_logps(m, *inputs, temperature=params.temperature)[0])
+        values = token_values(critic, *_sequence(samples), samples.completion_ids.size(1))
+    kl = (logps - ref_logps) * mask
+    rewards = -kl_coef * kl
+    last = (samples.lengths - 1).clamp(min=0)
+    rewards[torch.arange(len(last)), last] += scores
+    if params.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+    advantages, returns = gae(rewards, values, mask, params.gamma, params.lam)
+    advantages = masked_whiten(advantages, mask) * mask
+    non_score = (-kl_coef * kl).sum(dim=1)
+    stats = {
+        "objective/scores": scores.mean(),
+        "objective/kl": kl.sum(dim=1).mean(),
+        "objective/non_score_reward": non_score.mean(),
+        "objective/rlhf_reward": (scores + non_score).mean(),
+        "objective/entropy": (entropy * mask).sum(dim=1).mean(),
+        "completions/mean_length": samples.lengths.float().mean(),
+        **{f"rewards/{name}/mean": float(sum(v) / len(v)) for name, v in per_judge.items()},
+    }
+    batch = {"samples": samples, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
+             "mask": mask}
+    return batch, stats
+
+
+def _sequence(samples):
+    """Input ids, attention mask and position ids of prompt + completion (left-padded prompts)."""
+    import torch
+
+    input_ids = torch.cat([samples.prompt_ids, samples.completion_ids], dim=1)
+    attention = torch.cat([samples.prompt_mask, samples.completion_mask], dim=1)
+    return input_ids, attention, (attention.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, seed: int):
+    """``num_ppo_epochs`` passes of clipped PPO over the rollout, in ``num_mini_batches`` minibatches each."""
+    import torch
+
+    from molting.sampling import completion_token_logps
+
+    samples, size = batch["samples"], batch["logps"].size(0)
+    generator = torch.Generator().manual_seed(seed)
+    collected: dict[str, list[float]] = {}
+    skipped = 0
+    for _ in range(params.num_ppo_epochs):
+        order = torch.randperm(size, generator=generator)
+        for chunk in order.chunk(min(params.num_mini_batches, size)):
+            mb = chunk.to(batch["logps"].device)
+            inputs = (samples.prompt_ids[mb], samples.prompt_mask[mb], samples.completion_ids[mb], samples.completion_mask[mb])
+            logps, _ = completion_token_logps(policy, *inputs, temperature=params.temperature)
+            ids = torch.cat([inputs[0], inputs[2]], dim=1)
+            attention = torch.cat([inputs[1], inputs[3]], dim=1)
+            values = token_values(critic, ids, attention, (attention.cumsum(1) - 1).clamp(min=0), inputs[2].size(1))
+            policy_loss, value_loss, stats = ppo_losses(
+                logps, batch["logps"][mb], batch["advantages"][mb], values, batch["values"][mb], batch["returns"][mb],
+                batch["mask"][mb], params,
+            )
+            loss = policy_loss + params.vf_coef * value_loss
+            if not torch.isfinite(loss):
+                skipped += 1
+                optimizer.zero_grad()
+                continue
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(_trainable(policy, critic), params_max_norm(optimizer))
+            optimizer.step()
+            optimizer.zero_grad()
+            for name, value in stats.items():
+                collected.setdefault(name, []).append(float(value))
+    averaged = {name: sum(v) / len(v) for name, v in collected.items()}
+    return averaged, skipped
+
+
+def params_max_norm(optimizer) -> float:
+    return getattr(optimizer, "molting_max_grad_norm", 1.0)
+
+
+def _trainable(*models):
+    return [p for m in models for p in m.parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_ppo(context) -> dict[str, Any]:
+    import copy
+
+    import torch
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from molting.data import check_columns, check_text_fields
+    from molting.errors import MoltingError
+    from molting.judging import Scorer, resolve_judges
+    from molting.training import load_policy, save_final_model
+
+    config, params, host = context.config, context.stage_params, context.host
+    check_columns(context.rows, [("prompt",)], context.data_source, "ppo")
+    check_text_fields(context.rows, ("prompt",), context.data_source)
+    scorer = Scorer(resolve_judges(host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"))
+    torch.manual_seed(config.seed)
+    policy, tokenizer = load_policy(context)
+    reference = None if config.lora_r else copy.deepcopy(policy).eval().requires_grad_(False)
+    critic_source = context.artifacts.get("reward-model") or context.model_path
+    critic = load_critic(critic_source, config.trust_remote_code)
+    use_bf16 = config.precision == "bf16" or (
+        config.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if use_bf16 else "no")
+    optimizer = torch.optim.AdamW(_trainable(policy, critic), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  eps=1e-5)
+    optimizer.molting_max_grad_norm = config.max_grad_norm
+    rows = context.rows
+    per_epoch = math.ceil(len(rows) / config.batch_size)
+    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * per_epoch))
+    warmup = int(config.warmup_steps * total) if config.warmup_steps < 1 else int(config.warmup_steps)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    policy, critic, optimizer, scheduler = accelerator.prepare(policy, critic, optimizer, scheduler)
+    if reference is not None:
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    unwrap = accelerator.unwrap_model
+
+    def under_reference(compute):
+        with unwrap(policy).disable_adapter():
+            return compute(policy)
+
+    kl = AdaptiveKL(params.kl_coef, params.kl_target, params.kl_horizon)
+    print(
+        f"molting: world size {accelerator.num_processes} (this is process {accelerator.process_index}), device "
+        f"{accelerator.device}, {len(rows)} prompts, {total} PPO steps of {config.batch_size} prompts, judges "
+        f"{', '.join(f'{s.name}×{s.weight:g}' for s in scorer.specs)}, critic from {critic_source}, reference model: "
+        + ("the base model (adapter disabled)" if reference is None else "frozen copy"),
+        file=sys.stderr,
+    )
+    evaluate = _demo_eval(context, tokenizer, scorer, params)
+    before = evaluate(unwrap(policy)) if evaluate else None
+    log = _Logger(context)
+    generator = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    skipped_in_a_row = 0
+    for step in tqdm(range(1, total + 1), desc="ppo", disable=not accelerator.is_local_main_process):
+        if len(order) < config.batch_size:
+            order += torch.randperm(len(rows), generator=generator).tolist()
+        indices, order = order[: config.batch_size], order[config.batch_size :]
+        policy.eval(), critic.eval()
+        batch, stats = rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params, kl.value, unwrap,
+                               under_reference)
+        policy.train(), critic.train()
+        trained, skipped = optimise(policy, critic, optimizer, accelerator, batch, params, config.seed + step)
+        scheduler.step()
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped and not trained else 0
+        if skipped_in_a_row >= config.max_skipped_steps:
+            raise MoltingError(f"PPO step {step}: {skipped_in_a_row} steps in a row had only non-finite losses; stopping")
+        if params.adaptive_kl:
+            kl.update(float(stats["objective/kl"]), config.batch_size * accelerator.num_processes)
+        stats.update(trained, kl_coef=kl.value, learning_rate=scheduler.get_last_lr()[0])
+        log(step, stats, accelerator, last=step == total)
+    save_final_model(unwrap(policy), tokenizer, context.output_dir, accelerator.is_main_process,
+                     merge=config.merge, trust_remote_code=config.trust_remote_code)
+    final = dict(log.last)
+    if evaluate:
+        after = evaluate(unwrap(policy))
+        final.update({"eval_reward_before": before, "eval_reward_after": after})
+        print(f"molting: held-out judge reward ({', '.join(scorer.names)}): start {before:.4f} -> trained {after:.4f}",
+              file=sys.stderr)
+    final["judge_cache_hits"] = scorer.hits
+    return final
+
+
+def _demo_eval(context, tokenizer, scorer, params):
+    """On demo data: the judges' mean reward of sampled answers to held-out prompts (``None`` elsewhere)."""
+    if "dataset 'demo-" not in context.data_source or params.eval_prompts == 0:
+        return None
+    from molting import demo
+
+    rows = demo.prompt_rows("test")[: params.eval_prompts]
+
+    def evaluate(model) -> float:
+        import torch
+
+        from molting.sampling import sample
+
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        try:
+            samples = sample(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens,
+                             temperature=params.temperature, top_p=params.top_p)
+        finally:
+            torch.random.set_rng_state(state)
+        totals, _ = scorer([r["prompt"] for r in rows], samples.texts, {"answer": [r["answer"] for r in rows]})
+        return sum(totals) / len(totals)
+
+    return evaluate
+
+
+class _Logger:
+    """Averages metrics across processes and appends them to metrics.jsonl every ``logging_steps`` steps."""
+
+    def __init__(self, context) -> None:
+        self.path = context.output_dir / "metrics.jsonl"
+        self.every = context.config.logging_steps
+        self.hook = context.host.hook
+        self.pending: dict[str, list[float]] = {}
+        self.last: dict[str, float] = {}
+
+    def __call__(self, step: int, stats: dict[str, Any], accelerator, last: bool = False) -> None:
+        import json
+
+        import torch
+
+        for name, value in stats.items():
+            value = torch.as_tensor(float(value), device=accelerator.device).reshape(1)
+            self.pending.setdefault(name, []).append(accelerator.gather(value).mean().item())
+        if step % self.every and step != 1 and not last:
+            return
+        record = {name: sum(v) / len(v) for name, v in self.pending.items()}
+        self.pending.clear()
+        self.last = {"step": step, **record}
+        if accelerator.is_main_process:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(self.last) + "\n")
+            self.hook.molting_on_log(metrics=record, step=step)
