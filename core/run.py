@@ -328,6 +328,7 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
     artifacts: dict[str, Path] = {"policy": model_path}
     produced_data: Path | None = None
     demo_source = False
+    rerun = False  # once a step runs, the steps after it run too: their inputs may have changed
     results = []
     for index, step in enumerate(steps):
         step_config = step.config or config
@@ -339,11 +340,12 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
             source += " (made from the demo data)"
         demo_source = "dataset 'demo-" in source
         record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
-        done = _completed(output_dir, record) if len(steps) > 1 and not step_config.force else None
+        done = _completed(output_dir, record) if len(steps) > 1 and not (step_config.force or rerun) else None
         if done is not None:
             print(f"molting: {step.name}: already complete in {output_dir}, skipped (--force reruns it)", file=sys.stderr)
             metrics = done
         else:
+            rerun = True
             metrics = _run_step(step, step_config, loss_params, stage_params, model_path, rows, source, output_dir,
                                 host, record, artifacts)
         results.append(metrics)
