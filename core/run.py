@@ -335,8 +335,10 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
         output_dir = output_root if len(steps) == 1 else output_root / f"{index + 1}-{step.name}"
         loss_params = make_loss_params(step, step_config)
         stage_params = make_stage_params(step, step_config)
-        rows, source = load_rows(host, step, step_config.data, produced_data)
-        if produced_data is not None and step_config.data is None and demo_source:
+        # a dataset the previous step made beats the run-wide --data (meant for the first step), not a step's own
+        data = None if produced_data is not None and step_config.data == config.data else step_config.data
+        rows, source = load_rows(host, step, data, produced_data)
+        if produced_data is not None and data is None and demo_source:
             source += " (made from the demo data)"
         demo_source = "dataset 'demo-" in source
         record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
@@ -395,8 +397,8 @@ def _run_step(step: Step, config: RunConfig, loss_params: Any, stage_params: Any
         + f", model {model_path}, data {source} ({len(rows)} rows) -> {output_dir}",
         file=sys.stderr,
     )
-    host.hook.molting_before_stage(stage=step.stage, config=config)
     try:
+        host.hook.molting_before_stage(stage=step.stage, config=config)
         metrics = dict(step.stage.run(context))
     except BaseException as exc:
         record.update(status="failed", error=f"{type(exc).__name__}: {exc}")

@@ -399,12 +399,24 @@ def check_two_step_run(subject: Subject) -> None:
     stage = subject.component
     records = _train(subject, stage.name, None, steps=2, rows=8)
     out = subject.workdir / "run"
+    if stage.produces == "dataset":
+        data = out / "data.jsonl"
+        if not data.exists() or not data.read_text().strip():
+            raise CheckFailed(f"stage {stage.name!r} produces a dataset but wrote no rows to {data}.",
+                              "write the rows the next step trains on to OUTPUT/data.jsonl.")
+        records = records or []
+        _check_declared_metrics(stage, records)
+        return
     config = transformers.AutoConfig.from_pretrained(out)
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture or "", None)
     if model_class is None:
         raise CheckFailed(f"the saved config.json names architecture {architecture!r}, which transformers lacks.")
     model_class.from_pretrained(out)
+    _check_declared_metrics(stage, records)
+
+
+def _check_declared_metrics(stage: Any, records: list[dict[str, Any]]) -> None:
     logged = set().union(*records) if records else set()
     missing = [m for m in stage.metrics if m not in logged]
     if missing:
@@ -432,6 +444,9 @@ def _train(subject: Subject, stage_name: str, loss: Any, steps: int, rows: int) 
         plugins=[loss.name if loss else stage.name], data=str(data), output_dir=str(subject.workdir / "run"),
         max_steps=steps, batch_size=rows, logging_steps=1, learning_rate=DEMO_DEFAULTS["learning_rate"],
         lr_scheduler_type="constant",
+        # an online stage scores its samples with the demo's rule judge: its default judge may need a model
+        judges={"demo-rule": 1.0} if stage.default_judges else {},
+        loss_params={k: v for k, v in stage.demo_defaults.items() if k in {f.name for f in attrs.fields(stage.params)}},
     )
     import contextlib
     import io
