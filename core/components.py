@@ -117,6 +117,9 @@ class Judge:
     kind: str = attrs.field(default="pointwise", validator=attrs.validators.in_(("pointwise", "pairwise")))
     params: type = attrs.field(default=NoParams, validator=_check_params)
     deterministic: bool = True
+    example: Callable[[Any], Mapping[str, Any]] | None = None
+    """For the conformance checks: given a scratch directory, settings (as ``judge_args``) that let the
+    judge score the demo prompts, e.g. a model directory it writes there; ``None``: the defaults do."""
 
 
 @attrs.frozen
@@ -218,13 +221,25 @@ class GroupInputs:
 
     ``logps`` are the policy's per-token log-probs of the completions (with
     gradients), ``old_logps`` those of the policy that sampled them
-    (detached), ``ref_logps`` the reference's (``None`` when β = 0 and no
-    reference is loaded). ``advantages`` has one value per completion
-    (shape ``(batch,)``); ``mask`` is 1 on completion tokens.
-    ``max_completion_length`` (Dr. GRPO's constant normaliser) and
-    ``num_items_in_batch`` (the completion tokens of the whole generation
-    batch on every process, DAPO's normaliser) and ``num_processes`` let a
-    loss normalise as trl's variants do.
+    (detached; equal to ``logps.detach()`` when each generation batch is used
+    for one optimisation step), ``ref_logps`` the reference's (``None`` when
+    β = 0 and no reference is loaded). ``advantages`` has one value per
+    completion (shape ``(batch,)``); ``mask`` is 1 on the completion tokens
+    that count (0 on padding, and on truncated completions when they are
+    masked). ``max_completion_length`` (Dr. GRPO's constant normaliser),
+    ``num_items_in_batch`` (the counted completion tokens of the whole
+    generation batch on every process, DAPO's normaliser),
+    ``num_processes`` and ``steps_per_generation`` (micro-batches per
+    generation batch on each process) let a loss normalise as trl's variants do.
+
+    The loss returns one value per completion (``LossOutput.losses``, shape
+    ``(batch,)``) whose *mean* is the micro-batch's loss; the trainer then
+    divides by the gradient accumulation steps, as for every stage. A
+    token-normalised loss therefore puts on row i its masked token sum times
+    ``batch`` over its normaliser. ``LossOutput.metrics`` values of shape
+    ``(batch, tokens)`` are averaged over the completion tokens of every
+    process (trl's ``clip_ratio/*`` and ``kl``); scalars are averaged across
+    processes.
     """
 
     logps: Any
@@ -235,3 +250,4 @@ class GroupInputs:
     max_completion_length: int | None = None
     num_items_in_batch: Any = None
     num_processes: int = 1
+    steps_per_generation: int = 1

@@ -8,10 +8,15 @@ default) and their settings (``judge_args: {NAME: {...}}``). The scorer
 * passes the data's other columns to judges whose ``score`` takes ``**columns``;
 * awaits a ``score`` that is a coroutine function;
 * caches the scores of deterministic judges per (judge, settings, prompt,
-  completion, columns), so a completion sampled twice is judged once;
+  completion, columns), so a completion sampled twice is judged once (a
+  judge whose settings have a ``cache`` field set to false is not cached);
 * turns an exception, a wrong number of scores, or a score that is not a
   finite number into a :class:`~molting.errors.JudgeError` naming the judge
-  and the prompt's index in the data.
+  and the prompt's index in the data. A :class:`~molting.errors.MoltingError`
+  the judge raises itself (a missing setting or column, a model that cannot
+  load) already says what to fix and passes through unchanged.
+
+See ``docs/judges.md`` for the built-in judges and how to write one.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import attrs
 
 from molting.components import Judge
-from molting.errors import ConfigError, JudgeError
+from molting.errors import ConfigError, JudgeError, MoltingError
 
 ARTIFACT = "molting_artifact"
 """Metadata key on a judge's params field: fill it with this kind of output of an earlier step when unset."""
@@ -62,9 +67,9 @@ def resolve_judges(host: Any, config: Any, default: Mapping[str, float], artifac
     specs = []
     for name, weight in weights.items():
         judge = host.get("judge", name)
-        args = dict(config.judge_args.get(name) or {})
         if not isinstance(config.judge_args.get(name) or {}, Mapping):
             raise ConfigError(f"judge_args for {name!r} must be a mapping of settings, got {config.judge_args[name]!r}")
+        args = {str(k).replace("-", "_"): v for k, v in (config.judge_args.get(name) or {}).items()}
         for field in attrs.fields(judge.params):
             kind = field.metadata.get(ARTIFACT)
             if kind and args.get(field.name) is None and artifacts and kind in artifacts:
@@ -76,6 +81,19 @@ def resolve_judges(host: Any, config: Any, default: Mapping[str, float], artifac
             raise ConfigError(f"invalid judge_args for judge {name!r}: {exc} (its settings: {valid})") from exc
         specs.append(JudgeSpec(name, judge, float(weight), params))
     return specs
+
+
+def number_setting(judge: str, minimum: float = 0.0, strict: bool = False, integer: bool = False):
+    """An attrs validator for a judge's numeric setting: a finite number (an int if ``integer``) ≥ or > ``minimum``."""
+    bound = f"{'>' if strict else '≥'} {minimum:g}"
+    expected = f"{'an integer' if integer else 'a number'} {bound}"
+
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+            raise ValueError(f"judge {judge!r}: setting {attribute.name} must be {expected}, got {value!r}")
+
+    return validate
 
 
 class Scorer:
@@ -113,20 +131,26 @@ class Scorer:
         totals = [sum(spec.weight * per_judge[spec.name][i] for spec in self.specs) for i in range(len(prompts))]
         return totals, per_judge
 
-    def score(self, spec: JudgeSpec, prompts: Sequence[str], completions: Sequence[str],
+    def score(self, spec: JudgeSpec, prompts: Sequence[Any], completions: Sequence[Any],
               columns: Mapping[str, Sequence[Any]] | None = None, rows: Sequence[int] | None = None) -> list[float]:
-        """One judge's scores, from the cache where it can."""
+        """One judge's scores, from the cache where it can (a completion repeated in the batch is judged once)."""
         columns = dict(columns or {})
         rows = list(rows) if rows is not None else list(range(len(prompts)))
-        cacheable = self.use_cache and spec.judge.deterministic
+        _check_lengths(spec, prompts, completions, columns, rows)
+        cacheable = self.use_cache and spec.judge.deterministic and getattr(spec.params, "cache", True) is not False
         settings = repr(attrs.asdict(spec.params)) if attrs.has(type(spec.params)) else repr(spec.params)
         keys = [
-            (spec.name, settings, p, c, tuple((k, repr(v[i])) for k, v in sorted(columns.items())))
+            (spec.name, settings, _freeze(p), _freeze(c), tuple((k, _freeze(v[i])) for k, v in sorted(columns.items())))
             for i, (p, c) in enumerate(zip(prompts, completions))
         ]
-        todo = [i for i, key in enumerate(keys) if not (cacheable and key in self.cache)]
+        pending: dict[Any, int] = {}  # what to judge → its first position in the batch
+        for i, key in enumerate(keys):
+            if not (cacheable and key in self.cache):
+                pending.setdefault(key if cacheable else i, i)
+        todo = sorted(pending.values())
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
+        fresh: dict[int, float] = {}
         if todo:
             sub_columns = {k: [v[i] for i in todo] for k, v in columns.items()}
             values = call_judge(spec, [prompts[i] for i in todo], [completions[i] for i in todo], sub_columns,
@@ -134,8 +158,6 @@ class Scorer:
             fresh = dict(zip(todo, values))
             if cacheable:
                 self.cache.update({keys[i]: v for i, v in fresh.items()})
-        else:
-            fresh = {}
         return [fresh[i] if i in fresh else self.cache[keys[i]] for i in range(len(keys))]
 
 
@@ -144,8 +166,12 @@ def call_judge(spec: JudgeSpec, prompts: list[str], completions: list[Any], colu
     """Call a judge once on a batch and check what it returns (see :class:`Scorer`)."""
     try:
         result = _invoke(spec, prompts, completions, columns)
-    except JudgeError:
-        raise
+    except MoltingError:
+        raise  # the judge's own error (a missing setting or column): it already names what to fix
+    except TimeoutError as exc:  # retrying each prompt alone would take as long again, per prompt
+        raise JudgeError(
+            f"judge {spec.name!r} timed out: {str(exc) or 'no scores in time'} — on the prompts at data rows {_span(rows)}"
+        ) from exc
     except Exception as exc:
         raise JudgeError(
             f"judge {spec.name!r} raised {type(exc).__name__}: {exc} — {_culprit(spec, prompts, completions, columns, rows)}"
@@ -178,7 +204,8 @@ def call_judge(spec: JudgeSpec, prompts: list[str], completions: list[Any], colu
 
 def _invoke(spec: JudgeSpec, prompts: list[str], completions: list[Any], columns: Mapping[str, list[Any]]) -> Any:
     score = spec.judge.score
-    kwargs = dict(columns) if _takes_columns(score) else {}
+    # a column named like score's own arguments would clash with them; judges never need those
+    kwargs = {k: v for k, v in columns.items() if k not in _POSITIONAL} if _takes_columns(score) else {}
     result = score(prompts, completions, spec.params, **kwargs)
     if inspect.isawaitable(result):
         result = _run_coroutine(result)
@@ -197,6 +224,9 @@ def _run_coroutine(awaitable: Any) -> Any:
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # already inside an event loop (a notebook)
         return pool.submit(asyncio.run, wait()).result()
+
+
+_POSITIONAL = ("prompts", "completions", "params")
 
 
 def _takes_columns(function: Any) -> bool:
@@ -219,6 +249,47 @@ def _culprit(spec: JudgeSpec, prompts: list[str], completions: list[Any], column
     if len(prompts) == 1:
         return f"on the prompt at data row {rows[0]} ({_short(prompts[0])})"
     return f"on the prompts at data rows {_span(rows)}"
+
+
+def _check_lengths(spec: JudgeSpec, prompts: Sequence[Any], completions: Sequence[Any],
+                   columns: Mapping[str, Sequence[Any]], rows: Sequence[int]) -> None:
+    """The caller's lists must align: one completion (or pair), one value per column and one row per prompt."""
+    sizes = {"completions": len(completions), "rows": len(rows), **{f"column {k!r}": len(v) for k, v in columns.items()}}
+    wrong = {name: n for name, n in sizes.items() if n != len(prompts)}
+    if wrong:
+        raise ValueError(
+            f"scoring with judge {spec.name!r}: {len(prompts)} prompts but "
+            + ", ".join(f"{n} {name}" for name, n in wrong.items())
+            + "; every list must have one entry per prompt"
+        )
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable stand-in for a cache key: message lists and dicts become tuples."""
+    if isinstance(value, (str, type(None))):
+        return value
+    if isinstance(value, (int, float)):  # 1, 1.0 and True are equal keys to a dict, but not to every judge
+        return (type(value).__name__, value)
+    if isinstance(value, Mapping):
+        return ("{}", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("[]", tuple(_freeze(v) for v in value))
+    return ("repr", type(value).__name__, repr(value))
+
+
+def text_of(value: Any) -> str:
+    """The text of a prompt or completion: a string as it is, a message list as its messages' contents.
+
+    For judges that read text (a rule, a judging prompt); a conversational
+    completion (``[{"role": "assistant", "content": ...}]``) becomes its content.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return text_of(value.get("content", ""))
+    if isinstance(value, (list, tuple)):
+        return "\n".join(text_of(v) for v in value)
+    return "" if value is None else str(value)
 
 
 def _as_number(value: Any) -> float | None:

@@ -464,29 +464,41 @@ def _train(subject: Subject, stage_name: str, loss: Any, steps: int, rows: int) 
 # --------------------------------------------------------------------------- judges
 
 
-def _judge_inputs() -> tuple[list[str], list[str]]:
-    from molting import demo
+def _judge(subject: Subject, pairs: Callable[[list[str]], list[Any]] | None = None) -> list[Any]:
+    """The judge's verdicts on three demo answers and an empty one, with the demo's ``answer`` column.
 
-    rows = demo.preference_rows("test", 3)
-    return [r["prompt"] for r in rows] + [rows[0]["prompt"]], [r["chosen"] for r in rows] + [""]
+    The judge is called as a run calls it (:func:`molting.judging.call_judge`:
+    async judges awaited, columns passed, results checked), with the settings
+    its ``example`` gives for a scratch directory.
+    """
+    from molting import demo
+    from molting.errors import JudgeError, MoltingError
+    from molting.judging import JudgeSpec, call_judge
+
+    judge = subject.component
+    rows = demo.prompt_rows("test", 3)
+    rows.append(rows[0])
+    prompts = [r["prompt"] for r in rows]
+    completions: list[Any] = [f" The answer is {r['answer']}." for r in rows[:-1]] + [""]
+    if judge.kind == "pairwise":
+        completions = (pairs or (lambda c: [(x, c[(i + 1) % len(c)]) for i, x in enumerate(c)]))(completions)
+    try:
+        settings = judge.example(subject.workdir) if judge.example is not None else {}
+        spec = JudgeSpec(judge.name, judge, 1.0, judge.params(**settings))
+        return call_judge(spec, prompts, completions, {"answer": [r["answer"] for r in rows]}, list(range(len(rows))))
+    except JudgeError as exc:
+        raise CheckFailed(str(exc)) from exc
+    except (MoltingError, TypeError, ValueError) as exc:
+        raise CheckFailed(
+            f"the judge cannot score the demo prompts with {'its example settings' if judge.example else 'its defaults'}: {exc}",
+            "give the Judge an `example` that returns working settings for a scratch directory.",
+        ) from exc
 
 
 @check("judge")
 def check_scores(subject: Subject) -> None:
-    """One finite score per completion (or a valid index per pair), the empty completion included."""
-    judge = subject.component
-    prompts, completions = _judge_inputs()
-    if judge.kind == "pairwise":
-        pairs = [(c, completions[(i + 1) % len(completions)]) for i, c in enumerate(completions)]
-        result = list(judge.score(prompts, pairs, judge.params()))
-        if len(result) != len(pairs) or any(r not in (-1, 0, 1) for r in result):
-            raise CheckFailed(f"a pairwise judge must return 0, 1 or -1 per pair; got {result} for {len(pairs)} pairs.")
-        return
-    result = list(judge.score(prompts, completions, judge.params()))
-    if len(result) != len(completions):
-        raise CheckFailed(f"got {len(result)} scores for {len(completions)} completions.")
-    if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in result):
-        raise CheckFailed(f"scores must be finite numbers; got {result} (the last completion is empty).")
+    """One finite score per completion (or 0, 1 or -1 per pair), the empty completion included."""
+    _judge(subject)  # call_judge checks the count and each value
 
 
 @check("judge")
@@ -495,11 +507,8 @@ def check_judge_deterministic(subject: Subject) -> None:
     judge = subject.component
     if not judge.deterministic:
         raise CheckSkipped(f"{subject.label} declares deterministic=False")
-    prompts, completions = _judge_inputs()
-    if judge.kind == "pairwise":
-        completions = [(c, c[::-1]) for c in completions]
-    first = list(judge.score(prompts, completions, judge.params()))
-    second = list(judge.score(prompts, completions, judge.params()))
+    reversed_pairs = lambda c: [(x, x[::-1]) for x in c]  # noqa: E731
+    first, second = _judge(subject, reversed_pairs), _judge(subject, reversed_pairs)
     if first != second:
         raise CheckFailed(f"two calls gave {first} and {second}.", "seed any sampling or declare deterministic=False.")
 
