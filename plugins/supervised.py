@@ -1,1 +1,262 @@
-"""(being written)"""
+"""The ``sft`` stage: supervised fine-tuning on prompts and their completions, the loss on the completion only.
+
+Each row is a prompt and the completion to learn:
+
+- standard: ``prompt`` and ``completion`` strings (an EOS token is appended
+  to the completion unless it already ends with one);
+- conversational: ``prompt`` and ``completion`` message lists, or one
+  ``messages`` list whose last message (the assistant's) is the completion
+  and the messages before it the prompt. The tokenizer's chat template is
+  applied as trl applies it; the completion keeps the template's own end of
+  turn and gets no extra EOS, as in trl.
+
+The loss is trl's ``SFTTrainer`` with ``completion_only_loss``: the negative
+log-likelihood of the completion tokens, summed over every completion token
+of the optimizer step (all gradient-accumulation micro-batches and all
+processes, the count the Trainer passes as ``num_items_in_batch``) and
+divided by their number — the mean over completion tokens. The output layer
+runs only on the positions that can predict a completion token. Logged, under
+trl's names: ``loss``, ``mean_token_accuracy`` (the share of completion tokens
+that are the model's top-1 prediction), ``entropy`` (mean entropy of the
+predicted distribution over completion tokens) and ``num_tokens`` (tokens
+seen so far, prompts and completions). No reference model, no loss plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import molting
+from molting.components import Stage
+
+SCHEMAS = (("prompt", "completion"), ("messages",))
+METRICS = ("loss", "mean_token_accuracy", "entropy", "num_tokens")
+
+
+@molting.hookimpl
+def molting_register_stages(register):
+    register(
+        Stage(
+            name="sft",
+            run=run_sft,
+            description="Supervised fine-tuning on prompt/completion rows: mean NLL of the completion tokens.",
+            columns=SCHEMAS[0],
+            default_loss=None,
+            default_data="demo-sft",
+            metrics=METRICS,
+            produces="policy",
+        )
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def check_sft_rows(rows: list[dict[str, Any]], source: str) -> tuple[tuple[str, ...], bool]:
+    """The schema of the rows and whether they are conversational; a :class:`DataError` naming row and field otherwise.
+
+    Needs no tokenizer, so bad data is reported before any model loads.
+    """
+    from molting.data import check_columns, check_text_fields
+
+    schema = check_columns(rows, SCHEMAS, source, "sft")
+    if schema == ("messages",):
+        for index, row in enumerate(rows):
+            _check_conversation(row["messages"], source, index)
+        return schema, True
+    return schema, check_text_fields(rows, schema, source)
+
+
+def _check_conversation(messages: Any, source: str, index: int) -> None:
+    from molting.data import is_messages
+    from molting.errors import DataError
+
+    where = f"{source}, row {index}, field 'messages'"
+    if not is_messages(messages):
+        shown = repr(messages)
+        shown = shown if len(shown) < 80 else shown[:77] + "..."
+        raise DataError(f"{where}: expected a list of {{role, content}} messages; got {shown}")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        roles = [m["role"] for m in messages]
+        raise DataError(
+            f"{where}: expected at least one message followed by the assistant's answer (the completion to learn); "
+            f"got the roles {roles}"
+        )
+
+
+def format_sft(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> tuple[list[dict[str, str]], bool]:
+    """Validated rows as prompt/completion strings (chat template applied), and whether they were conversational."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    from molting.errors import DataError
+
+    schema, conversational = check_sft_rows(rows, source)
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
+    formatted = []
+    for row in rows:
+        if schema == ("messages",):
+            text = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+        else:
+            text = {"prompt": row["prompt"], "completion": row["completion"]}
+        if conversational:
+            text = maybe_apply_chat_template(text, tokenizer)
+        formatted.append({"prompt": text["prompt"], "completion": text["completion"]})
+    return formatted, conversational
+
+
+def tokenize_sft(
+    examples: list[dict[str, str]], tokenizer: Any, max_length: int, overlong: str, source: str = "data",
+    conversational: bool = False,
+) -> list[dict[str, Any]]:
+    """Token ids (``prompt_ids``, ``completion_ids``) of each example, as the preference stage tokenizes.
+
+    Overlong examples are truncated or dropped and counted by
+    ``tokenize_completions``, which appends EOS to every completion. As in
+    trl, a standard completion that already ends with the EOS text gets no
+    second one, and a conversational completion none at all: its chat
+    template ends the turn.
+    """
+    from molting.errors import DataError
+    from molting.plugins.preference import tokenize_completions
+
+    eos = tokenizer.eos_token
+    if eos and not conversational:
+        examples = [{**ex, "completion": ex["completion"].removesuffix(eos)} for ex in examples]
+    tokenized = tokenize_completions(examples, ("completion",), tokenizer, max_length, overlong, source, noun="example")
+    if not conversational or tokenizer.eos_token_id is None:
+        return tokenized
+    kept = []
+    for ex in tokenized:
+        own = len(tokenizer(examples[ex["index"]]["completion"], add_special_tokens=False)["input_ids"])
+        completion = ex["completion_ids"][:own]  # without the appended EOS (already gone if truncated)
+        if completion:
+            kept.append({**ex, "completion_ids": completion, "length": len(ex["prompt_ids"]) + len(completion)})
+    if not kept:
+        raise DataError(f"no example of {source} has a completion token left within max_length={max_length}")
+    return kept
+
+
+class SFTCollator:
+    """Pads tokenized examples into trl's language-modeling batch: ``input_ids``, ``attention_mask`` and
+    ``labels`` (the completion tokens; -100 on the prompt and on padding), plus ``index``.
+
+    The batch is what trl's ``DataCollatorForLanguageModeling`` builds for an
+    SFT dataset with ``completion_only_loss``; the labels also let the Trainer
+    count the completion tokens of each optimizer step (``num_items_in_batch``).
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        sequences = [
+            {"input_ids": ex["prompt_ids"] + ex["completion_ids"],
+             "labels": [-100] * len(ex["prompt_ids"]) + ex["completion_ids"]}
+            for ex in examples
+        ]
+        batch = DataCollatorForLanguageModeling(pad_token_id=self.pad_token_id)(sequences)
+        if "index" in examples[0]:
+            batch["index"] = torch.tensor([ex["index"] for ex in examples])
+        return batch
+
+
+# --------------------------------------------------------------------------- training
+
+
+def completion_token_stats(model: Any, input_ids: Any, attention_mask: Any, labels: Any) -> tuple[Any, Any, Any, Any]:
+    """Per-token log-probs of the labelled tokens, their mask, and (without gradients) entropy and top-1 hits.
+
+    Shapes ``(batch, k)``: the output layer runs only on the last ``k``
+    positions, the ones that can predict a labelled token (as
+    ``molting.training.completion_logps`` does), and everything is zero
+    outside the mask.
+    """
+    import torch
+
+    length = input_ids.size(1)
+    first_label = int((labels != -100).float().argmax(dim=1).min())
+    keep = length - max(first_label, 1) + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    logits = logits[:, :-1].float()
+    targets = labels[:, length - keep + 1 :]
+    mask = targets != -100
+    normaliser = torch.logsumexp(logits, dim=-1)
+    picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logps = (picked - normaliser) * mask
+    with torch.no_grad():
+        logps = logits - normaliser.unsqueeze(-1)
+        entropy = -(logps.exp() * logps).sum(dim=-1) * mask
+        top1 = (logits.argmax(dim=-1) == targets) & mask
+    return token_logps, mask, entropy, top1
+
+
+def sft_trainer_class():
+    """The Trainer subclass, built on first use so this module imports without torch."""
+    import torch
+
+    from molting.training import MoltingTrainer
+
+    class SFTTrainer(MoltingTrainer):
+        """Mean negative log-likelihood of the completion tokens, normalised as trl's SFTTrainer normalises it."""
+
+        total_tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            token_logps, mask, entropy, top1 = completion_token_stats(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+            )
+            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -token_logps.sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every process's tokens and DDP averages the gradients: as trl and Trainer
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            self.record_sft_metrics(inputs["attention_mask"], mask, entropy, top1)
+            return (loss, {"token_logps": token_logps}) if return_outputs else loss
+
+        def record_sft_metrics(self, attention_mask, mask, entropy, top1) -> None:
+            """trl's metrics: entropy and top-1 accuracy over every process's completion tokens, tokens seen so far."""
+
+            def total(value):
+                return self.accelerator.gather_for_metrics(value.detach().reshape(1)).sum()
+
+            valid = total(mask.sum())
+            entropy_sum, correct = total(entropy.sum()), total(top1.sum())
+            self.record({
+                "entropy": (entropy_sum / valid).item() if valid > 0 else 0.0,
+                "mean_token_accuracy": (correct / valid).item() if valid > 0 else 0.0,
+            })
+            mode = "train" if self.model.training else "eval"
+            if mode == "train":
+                self.total_tokens += int(total(attention_mask.sum()).item())
+            self._metrics[mode]["num_tokens"] = [float(self.total_tokens)]  # a running total: the latest, not a mean
+
+    return SFTTrainer
+
+
+def build_trainer(model, tokenizer, examples, config, output_dir, callbacks=()):
+    """The SFT Trainer for tokenized ``examples`` (see :func:`tokenize_sft`)."""
+    from molting import training
+
+    return training.build_trainer(sft_trainer_class(), SFTCollator(tokenizer.pad_token_id), model, tokenizer, examples,
+                                  config, None, None, output_dir, callbacks)
+
+
+def run_sft(context) -> dict[str, Any]:
+    from molting.errors import ConfigError
+    from molting.training import announce, load_policy, stage_callbacks, train_and_save
+
+    config = context.config
+    if config.padding_free:
+        raise ConfigError("--padding-free is not supported by the sft stage yet: drop it (batches are padded)")
+    check_sft_rows(context.rows, context.data_source)  # bad rows fail before the model loads
+    model, tokenizer = load_policy(context)
+    formatted, conversational = format_sft(context.rows, tokenizer, context.data_source)
+    examples = tokenize_sft(formatted, tokenizer, config.max_length, config.overlong, context.data_source, conversational)
+    trainer = build_trainer(model, tokenizer, examples, config, context.output_dir, stage_callbacks(context))
+    tokens = sum(len(ex["completion_ids"]) for ex in examples)
+    announce(trainer, f"{len(examples)} examples ({tokens} completion tokens)", "none (SFT needs none)")
+    return train_and_save(trainer, tokenizer, context)
