@@ -385,24 +385,32 @@ def run_ppo(context) -> dict[str, Any]:
     final = dict(log.last)
     if evaluate:
         after = evaluate(unwrap(policy))
-        final.update({"eval_reward_before": before, "eval_reward_after": after})
-        print(f"molting: held-out judge reward ({', '.join(scorer.names)}): start {before:.4f} -> trained {after:.4f}",
-              file=sys.stderr)
+        for name in before:
+            final.update({f"eval_{name}_before": before[name], f"eval_{name}_after": after[name]})
+        print(
+            f"molting: held-out judge reward ({', '.join(scorer.names)}): start {before['reward']:.4f} -> trained "
+            f"{after['reward']:.4f}; demo task (sampled answers): correct {before['correct']:.3f} -> {after['correct']:.3f}, "
+            f"persona {before['persona']:.3f} -> {after['persona']:.3f}, demo judge {before['judge']:.3f} -> "
+            f"{after['judge']:.3f}",
+            file=sys.stderr,
+        )
     final["judge_cache_hits"] = scorer.hits
     return final
 
 
 def _demo_eval(context, tokenizer, scorer, params):
-    """On demo data: the judges' mean reward of sampled answers to held-out prompts (``None`` elsewhere)."""
+    """On demo data: the judges' mean reward of sampled answers to held-out prompts, and the demo task's
+    metrics of the same answers (correct, persona, the demo judge's score); ``None`` elsewhere."""
     if "dataset 'demo-" not in context.data_source or params.eval_prompts == 0:
         return None
     from molting import demo
 
     rows = demo.prompt_rows("test")[: params.eval_prompts]
 
-    def evaluate(model) -> float:
+    def evaluate(model) -> dict[str, float]:
         import torch
 
+        from molting.evaluation import task_metrics
         from molting.sampling import sample
 
         state = torch.random.get_rng_state()
@@ -412,8 +420,9 @@ def _demo_eval(context, tokenizer, scorer, params):
                              temperature=params.temperature, top_p=params.top_p)
         finally:
             torch.random.set_rng_state(state)
-        totals, _ = scorer([r["prompt"] for r in rows], samples.texts, {"answer": [r["answer"] for r in rows]})
-        return sum(totals) / len(totals)
+        prompts = [r["prompt"] for r in rows]
+        totals, _ = scorer(prompts, samples.texts, {"answer": [r["answer"] for r in rows]})
+        return {"reward": sum(totals) / len(totals), **task_metrics(prompts, samples.texts)}
 
     return evaluate
 

@@ -45,6 +45,7 @@ def molting_register_stages(register):
             default_data="demo-sft",
             metrics=METRICS,
             produces="policy",
+            demo_defaults={"epochs": 1.0},  # the demo model is fine-tuned already: one more pass is enough
         )
     )
 
