@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-def model_card(record: Mapping[str, Any]) -> str:
-    """Markdown for a run record (molting_run.json's content)."""
+def model_card(record: Mapping[str, Any], output_dir: str | Path | None = None) -> str:
+    """Markdown for a run record (molting_run.json's content) whose output is in ``output_dir``."""
     from molting.evaluation import format_table
 
     config = record["config"]
+    where = str(output_dir or config["output_dir"])
     method = record["plugin"] + (f" (stage {record['stage']}, loss {record['loss']})" if record.get("loss") else f" (stage {record['stage']})")
     lines = [
         "---",
@@ -18,7 +19,7 @@ def model_card(record: Mapping[str, Any]) -> str:
         "tags: [molting, " + record["stage"] + (f", {record['loss']}" if record.get("loss") else "") + "]",
         "---",
         "",
-        f"# {Path(config['output_dir']).name}",
+        f"# {Path(where).name}",
         "",
         f"Trained with molting {record['molting_version']}: {method}.",
         "",
@@ -29,7 +30,8 @@ def model_card(record: Mapping[str, Any]) -> str:
         f"| status | {record['status']} |",
     ]
     metrics = record.get("metrics") or {}
-    for key in ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins"):
+    for key in ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins", "eval_accuracy", "pairs",
+                "eval_reward_before", "eval_reward_after"):
         if key in metrics:
             lines.append(f"| {key} (last log) | {metrics[key]:.4g} |")
     lines += ["", "## Hyperparameters", "", "| key | value |", "| --- | --- |"]
@@ -52,24 +54,27 @@ def model_card(record: Mapping[str, Any]) -> str:
     lines += ["", "## Plugins", "", "| plugin | distribution | version |", "| --- | --- | --- |"]
     for name, info in record["plugins"].items():
         lines.append(f"| {name} | {info['distribution']} | {info['version']} |")
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{config["output_dir"]}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{config["output_dir"]}")',
-        "```",
-        "",
-        f"Rerun: `molting run --config {config['output_dir']}/recipe.yaml`.",
-        "",
-    ]
+    lines += ["", "## Use", ""] + _usage(record.get("produces", "policy"), where)
+    lines += ["", f"Rerun: `molting run --config {where}/recipe.yaml`.", ""]
     return "\n".join(lines)
+
+
+def _usage(produces: str, where: str) -> list[str]:
+    if produces == "dataset":
+        return ["```python", "from datasets import load_dataset", "",
+                f'pairs = load_dataset("json", data_files="{where}/data.jsonl", split="train")', "```"]
+    model_class = "AutoModelForSequenceClassification" if produces == "reward-model" else "AutoModelForCausalLM"
+    return [
+        "```python",
+        f"from transformers import {model_class}, AutoTokenizer",
+        "",
+        f'model = {model_class}.from_pretrained("{where}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+        "```",
+    ]
 
 
 def write_model_card(output_dir: Path, record: Mapping[str, Any]) -> None:
     from molting.run import write_text_atomic
 
-    write_text_atomic(Path(output_dir) / "README.md", model_card(record))
+    write_text_atomic(Path(output_dir) / "README.md", model_card(record, output_dir))

@@ -297,6 +297,7 @@ def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path
         "molting_version": molting.__version__,
         "plugin": step.name,
         "stage": step.stage.name,
+        "produces": step.stage.produces,
         "loss": step.loss.name if step.loss else None,
         "loss_params": attrs.asdict(loss_params) if loss_params is not None else {},
         "stage_params": attrs.asdict(stage_params) if stage_params is not None else {},

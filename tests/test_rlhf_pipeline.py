@@ -44,3 +44,5 @@ def test_sft_reward_model_ppo_raises_the_judge_reward_on_held_out_prompts(tmp_pa
     # and the demo task's own judge (right sum + persona style) of the same answers rises too
     assert metrics["eval_judge_after"] > metrics["eval_judge_before"] + 0.03, metrics  # seeds 0-2: +0.05, +0.12, +0.07
     assert "demo judge" in log
+    card = (out / "2-reward-model" / "README.md").read_text()
+    assert f'AutoModelForSequenceClassification.from_pretrained("{out / "2-reward-model"}")' in card
