@@ -140,3 +140,28 @@ def test_recipe_yaml_with_stages_runs_from_the_cli(tmp_path):
     ipo = record(tmp_path / "out" / "2-ipo")
     assert ipo["loss"] == "ipo" and ipo["loss_params"]["beta"] == 0.5 and ipo["config"]["max_steps"] == 1
     assert ipo["data"].endswith("1-sample-pairs/data.jsonl")
+
+
+@pytest.mark.slow
+def test_sft_then_on_policy_pairs_then_dpo_is_one_pipeline(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"),
+        "eval": "off",
+        "stages": [
+            {"plugin": "sft", "max_steps": 2},
+            {"plugin": "sample-pairs", "num_samples": 4, "data": _prompts(tmp_path)},
+            {"plugin": "dpo", "max_steps": 2},
+        ],
+    }))
+    result = run_molting("run", "--config", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    pairs, dpo = record(out / "2-sample-pairs"), record(out / "3-dpo")
+    assert pairs["model"] == dpo["model"] == str(out / "1-sft")  # sampled from, and trained on, the SFT model
+    assert dpo["data"] == str(out / "2-sample-pairs" / "data.jsonl")
+    rows = [json.loads(line) for line in (out / "2-sample-pairs" / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == pairs["metrics"]["pairs"] > 0
+    assert pairs["metrics"]["pairs"] + pairs["metrics"]["skipped_ties"] == 16
+    assert all(r["score_chosen"] > r["score_rejected"] and r["chosen"] != r["rejected"] for r in rows)
+    assert f"wrote {len(rows)} pairs" in result.stderr
