@@ -1,0 +1,105 @@
+"""The sample-pairs stage: ranking, ties, pairwise judges, chat prompts and judge errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import molting
+from molting.components import Judge
+from molting.discovery import load_plugins
+from molting.errors import DataError, JudgeError
+from molting.judging import JudgeSpec, Scorer
+from molting.plugins.sample_pairs import best_and_worst, pairwise_wins
+from molting.run import resolve_config, run
+
+
+def test_best_and_worst_pick_the_extremes_and_skip_ties():
+    assert best_and_worst([0.5, 1.0, 0.0, 1.0]) == (1, 2)
+    assert best_and_worst([0.3, 0.3, 0.3]) is None
+
+
+def test_pairwise_wins_count_each_comparison_once_and_split_undecided():
+    calls = []
+
+    def prefer_longer(prompts, pairs, params):
+        calls.extend(pairs)
+        return [-1 if len(a) == len(b) else int(len(b) > len(a)) for a, b in pairs]
+
+    judge = Judge(name="longer", score=prefer_longer, description="Prefers the longer answer.", kind="pairwise")
+    scorer = Scorer([JudgeSpec("longer", judge, 1.0, judge.params())], pairwise=True)
+    wins = pairwise_wins(scorer, scorer.specs[0], "q", ["a", "bbb", "cc", "dd"], row=0)
+    assert wins == [0.0, 3.0, 1.5, 1.5]  # cc and dd: one undecided comparison, half a win each
+    assert len(calls) == 6
+    assert pairwise_wins(scorer, scorer.specs[0], "q", ["same", "same"], row=0) == [0.0, 0.0]  # nothing to compare
+
+
+class Judges:
+    @molting.hookimpl
+    def molting_register_judges(self, register):
+        register(Judge(name="constant", score=lambda p, c, params: [1.0] * len(p), description="Always 1."))
+        register(Judge(name="short", score=lambda p, c, params: [1.0 if len(x) < 20 else 0.0 for x in c],
+                       description="Short answers win.", kind="pointwise"))
+
+        def broken(prompts, completions, params):
+            if any("17" in p for p in prompts):
+                raise ValueError("cannot read this prompt")
+            return [0.0] * len(prompts)
+
+        register(Judge(name="broken", score=broken, description="Raises on some prompts."))
+
+
+def host_with_judges():
+    host = load_plugins(disabled=[])
+    host.register(Judges(), "judges")
+    return host
+
+
+def write(tmp_path, rows):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_judge_that_cannot_tell_answers_apart_writes_no_pairs_and_says_why(tmp_path):
+    from molting import demo
+
+    host = host_with_judges()
+    config, steps = resolve_config(host, ["sample-pairs"], flags={
+        "data": write(tmp_path, demo.prompt_rows("train", 4)), "judges": {"constant": 1.0},
+        "output_dir": str(tmp_path / "out"),
+    })
+    with pytest.raises(DataError, match="wrote no pairs.*all 4 answers scored the same"):
+        run(config, steps, host)
+
+
+def test_a_raising_judge_names_itself_and_the_data_row(tmp_path):
+    rows = [{"prompt": f"Q: What is {a} + 10?\nA:"} for a in (11, 12, 17, 19)]
+    host = host_with_judges()
+    config, steps = resolve_config(host, ["sample-pairs"], flags={
+        "data": write(tmp_path, rows), "judges": {"broken": 1.0}, "output_dir": str(tmp_path / "out"), "num_samples": 2,
+    })
+    with pytest.raises(JudgeError, match=r"judge 'broken' raised ValueError: cannot read this prompt .* data row 2 "):
+        run(config, steps, host)
+
+
+def test_chat_prompts_give_chat_pairs_the_preference_stage_reads(tmp_path):
+    from molting import demo
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"][3:-3]}], "answer": r["answer"]}
+            for r in demo.prompt_rows("train", 12)]
+    host = host_with_judges()
+    out = tmp_path / "out"
+    config, steps = resolve_config(host, ["sample-pairs", "dpo"], flags={
+        "data": write(tmp_path, rows), "judges": {"short": 1.0}, "output_dir": str(out), "max_steps": 1,
+        "eval": "off", "num_samples": 6,
+    })
+    pairs_metrics, dpo_metrics = run(config, steps, host)
+    written = [json.loads(line) for line in (out / "1-sample-pairs" / "data.jsonl").read_text().splitlines()]
+    assert written and pairs_metrics["pairs"] == len(written)
+    for row in written:
+        assert row["prompt"][0]["role"] == "user"
+        assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+        assert len(row["chosen"][0]["content"]) < 20 <= len(row["rejected"][0]["content"]) + 1
+    assert "train_loss" in dpo_metrics
