@@ -50,14 +50,18 @@ def prompt_texts(prompts: Sequence[Any], tokenizer: Any) -> list[str]:
 def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
            max_prompt_length: int | None = None) -> Samples:
-    """``n`` completions for each prompt (temperature 0: greedy)."""
+    """``n`` completions for each prompt (temperature 0: greedy).
+
+    ``max_prompt_length`` keeps the last tokens of a longer prompt (its end,
+    where the answer starts), as trl truncated prompts.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     texts = prompt_texts(prompts, tokenizer)
     repeated = [i for i in range(len(texts)) for _ in range(n)]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompt_chunks, completion_chunks = [], []
@@ -74,7 +78,7 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
             prompt_chunks.append((encoded["input_ids"], encoded["attention_mask"]))
             completion_chunks.append(output[:, encoded["input_ids"].shape[1] :])
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
         model.train(was_training)
     prompt_ids = _pad_left([ids for ids, _ in prompt_chunks], pad)
     prompt_mask = _pad_left([mask for _, mask in prompt_chunks], 0)
