@@ -87,4 +87,10 @@ class PluginTests(ComponentTests):
         names = [p.name for p in host.plugins.values() if p.distribution == cls.distribution and p.status == "ok"]
         if not names:
             raise LookupError(f"no working plugin from distribution {cls.distribution!r} is installed")
-        return [s for name in sorted(names) for s in subjects_for(name, host)]
+        subjects = []
+        for name in sorted(names):  # each plugin's own components (a plugin and a component may share a name)
+            for kind_name in host.plugins[name].components:
+                kind, component = kind_name.split(":", 1)
+                subjects.append(Subject(kind, host.components[kind][component].component, host,
+                                        host.components[kind][component]))
+        return subjects
