@@ -78,17 +78,18 @@ class StageContext:
         return found
 
 
-def resolve_step(host: PluginHost, name: str) -> Step:
+def resolve_step(host: PluginHost, name: str, as_loss: bool = False) -> Step:
     """``--plugin NAME``: a stage (run with its default loss) or a loss (run in its stage).
 
     A name that is both (``sft``: the SFT stage, and the NLL loss of the
-    preference stage) means the stage; the loss is reached by ``--loss``.
+    preference stage) means the stage, unless ``as_loss`` (``--loss sft=1``).
     """
-    if name in host.components["stage"] or ("stage", name) in host.conflicts:
+    is_loss = name in host.components["loss"] or ("loss", name) in host.conflicts
+    if (name in host.components["stage"] or ("stage", name) in host.conflicts) and not (as_loss and is_loss):
         stage = host.get("stage", name)
         loss = host.get("loss", stage.default_loss) if stage.default_loss else None
         return Step(name, stage, loss, (stage.default_loss,) if loss else ())
-    if name in host.components["loss"] or ("loss", name) in host.conflicts:
+    if is_loss:
         loss = host.get("loss", name)
         try:
             stage = host.get("stage", loss.stage)
@@ -140,7 +141,7 @@ def resolve_config(
     names = list(plugins) or list(recipe_plugins or []) or list(losses)[:1]
     if not names:
         raise ConfigError("no plugin given: use --plugin NAME (e.g. --plugin dpo) or `plugin:` in the recipe")
-    steps = [resolve_step(host, name) for name in names]
+    steps = [resolve_step(host, name, as_loss=not plugins and not recipe_plugins) for name in names]
     if losses:
         steps = [_combined_step(host, steps, losses)]
     overrides = [keys for _, keys in stage_entries] or [{} for _ in steps]
