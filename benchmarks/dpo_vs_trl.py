@@ -54,23 +54,9 @@ def make_data(path: Path, mixed: bool, n: int = 256) -> None:
 
 
 def step_timer():
-    from transformers import TrainerCallback
+    from timing import step_timer as timer
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.start, self.losses = [], None, []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append(logs["loss"])
-
-    return Timer()
+    return timer("loss")
 
 
 def worker_molting_bf16(data: str, steps: int, out: str, best: bool, defaults: bool) -> dict:
@@ -98,7 +84,7 @@ def worker_molting(data: str, steps: int, out: str, best: bool, defaults: bool, 
         flags.update(precompute_ref=True, group_by_length=True)
     config, plan = resolve_config(host, ["dpo"], flags=flags)
     run(config, plan, host)
-    return {"times": timer.times, "losses": timer.losses}
+    return {"times": timer.times, "losses": timer.values}
 
 
 def worker_trl(data: str, steps: int, out: str, best: bool, defaults: bool) -> dict:
@@ -125,7 +111,7 @@ def worker_trl(data: str, steps: int, out: str, best: bool, defaults: bool) -> d
     trainer = DPOTrainer(model=model, args=DPOConfig(**kwargs), train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    return {"times": timer.times, "losses": timer.losses}
+    return {"times": timer.times, "losses": timer.values}
 
 
 def worker_plain(data: str, steps: int, out: str, best: bool, defaults: bool) -> dict:

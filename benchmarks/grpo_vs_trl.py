@@ -38,23 +38,9 @@ def correct(prompts, completions, **columns):
 
 
 def step_timer():
-    from transformers import TrainerCallback
+    from timing import step_timer as timer
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.start, self.rewards = [], None, []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                self.rewards.append(logs["reward"])
-
-    return Timer()
+    return timer("reward")
 
 
 def worker_molting(steps: int, out: str, generations: int, batch_size: int) -> dict:
@@ -83,7 +69,7 @@ def worker_molting(steps: int, out: str, generations: int, batch_size: int) -> d
              "judges": {"bench-correct": 1.0}}
     config, plan = resolve_config(host, ["grpo"], recipe={"model": str(molting.demo.demo_model_dir())}, flags=flags)
     run(config, plan, host)
-    return {"times": timer.times, "rewards": timer.rewards}
+    return {"times": timer.times, "rewards": timer.values}
 
 
 def worker_trl(steps: int, out: str, generations: int, batch_size: int) -> dict:
@@ -109,7 +95,7 @@ def worker_trl(steps: int, out: str, generations: int, batch_size: int) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=correct, args=args, train_dataset=Dataset.from_list(prompt_rows("train")),
                           processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    return {"times": timer.times, "rewards": timer.rewards}
+    return {"times": timer.times, "rewards": timer.values}
 
 
 WORKERS = {"molting": worker_molting, "trl": worker_trl}
