@@ -59,6 +59,16 @@ Examples:
   molting run --plugin dpo --set label_smoothing=0.1 --beta 0.3
   molting run --loss dpo=0.8 --loss bco_pair=0.2 --loss sft=1.0   # a weighted sum (the MPO recipe)
   molting run --config recipe.yaml --max-steps 10   # flags override the recipe
+  molting run --plugin sft --plugin reward-model --plugin ppo   # RLHF: each step feeds the next
+  molting run --plugin sft --plugin sample-pairs --plugin dpo   # DPO on pairs sampled and judged on-policy
+  molting run --plugin grpo --judge rule --set num_generations=8  # GRPO, reward: the data's `answer` column
+
+\b
+Pipelines: each step writes OUTPUT/N-NAME; a rerun skips steps already complete
+with the same settings (--force reruns them). Per-step settings go in the
+recipe: `stages: [{plugin: sft, epochs: 1}, {plugin: dpo, beta: 0.2}]`.
+Judges: --judge NAME[=WEIGHT] (repeat to sum); their settings in the recipe,
+`judge_args: {rule: {mode: numeric, column: answer}}`.
 
 \b
 Data (--data): a .jsonl, .json, .csv or .parquet file, a directory saved with
@@ -148,7 +158,9 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     results = run_steps(config, steps, host)
     final = results[-1]
-    shown = {k: final[k] for k in ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins") if k in final}
+    keys = ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins", "eval_accuracy", "pairs",
+            "objective/scores", "eval_reward_before", "eval_reward_after")
+    shown = {k: final[k] for k in keys if isinstance(final.get(k), (int, float))}
     click.echo(f"molting: done. Output in {config.output_dir}. " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
 
