@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Any
 
 import attrs
@@ -363,6 +364,7 @@ def run_ppo(context) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     skipped_in_a_row = 0
+    started = time.perf_counter()
     for step in tqdm(range(1, total + 1), desc="ppo", disable=not accelerator.is_local_main_process):
         if len(order) < config.batch_size:
             order += torch.randperm(len(rows), generator=generator).tolist()
@@ -382,7 +384,8 @@ def run_ppo(context) -> dict[str, Any]:
         log(step, stats, accelerator, last=step == total)
     save_final_model(unwrap(policy), tokenizer, context.output_dir, accelerator.is_main_process,
                      merge=config.merge, trust_remote_code=config.trust_remote_code)
-    final = dict(log.last)
+    runtime = time.perf_counter() - started
+    final = {**log.last, "train_runtime": runtime, "seconds_per_step": runtime / total}
     if evaluate:
         after = evaluate(unwrap(policy))
         for name in before:
