@@ -153,7 +153,13 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
 
     host = _host()
     recipe = read_recipe(config_path) if config_path else {}
-    judges = {name: float(weight) if weight else 1.0 for name, _, weight in (j.partition("=") for j in judge_weights)}
+    judges = {}
+    for name, _, weight in (j.partition("=") for j in judge_weights):
+        try:
+            judges[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise click.BadParameter(f"expected NAME or NAME=WEIGHT with a numeric weight, got {name}={weight}",
+                                     param_hint="--judge") from None
     flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges, **_parse_set(settings)}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     results = run_steps(config, steps, host)

@@ -141,7 +141,7 @@ def resolve_config(
     names = list(plugins) or list(recipe_plugins or []) or list(losses)[:1]
     if not names:
         raise ConfigError("no plugin given: use --plugin NAME (e.g. --plugin dpo) or `plugin:` in the recipe")
-    steps = [resolve_step(host, name, as_loss=not plugins and not recipe_plugins) for name in names]
+    steps = [resolve_step(host, name, as_loss=bool(losses)) for name in names]
     if losses:
         steps = [_combined_step(host, steps, losses)]
     overrides = [keys for _, keys in stage_entries] or [{} for _ in steps]
@@ -166,7 +166,8 @@ def resolve_config(
     for index, (step, keys) in enumerate(zip(steps, overrides)):
         where = f"{recipe_source}, stage {index + 1} ({step.name})"
         build_config({**defaults([step]), **keys, "plugins": names}, step.param_names, where)
-        values = {**defaults([step]), **recipe, **keys, **flags, "plugins": names}
+        own_data = {"data": keys["data"]} if "data" in keys else {}  # a step's own data beats the run-wide --data
+        values = {**defaults([step]), **recipe, **keys, **flags, **own_data, "plugins": names}
         configured.append(attrs.evolve(step, config=_configured(host, build_config(values, param_names, where))))
     return config, configured
 
@@ -189,6 +190,12 @@ def _stage_entries(value: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
                 f"(e.g. {{plugin: sft, epochs: 1}}); got {entry!r}"
             )
         keys = {normalise_key(k): v for k, v in entry.items() if k != "plugin"}
+        run_wide = sorted(set(keys) & {"model", "output_dir", "losses", "plugins", "force", "resume"})
+        if run_wide:
+            raise ConfigError(
+                f"`stages` item {index + 1} ({entry['plugin']}) in {source} sets {', '.join(run_wide)}, which apply to the "
+                "whole run: set them at the top level of the recipe (each step starts from the previous step's model)"
+            )
         entries.append((entry["plugin"], keys))
     return entries
 
@@ -329,7 +336,7 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
     model_path = resolve_model_path(config.model)
     artifacts: dict[str, Path] = {"policy": model_path}
     produced_data: Path | None = None
-    demo_source = False
+    previous_source = ""
     rerun = False  # once a step runs, the steps after it run too: their inputs may have changed
     results = []
     for index, step in enumerate(steps):
@@ -337,12 +344,18 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
         output_dir = output_root if len(steps) == 1 else output_root / f"{index + 1}-{step.name}"
         loss_params = make_loss_params(step, step_config)
         stage_params = make_stage_params(step, step_config)
-        # a dataset the previous step made beats the run-wide --data (meant for the first step), not a step's own
-        data = None if produced_data is not None and step_config.data == config.data else step_config.data
+        # the run-wide --data is the first step's; a later step reads its own `data:`, else the dataset the step
+        # before it made, else its stage's default
+        own = step_config.data if step_config.data != config.data else None
+        data = step_config.data if index == 0 else own
         rows, source = load_rows(host, step, data, produced_data)
-        if produced_data is not None and data is None and demo_source:
-            source += " (made from the demo data)"
-        demo_source = "dataset 'demo-" in source
+        if produced_data is not None and data is None:
+            source += f" (made from {previous_source})"
+        previous_source = source
+        if step_config.lora_r and not step_config.merge and produced_is_policy(step) and index + 1 < len(steps):
+            print(f"molting: {step.name}: LoRA step inside a pipeline: its output is merged (as --merge) so the next "
+                  "step starts from its full weights", file=sys.stderr)
+            step_config = attrs.evolve(step_config, merge=True)
         record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
         done = _completed(output_dir, record) if len(steps) > 1 and not (step_config.force or rerun) else None
         if done is not None:
@@ -359,6 +372,10 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
         if produced == "policy":
             model_path = output_dir
     return results
+
+
+def produced_is_policy(step: Step) -> bool:
+    return step.stage.produces == "policy"
 
 
 def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -390,6 +407,13 @@ def _run_step(step: Step, config: RunConfig, loss_params: Any, stage_params: Any
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     write_json_atomic(output_dir / "molting_run.json", record)
     recipe = _recipe(config, step, loss_params, stage_params)
+    if output_dir != Path(config.output_dir):  # a pipeline's step: its recipe reruns this step alone, as it ran
+        recipe.update(model=str(model_path), output_dir=str(output_dir))
+        if Path(source.split(" (made from ")[0]).exists():
+            recipe["data"] = source.split(" (made from ")[0]
+    judge_defaults = {"reward-model": {"model": str(artifacts["reward-model"])}} if "reward-model" in artifacts else {}
+    if judge_defaults and step.stage.default_judges and "reward-model" in (config.judges or step.stage.default_judges):
+        recipe["judge_args"] = {**judge_defaults, **recipe.get("judge_args", {})}
     write_text_atomic(output_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
     context = StageContext(config, step, loss_params, model_path, rows, source, output_dir, host,
                            stage_params=stage_params, artifacts=dict(artifacts))

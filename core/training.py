@@ -329,6 +329,14 @@ def load_policy(context: Any) -> tuple[Any, Any]:
     model, tokenizer = load_causal_lm(
         context.model_path, trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit
     )
+    if hasattr(model, "peft_config"):  # the starting model is a LoRA adapter on a base model
+        if config.lora_r:
+            raise ConfigError(
+                f"{context.model_path} is a LoRA adapter: a new adapter trained on top of it would be saved against "
+                "the base model alone. Start from a merged model (rerun that step with --merge) or train every "
+                "weight (no --lora-r)"
+            )
+        model = model.merge_and_unload()  # train every weight of base + adapter
     if config.lora_r:
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     return model, tokenizer

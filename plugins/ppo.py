@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -186,6 +187,11 @@ def load_critic(path, trust_remote_code: bool):
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a causal LM dir has no value head: the load report says so at length
+    path = Path(path)
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        import json
+
+        path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])  # its base
     try:
         critic = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
@@ -196,14 +202,14 @@ def load_critic(path, trust_remote_code: bool):
         hf_logging.set_verbosity(verbosity)
     if critic.config.pad_token_id is None:
         critic.config.pad_token_id = load_tokenizer(path, trust_remote_code).pad_token_id
-    return critic
+    return critic.requires_grad_(True)
 
 
 # --------------------------------------------------------------------------- rollouts
 
 
 def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params: PPOParams, kl_coef: float,
-            unwrap, policy_under_reference):
+            unwrap, policy_under_reference, max_prompt_length: int | None = None):
     """Sample, score and evaluate one batch of prompts; everything the optimisation passes need."""
     import torch
 
@@ -211,7 +217,7 @@ def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params:
 
     prompts = [rows[i]["prompt"] for i in indices]
     samples = sample(unwrap(policy), tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
-                     temperature=params.temperature, top_p=params.top_p)
+                     temperature=params.temperature, top_p=params.top_p, max_prompt_length=max_prompt_length)
     columns = {k: [rows[i][k] for i in indices] for k in rows[indices[0]] if k != "prompt"}
     scores, per_judge = scorer(prompts, samples.texts, columns, rows=list(indices))
     scores = torch.tensor(scores, dtype=torch.float32, device=samples.completion_ids.device)
@@ -258,7 +264,7 @@ def _sequence(samples):
     return input_ids, attention, (attention.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, seed: int):
+def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, seed: int, max_grad_norm: float):
     """``num_ppo_epochs`` passes of clipped PPO over the rollout, in ``num_mini_batches`` minibatches each."""
     import torch
 
@@ -287,17 +293,14 @@ def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, s
                 optimizer.zero_grad()
                 continue
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(_trainable(policy, critic), params_max_norm(optimizer))
+            if max_grad_norm > 0:  # 0: no clipping, as the Trainer reads it
+                accelerator.clip_grad_norm_(_trainable(policy, critic), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             for name, value in stats.items():
                 collected.setdefault(name, []).append(float(value))
     averaged = {name: sum(v) / len(v) for name, v in collected.items()}
     return averaged, skipped
-
-
-def params_max_norm(optimizer) -> float:
-    return getattr(optimizer, "molting_max_grad_norm", 1.0)
 
 
 def _trainable(*models):
@@ -316,11 +319,16 @@ def run_ppo(context) -> dict[str, Any]:
     from transformers import get_scheduler
 
     from molting.data import check_columns, check_text_fields
-    from molting.errors import MoltingError
+    from molting.errors import ConfigError, MoltingError
     from molting.judging import Scorer, resolve_judges
     from molting.training import load_policy, save_final_model
 
     config, params, host = context.config, context.stage_params, context.host
+    unsupported = [flag for flag, value in (("--resume", config.resume), ("--save-steps", config.save_steps),
+                                            ("--padding-free", config.padding_free),
+                                            ("--precompute-ref", config.precompute_ref)) if value]
+    if unsupported:
+        raise ConfigError(f"the ppo stage does not support {', '.join(unsupported)} yet")
     check_columns(context.rows, [("prompt",)], context.data_source, "ppo")
     check_text_fields(context.rows, ("prompt",), context.data_source)
     scorer = Scorer(resolve_judges(host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"))
@@ -335,12 +343,20 @@ def run_ppo(context) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if use_bf16 else "no")
     optimizer = torch.optim.AdamW(_trainable(policy, critic), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   eps=1e-5)
-    optimizer.molting_max_grad_norm = config.max_grad_norm
     rows = context.rows
     per_epoch = math.ceil(len(rows) / config.batch_size)
     total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * per_epoch))
     warmup = int(config.warmup_steps * total) if config.warmup_steps < 1 else int(config.warmup_steps)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    if accelerator.num_processes > 1:
+        raise ConfigError(
+            "the ppo stage runs in one process for now (its rollouts are not sharded across processes); "
+            "launch it without torchrun / accelerate launch"
+        )
+    for model in (policy, critic):  # as trl: dropout off, so a rollout's log-probs and values are what training sees
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     policy, critic, optimizer, scheduler = accelerator.prepare(policy, critic, optimizer, scheduler)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
@@ -371,9 +387,10 @@ def run_ppo(context) -> dict[str, Any]:
         indices, order = order[: config.batch_size], order[config.batch_size :]
         policy.eval(), critic.eval()
         batch, stats = rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params, kl.value, unwrap,
-                               under_reference)
+                               under_reference, max(1, config.max_length - params.max_new_tokens))
         policy.train(), critic.train()
-        trained, skipped = optimise(policy, critic, optimizer, accelerator, batch, params, config.seed + step)
+        trained, skipped = optimise(policy, critic, optimizer, accelerator, batch, params, config.seed + step,
+                                    config.max_grad_norm)
         scheduler.step()
         skipped_in_a_row = skipped_in_a_row + 1 if skipped and not trained else 0
         if skipped_in_a_row >= config.max_skipped_steps:
@@ -416,13 +433,11 @@ def _demo_eval(context, tokenizer, scorer, params):
         from molting.evaluation import task_metrics
         from molting.sampling import sample
 
-        state = torch.random.get_rng_state()
-        torch.manual_seed(0)
-        try:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # the training rollouts' randomness stays --seed's
+            torch.manual_seed(0)
             samples = sample(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens,
                              temperature=params.temperature, top_p=params.top_p)
-        finally:
-            torch.random.set_rng_state(state)
         prompts = [r["prompt"] for r in rows]
         totals, _ = scorer(prompts, samples.texts, {"answer": [r["answer"] for r in rows]})
         return {"reward": sum(totals) / len(totals), **task_metrics(prompts, samples.texts)}

@@ -95,6 +95,13 @@ def run_sample_pairs(context) -> dict[str, Any]:
     rows = context.rows
     check_columns(rows, [("prompt",)], context.data_source, "sample-pairs")
     conversational = check_text_fields(rows, ("prompt",), context.data_source)
+    if not config.judges and "dataset 'demo-" not in context.data_source:
+        from molting.errors import ConfigError
+
+        raise ConfigError(
+            f"sample-pairs ranks answers with a judge, and its default (demo-rule) grades only the demo task; "
+            f"for {context.data_source} name one: --judge rule, --judge reward-model, --judge python, --judge llm-pairwise"
+        )
     specs = resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'sample-pairs'")
     pairwise = [s for s in specs if s.judge.kind == "pairwise"]
     if pairwise and len(specs) > 1:

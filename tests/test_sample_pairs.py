@@ -103,3 +103,13 @@ def test_chat_prompts_give_chat_pairs_the_preference_stage_reads(tmp_path):
         assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
         assert len(row["chosen"][0]["content"]) < 20 <= len(row["rejected"][0]["content"]) + 1
     assert "train_loss" in dpo_metrics
+
+
+def test_on_your_own_data_the_judge_must_be_named(tmp_path):
+    from molting.errors import ConfigError
+
+    host = load_plugins(disabled=[])
+    config, steps = resolve_config(host, ["sample-pairs"], flags={
+        "data": write(tmp_path, [{"prompt": "Write a haiku."}]), "output_dir": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match="--judge rule, --judge reward-model"):
+        run(config, steps, host)
