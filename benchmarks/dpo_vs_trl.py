@@ -23,7 +23,6 @@ import json
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -188,14 +187,13 @@ CONFIGS = {
 
 def run_worker(name: str, data: Path, steps: int) -> dict:
     worker, _, best, defaults = CONFIGS[name]
+    from timing import run_worker_process
+
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--worker", worker, "--data", str(data), "--steps", str(steps), "--out", out]
-        cmd += ["--best"] if best else []
-        cmd += ["--defaults"] if defaults else []
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        args = ["--worker", worker, "--data", str(data), "--steps", str(steps), "--out", out]
+        args += ["--best"] if best else []
+        args += ["--defaults"] if defaults else []
+        return run_worker_process(__file__, name, args)
 
 
 def main() -> None:

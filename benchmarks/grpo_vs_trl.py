@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 LR = 1e-4
 MAX_NEW_TOKENS = 20
@@ -102,13 +100,11 @@ WORKERS = {"molting": worker_molting, "trl": worker_trl}
 
 
 def run_worker(name: str, steps: int, generations: int, batch_size: int) -> dict:
+    from timing import run_worker_process
+
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--out", out,
-               "--generations", str(generations), "--batch-size", str(batch_size)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return run_worker_process(__file__, name, ["--worker", name, "--steps", str(steps), "--out", out,
+                                                   "--generations", str(generations), "--batch-size", str(batch_size)])
 
 
 def main() -> None:

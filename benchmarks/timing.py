@@ -24,3 +24,15 @@ def step_timer(metric: str):
                 self.values.append(logs[metric])
 
     return Timer()
+
+
+def run_worker_process(script: str, name: str, args: list[str]) -> dict:
+    """Run ``script --worker ...`` in a fresh process (its own peak RSS) and parse the JSON its last line prints."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
