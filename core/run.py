@@ -357,6 +357,7 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
                   "step starts from its full weights", file=sys.stderr)
             step_config = attrs.evolve(step_config, merge=True)
         record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
+        record["data_fingerprint"] = _fingerprint(data if data is not None else produced_data)
         done = _completed(output_dir, record) if len(steps) > 1 and not (step_config.force or rerun) else None
         if done is not None:
             print(f"molting: {step.name}: already complete in {output_dir}, skipped (--force reruns it)", file=sys.stderr)
@@ -374,6 +375,14 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
     return results
 
 
+def _fingerprint(data: str | Path | None) -> list[int] | None:
+    """Size and modification time of a data file (or of a saved dataset's files): an edited file is new data."""
+    if data is None or not Path(data).exists():
+        return None  # a registered dataset: its name and the molting version say what it holds
+    files = [Path(data)] if Path(data).is_file() else sorted(f for f in Path(data).rglob("*") if f.is_file())
+    return [sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)]
+
+
 def produced_is_policy(step: Step) -> bool:
     return step.stage.produces == "policy"
 
@@ -386,7 +395,7 @@ def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | 
         return None
     if previous.get("status") != "completed":
         return None
-    same = ("plugin", "stage", "loss", "loss_params", "stage_params", "model", "data")
+    same = ("plugin", "stage", "loss", "loss_params", "stage_params", "model", "data", "data_fingerprint")
     ignored = ("force", "resume")
     settings = {k: v for k, v in record["config"].items() if k not in ignored}
     before = {k: v for k, v in previous.get("config", {}).items() if k not in ignored}

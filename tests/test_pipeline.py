@@ -216,3 +216,20 @@ def test_a_lora_step_inside_a_pipeline_hands_on_its_merged_weights(tmp_path):
     assert (out / "1-sft" / "model.safetensors").exists() and (out / "1-sft" / "adapter" / "adapter_config.json").exists()
     assert record(out / "2-dpo")["model"] == str(out / "1-sft")
     assert (out / "2-dpo" / "adapter_config.json").exists()  # the last step keeps its adapter
+
+
+def test_an_edited_data_file_is_new_data_for_the_skip_check(tmp_path):
+    out = tmp_path / "out"
+    host = load_plugins(disabled=[])
+    data = _prompts(tmp_path)
+    flags = {"max_steps": 1, "output_dir": str(out), "eval": "off", "num_samples": 2, "data": data,
+             "judges": {"demo-rule": 1.0}}
+    config, steps = resolve_config(host, ["sample-pairs", "dpo"], flags=flags)
+    run(config, steps, host)
+    written = (out / "1-sample-pairs" / "data.jsonl").stat().st_mtime_ns
+    from molting import demo
+
+    with open(data, "a") as handle:
+        handle.write(json.dumps(demo.prompt_rows("test", 1)[0]) + "\n")
+    run(config, steps, host)
+    assert (out / "1-sample-pairs" / "data.jsonl").stat().st_mtime_ns != written
