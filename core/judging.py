@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +32,9 @@ import attrs
 
 from molting.components import Judge
 from molting.errors import ConfigError, JudgeError, MoltingError
+
+MAX_CACHED = 200_000
+"""Scores a Scorer keeps (least recently used dropped first): online runs rarely sample a completion twice."""
 
 ARTIFACT = "molting_artifact"
 """Metadata key on a judge's params field: fill it with this kind of output of an earlier step when unset."""
@@ -112,7 +116,7 @@ class Scorer:
                 )
         self.specs = list(specs)
         self.use_cache = cache
-        self.cache: dict[tuple, float] = {}
+        self.cache: OrderedDict[tuple, float] = OrderedDict()  # least recently used first, at most MAX_CACHED
         self.hits = 0
         self.misses = 0
 
@@ -158,6 +162,11 @@ class Scorer:
             fresh = dict(zip(todo, values))
             if cacheable:
                 self.cache.update({keys[i]: v for i, v in fresh.items()})
+                while len(self.cache) > MAX_CACHED:
+                    self.cache.popitem(last=False)
+        for i in range(len(keys)):
+            if i not in fresh and keys[i] in self.cache:
+                self.cache.move_to_end(keys[i])
         return [fresh[i] if i in fresh else self.cache[keys[i]] for i in range(len(keys))]
 
 
@@ -239,12 +248,27 @@ def _takes_columns(function: Any) -> bool:
 
 def _culprit(spec: JudgeSpec, prompts: list[str], completions: list[Any], columns: Mapping[str, list[Any]],
              rows: list[int]) -> str:
-    """Which prompt makes the judge raise: each one is retried alone, for the first that fails."""
+    """Which prompt makes the judge raise: each one is retried alone, for the first that fails.
+
+    When a prompt of another data row fails alone too, the failure is not the
+    data's (a bug in the judge, a model that does not load) and the message
+    says so.
+    """
+    def fails(i: int) -> bool:
+        try:
+            _invoke(spec, prompts[i : i + 1], completions[i : i + 1], {k: v[i : i + 1] for k, v in columns.items()})
+        except Exception:
+            return True
+        return False
+
     if len(prompts) > 1:
         for i in range(len(prompts)):
-            try:
-                _invoke(spec, prompts[i : i + 1], completions[i : i + 1], {k: v[i : i + 1] for k, v in columns.items()})
-            except Exception:
+            if fails(i):
+                other = next((j for j in reversed(range(len(prompts))) if rows[j] != rows[i]), None)
+                if other is not None and fails(other):
+                    i, last = sorted((i, other))
+                    return (f"on every prompt tried (data rows {rows[i]} and {rows[last]} among them): the judge fails "
+                            "whatever the data, so look at the judge and its settings")
                 return f"on the prompt at data row {rows[i]} ({_short(prompts[i])})"
     if len(prompts) == 1:
         return f"on the prompt at data row {rows[0]} ({_short(prompts[0])})"

@@ -38,7 +38,11 @@ class Samples:
 def prompt_texts(prompts: Sequence[Any], tokenizer: Any) -> list[str]:
     """Prompts as text: strings as they are, message lists through the tokenizer's chat template."""
     texts = []
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            from molting.errors import DataError
+
+            raise DataError(f"prompt {index} is empty: an online stage samples answers to prompts, so each needs text")
         if isinstance(prompt, str):
             texts.append(prompt)
         else:

@@ -41,7 +41,7 @@ from molting.judging import number_setting, text_of
 NAME = "rule"
 MODES = ("numeric", "exact", "regex")
 
-NUMBER = re.compile(r"(?<![\d.])(?:(?<![\w)])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+NUMBER = re.compile(r"(?<![\d.])(?:(?<![\w)])-)?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
 """A number: an optional minus sign (not after a word, so ``10-3`` reads 3), thousands commas, a decimal part."""
 
 
@@ -72,7 +72,7 @@ class RuleParams:
     pattern: str | None = attrs.field(default=None, validator=_check_pattern)
     """regex mode: the pattern to search for (else each row's reference); numeric/exact: where the answer is."""
     tolerance: float = attrs.field(default=1e-6, validator=number_setting(NAME))
-    """numeric mode: the largest difference still counted equal (absolute, or relative to the larger value)."""
+    """numeric mode: the largest absolute difference still counted equal (whole numbers compare exactly)."""
 
 
 def parse_number(text: str) -> float | None:
@@ -117,7 +117,11 @@ def _score_one(completion: Any, reference: Any, params: RuleParams) -> float:
         return float(answer.strip() == text_of(reference).strip())
     expected = _reference_number(reference, params.column)
     got = parse_number(answer)
-    return float(got is not None and math.isclose(got, expected, rel_tol=params.tolerance, abs_tol=params.tolerance))
+    if got is None:
+        return 0.0
+    if got.is_integer() and expected.is_integer():
+        return float(got == expected)  # 1000001 is not 1000000, whatever the tolerance
+    return float(math.isclose(got, expected, rel_tol=0.0, abs_tol=params.tolerance))
 
 
 def rule_scores(prompts: list[Any], completions: list[Any], params: RuleParams, **columns: list[Any]) -> list[float]:

@@ -166,7 +166,7 @@ def test_python_results_that_are_not_lists_are_errors(host, module):
             pass
     """)
     with pytest.raises(JudgeError, match=rf"raised TypeError: {name}:text returned str; it must return a list with one "
-                                         r"float per completion — on the prompt at data row 0"):
+                                         r"float per completion — on every prompt tried \(data rows 0 and 1"):
         scorer_for(host, "python", function=f"{name}:text")(["a", "b"], ["x", "y"])
     with pytest.raises(JudgeError, match=r"returned NoneType"):
         scorer_for(host, "python", function=f"{name}:nothing")(["a"], ["x"])
@@ -353,3 +353,12 @@ def test_judges_pass_the_judge_checks_given_example_settings_and_the_demo_column
     assert len(first) == 4 and call_judge(spec, prompts, completions, columns, list(range(4))) == first
     if name == "rule":
         assert first == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_rule_compares_whole_numbers_exactly_and_reads_thousands_separators():
+    from molting.plugins.rule_judge import RuleParams, parse_number, rule_scores
+
+    completions = ["It is 1000001", "It is 1,000,000", "be 0.3000001", "It is 12345670"]
+    answers = ["1000000", "1000000", "0.3", "12345678"]
+    assert rule_scores(["q"] * 4, completions, RuleParams(), answer=answers) == [0.0, 1.0, 1.0, 0.0]
+    assert parse_number("1,2345") != 1234.0
