@@ -184,3 +184,24 @@ def check_text_fields(rows: list[dict[str, Any]], columns: tuple[str, ...], sour
                 shown = shown if len(shown) < 80 else shown[:77] + "..."
                 raise DataError(f"{source}, row {index}, field {column!r}: expected {expected}; got {shown}")
     return conversational
+
+
+def with_bos(text: str, tokenizer: Any) -> str:
+    """``text`` with the tokenizer's BOS token in front when the tokenizer adds one by default (Llama, Gemma, ...).
+
+    Stages tokenize prompts with ``add_special_tokens=False`` (a chat template
+    writes its own special tokens, and completions must not get any); a plain
+    string prompt still needs the BOS the model was trained with, as trl's
+    trainers give it. A text that already starts with it is left alone.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not isinstance(text, str) or text.startswith(bos):
+        return text
+    cached = getattr(tokenizer, "_molting_adds_bos", None)
+    if cached is None:
+        cached = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        try:
+            tokenizer._molting_adds_bos = cached
+        except AttributeError:
+            pass
+    return bos + text if cached else text

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from molting import demo
+from molting.data import with_bos
 
 EVAL_TEMPERATURE = 1.0
 MAX_NEW_TOKENS = 20
@@ -50,7 +51,8 @@ def generate(
     completions: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            chunk = [with_bos(p, tokenizer) for p in prompts[start : start + batch_size]]
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             batch = {k: v.to(model.device) for k, v in batch.items()}
             sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
             output = model.generate(

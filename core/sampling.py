@@ -62,7 +62,9 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    texts = prompt_texts(prompts, tokenizer)
+    from molting.data import with_bos
+
+    texts = [with_bos(text, tokenizer) for text in prompt_texts(prompts, tokenizer)]
     repeated = [i for i in range(len(texts)) for _ in range(n)]
     side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"

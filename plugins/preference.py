@@ -96,13 +96,14 @@ def tokenize_completions(
     either way they are counted and reported, in ``noun``s. ``carry`` names
     fields copied unchanged into each example (e.g. ``label``).
     """
+    from molting.data import with_bos
     from molting.errors import DataError
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     examples, too_long, prompt_too_long = [], 0, 0
     for index, row in enumerate(rows):
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] or [start]
+        prompt = tokenizer(with_bos(row["prompt"], tokenizer), add_special_tokens=False)["input_ids"] or [start]
         completions = [tokenizer(row[key], add_special_tokens=False)["input_ids"] + eos for key in keys]
         longest = max(len(c) for c in completions)
         if len(prompt) + longest > max_length:

@@ -29,6 +29,7 @@ import attrs
 import molting
 from molting.components import Judge
 from molting.errors import ConfigError, ModelError
+from molting.data import with_bos
 from molting.judging import ARTIFACT, number_setting, text_of
 
 NAME = "reward-model"
@@ -112,7 +113,7 @@ def encode(prompt: Any, completion: Any, tokenizer: Any, max_length: int) -> lis
     else:
         prompt_text, completion_text = prompt_texts([prompt], tokenizer)[0], text_of(completion)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(with_bos(prompt_text, tokenizer), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + eos
     if len(prompt_ids) + len(completion_ids) > max_length:
         keep = min(len(prompt_ids), max(max_length - len(completion_ids), max_length // 2))

@@ -119,3 +119,30 @@ def test_a_failed_run_says_so_in_its_record(tmp_path):
     assert result.returncode == 1 and "row 0, field 'chosen'" in result.stderr
     record = json.loads((out / "molting_run.json").read_text())
     assert record["status"] == "failed" and "DataError" in record["error"]
+
+
+def test_plain_string_prompts_get_the_bos_token_a_tokenizer_adds_by_default(demo_model):
+    """As trl's trainers tokenize them: Llama-style tokenizers put BOS first; chat templates write their own."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from molting.data import with_bos
+    from molting.plugins.preference import tokenize_completions
+    from molting.sampling import sample
+
+    plain = AutoTokenizer.from_pretrained(demo_model)  # adds no BOS: prompts stay as they are
+    assert with_bos("Q: hi", plain) == "Q: hi"
+    llama_like = AutoTokenizer.from_pretrained(demo_model)
+    llama_like._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", llama_like.bos_token_id)])
+    assert with_bos("Q: hi", llama_like) == "<s>Q: hi" and with_bos("<s>Q: hi", llama_like) == "<s>Q: hi"
+    [example] = tokenize_completions([{"prompt": "Q: hi", "chosen": " yes", "rejected": " no"}], ("chosen", "rejected"),
+                                     llama_like, 64, "truncate")
+    assert example["prompt_ids"][0] == llama_like.bos_token_id and example["prompt_ids"][1] != llama_like.bos_token_id
+    assert llama_like.bos_token_id not in example["chosen_ids"]
+
+    from molting.models import load_causal_lm
+
+    model, _ = load_causal_lm(demo_model)
+    samples = sample(model, llama_like, ["Q: What is 12 + 30?\nA:"], max_new_tokens=2)
+    assert samples.prompt_ids[0, 0].item() == llama_like.bos_token_id
