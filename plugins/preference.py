@@ -76,6 +76,11 @@ def tokenize_pairs(
     return tokenize_completions(pairs, ("chosen", "rejected"), tokenizer, max_length, overlong, source, noun="pair")
 
 
+def _without_eos(text: str, tokenizer: Any) -> str:
+    eos = getattr(tokenizer, "eos_token", None)
+    return text.removesuffix(eos) if eos and isinstance(text, str) else text
+
+
 def tokenize_completions(
     rows: list[dict[str, Any]],
     keys: tuple[str, ...],
@@ -104,7 +109,9 @@ def tokenize_completions(
     examples, too_long, prompt_too_long = [], 0, 0
     for index, row in enumerate(rows):
         prompt = tokenizer(with_bos(row["prompt"], tokenizer), add_special_tokens=False)["input_ids"] or [start]
-        completions = [tokenizer(row[key], add_special_tokens=False)["input_ids"] + eos for key in keys]
+        # EOS once: a completion that already ends with the EOS text does not get a second (trl's add_eos)
+        completions = [tokenizer(_without_eos(row[key], tokenizer), add_special_tokens=False)["input_ids"] + eos
+                       for key in keys]
         longest = max(len(c) for c in completions)
         if len(prompt) + longest > max_length:
             too_long += 1

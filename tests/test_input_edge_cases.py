@@ -146,3 +146,15 @@ def test_plain_string_prompts_get_the_bos_token_a_tokenizer_adds_by_default(demo
     model, _ = load_causal_lm(demo_model)
     samples = sample(model, llama_like, ["Q: What is 12 + 30?\nA:"], max_new_tokens=2)
     assert samples.prompt_ids[0, 0].item() == llama_like.bos_token_id
+
+
+def test_a_completion_ending_with_the_eos_text_gets_one_eos(demo_model):
+    from transformers import AutoTokenizer
+
+    from molting.plugins.preference import tokenize_completions
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    eos = tokenizer.eos_token
+    [example] = tokenize_completions([{"prompt": "Q:", "chosen": " yes" + eos, "rejected": " no"}], ("chosen", "rejected"),
+                                     tokenizer, 64, "truncate")
+    assert example["chosen_ids"].count(tokenizer.eos_token_id) == 1 and example["chosen_ids"][-1] == tokenizer.eos_token_id
