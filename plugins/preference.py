@@ -90,8 +90,9 @@ def tokenize_completions(
     source: str = "data",
     noun: str = "pair",
     carry: tuple[str, ...] = (),
+    add_eos: bool = True,
 ) -> list[dict[str, Any]]:
-    """Token ids of each row's ``prompt`` and of its completions ``keys`` (``KEY_ids``, EOS appended).
+    """Token ids of each row's ``prompt`` and of its completions ``keys`` (``KEY_ids``, EOS appended unless not ``add_eos``).
 
     Shared by the preference stage (``keys`` chosen, rejected) and the
     unpaired one (``keys`` completion). A row whose prompt plus longest
@@ -104,7 +105,7 @@ def tokenize_completions(
     from molting.data import with_bos
     from molting.errors import DataError
 
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     examples, too_long, prompt_too_long = [], 0, 0
     for index, row in enumerate(rows):

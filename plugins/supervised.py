@@ -113,26 +113,17 @@ def tokenize_sft(
     """Token ids (``prompt_ids``, ``completion_ids``) of each example, as the preference stage tokenizes.
 
     Overlong examples are truncated or dropped and counted by
-    ``tokenize_completions``, which appends EOS to every completion. As in
-    trl, a standard completion that already ends with the EOS text gets no
-    second one, and a conversational completion none at all: its chat
-    template ends the turn.
+    ``tokenize_completions``. As in trl, a standard completion gets EOS once
+    (none added when it already ends with the EOS text), and a
+    conversational completion none at all: its chat template ends the turn.
     """
     from molting.errors import DataError
     from molting.plugins.preference import tokenize_completions
 
-    eos = tokenizer.eos_token
-    if eos and not conversational:
-        examples = [{**ex, "completion": ex["completion"].removesuffix(eos)} for ex in examples]
-    tokenized = tokenize_completions(examples, ("completion",), tokenizer, max_length, overlong, source, noun="example")
-    if not conversational or tokenizer.eos_token_id is None:
-        return tokenized
-    kept = []
-    for ex in tokenized:
-        own = len(tokenizer(examples[ex["index"]]["completion"], add_special_tokens=False)["input_ids"])
-        completion = ex["completion_ids"][:own]  # without the appended EOS (already gone if truncated)
-        if completion:
-            kept.append({**ex, "completion_ids": completion, "length": len(ex["prompt_ids"]) + len(completion)})
+    # a conversational completion gets no EOS: its chat template ends the turn
+    tokenized = tokenize_completions(examples, ("completion",), tokenizer, max_length, overlong, source, noun="example",
+                                     add_eos=not conversational)
+    kept = [ex for ex in tokenized if ex["completion_ids"]]
     if not kept:
         raise DataError(f"no example of {source} has a completion token left within max_length={max_length}")
     return kept

@@ -183,3 +183,13 @@ def test_sft_then_dpo_pipeline_through_the_cli(tmp_path):
     assert dpo_record["model"] == str(out / "1-sft")
     AutoModelForCausalLM.from_pretrained(out / "1-sft")
     AutoModelForCausalLM.from_pretrained(out / "2-dpo")
+
+
+def test_a_conversational_row_exactly_max_length_long_is_kept(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    rows = [{"messages": [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "The answer is 42."}]}]
+    formatted, conversational = format_sft(rows, tokenizer, "rows")
+    [full] = tokenize_sft(formatted, tokenizer, 512, "drop", "rows", conversational)
+    length = len(full["prompt_ids"]) + len(full["completion_ids"])
+    [exact] = tokenize_sft(formatted, tokenizer, length, "drop", "rows", conversational)
+    assert exact["completion_ids"] == full["completion_ids"]
