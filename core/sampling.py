@@ -125,7 +125,9 @@ def completion_token_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: to
     The logits are divided by the sampling temperature, so the log-probs are
     those of the distribution the tokens were sampled from. Position ids
     follow the attention mask, as in generation with left padding. The output
-    layer runs only on the positions that predict completion tokens.
+    layer runs only on the positions that predict completion tokens, and the
+    log-softmax goes row by row, as trl's ``selective_log_softmax`` does, so
+    a large vocabulary needs one row's float copy at a time.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
@@ -133,12 +135,13 @@ def completion_token_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: to
     keep = completion_ids.size(1) + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=keep).logits
-    logits = logits[:, :-1].float() / temperature
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    token_logps = torch.gather(logits, 2, completion_ids.unsqueeze(-1)).squeeze(-1) - logsumexp
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            entropy = logsumexp - (probs * logits).sum(dim=-1)
-    return token_logps, entropy
+    rows_logps, rows_entropy = [], []
+    for row_logits, row_ids in zip(logits[:, :-1], completion_ids):  # one row at a time: (C, V) float copies, not (B, C, V)
+        row = row_logits.float() / temperature
+        logsumexp = torch.logsumexp(row, dim=-1)
+        rows_logps.append(torch.gather(row, 1, row_ids.unsqueeze(-1)).squeeze(-1) - logsumexp)
+        if with_entropy:
+            with torch.no_grad():
+                rows_entropy.append(logsumexp - (torch.softmax(row, dim=-1) * row).sum(dim=-1))
+    entropy = torch.stack(rows_entropy) if with_entropy else None
+    return torch.stack(rows_logps), entropy
