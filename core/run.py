@@ -352,22 +352,23 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
         if produced_data is not None and data is None:
             source += f" (made from {previous_source})"
         previous_source = source
-        if step_config.lora_r and not step_config.merge and produced_is_policy(step) and index + 1 < len(steps):
+        produced = step.stage.produces
+        if step_config.lora_r and not step_config.merge and produced == "policy" and index + 1 < len(steps):
             print(f"molting: {step.name}: LoRA step inside a pipeline: its output is merged (as --merge) so the next "
                   "step starts from its full weights", file=sys.stderr)
             step_config = attrs.evolve(step_config, merge=True)
         record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
-        record["data_fingerprint"] = _fingerprint(data if data is not None else produced_data)
+        data_path = data if data is not None else produced_data  # None: the stage's own default dataset
+        record["data_fingerprint"] = _fingerprint(data_path)
         done = _completed(output_dir, record) if len(steps) > 1 and not (step_config.force or rerun) else None
         if done is not None:
             print(f"molting: {step.name}: already complete in {output_dir}, skipped (--force reruns it)", file=sys.stderr)
             metrics = done
         else:
             rerun = True
-            metrics = _run_step(step, step_config, loss_params, stage_params, model_path, rows, source, output_dir,
-                                host, record, artifacts)
+            metrics = _run_step(step, step_config, loss_params, stage_params, model_path, rows, source, data_path,
+                                output_dir, host, record, artifacts)
         results.append(metrics)
-        produced = step.stage.produces
         artifacts[produced] = output_dir / "data.jsonl" if produced == "dataset" else output_dir
         produced_data = artifacts["dataset"] if produced == "dataset" else None
         if produced == "policy":
@@ -381,10 +382,6 @@ def _fingerprint(data: str | Path | None) -> list[int] | None:
         return None  # a registered dataset: its name and the molting version say what it holds
     files = [Path(data)] if Path(data).is_file() else sorted(f for f in Path(data).rglob("*") if f.is_file())
     return [sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)]
-
-
-def produced_is_policy(step: Step) -> bool:
-    return step.stage.produces == "policy"
 
 
 def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -407,8 +404,8 @@ def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | 
 
 
 def _run_step(step: Step, config: RunConfig, loss_params: Any, stage_params: Any, model_path: Path,
-              rows: list[dict[str, Any]], source: str, output_dir: Path, host: PluginHost,
-              record: dict[str, Any], artifacts: Mapping[str, Path]) -> dict[str, Any]:
+              rows: list[dict[str, Any]], source: str, data_path: str | Path | None, output_dir: Path,
+              host: PluginHost, record: dict[str, Any], artifacts: Mapping[str, Path]) -> dict[str, Any]:
     import yaml
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -417,9 +414,9 @@ def _run_step(step: Step, config: RunConfig, loss_params: Any, stage_params: Any
     write_json_atomic(output_dir / "molting_run.json", record)
     recipe = _recipe(config, step, loss_params, stage_params)
     if output_dir != Path(config.output_dir):  # a pipeline's step: its recipe reruns this step alone, as it ran
-        recipe.update(model=str(model_path), output_dir=str(output_dir))
-        if Path(source.split(" (made from ")[0]).exists():
-            recipe["data"] = source.split(" (made from ")[0]
+        recipe.update(model=str(model_path), output_dir=str(output_dir), data=str(data_path))
+        if data_path is None:
+            recipe.pop("data")  # the stage's default dataset
     judge_defaults = {"reward-model": {"model": str(artifacts["reward-model"])}} if "reward-model" in artifacts else {}
     if judge_defaults and step.stage.default_judges and "reward-model" in (config.judges or step.stage.default_judges):
         recipe["judge_args"] = {**judge_defaults, **recipe.get("judge_args", {})}

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import attrs
 import torch
 
+from molting.errors import DataError
+
 
 @attrs.frozen
 class Samples:
@@ -40,11 +42,11 @@ def prompt_texts(prompts: Sequence[Any], tokenizer: Any) -> list[str]:
     texts = []
     for index, prompt in enumerate(prompts):
         if not prompt:
-            from molting.errors import DataError
-
             raise DataError(f"prompt {index} is empty: an online stage samples answers to prompts, so each needs text")
         if isinstance(prompt, str):
             texts.append(prompt)
+        elif not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"prompt {index} is a message list, but the model's tokenizer has no chat template")
         else:
             texts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
     return texts
@@ -117,6 +119,17 @@ def _pad_right(chunks: list[torch.Tensor], value: int) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(c, (0, width - c.size(1)), value=value) for c in chunks])
 
 
+def sequence_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                    completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, attention mask and position ids of left-padded prompts followed by their completions.
+
+    Position ids follow the attention mask, as in generation with left padding.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    return input_ids, attention_mask, (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def completion_token_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
                            with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -129,9 +142,7 @@ def completion_token_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: to
     log-softmax goes row by row, as trl's ``selective_log_softmax`` does, so
     a large vocabulary needs one row's float copy at a time.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     keep = completion_ids.size(1) + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=keep).logits

@@ -167,8 +167,12 @@ class AdaptiveKL:
 # --------------------------------------------------------------------------- models
 
 
-def token_values(critic, input_ids, attention_mask, position_ids, width: int):
-    """The critic's value at each of the last ``width`` positions (the ones predicting completion tokens)."""
+def token_values(critic, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """The critic's value at each position that predicts a completion token, shape ``(batch, completion tokens)``."""
+    from molting.sampling import sequence_inputs
+
+    input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    width = completion_ids.size(1)
     backbone = getattr(critic, critic.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state
@@ -231,7 +235,7 @@ def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params:
             ref_logps, _ = completion_token_logps(reference, *inputs, temperature=params.temperature)
         else:
             ref_logps = policy_under_reference(lambda m: completion_token_logps(m, *inputs, temperature=params.temperature)[0])
-        values = token_values(critic, *_sequence(samples), samples.completion_ids.size(1))
+        values = token_values(critic, *inputs)
     kl = (logps - ref_logps) * mask
     rewards = -kl_coef * kl
     last = (samples.lengths - 1).clamp(min=0)
@@ -255,15 +259,6 @@ def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params:
     return batch, stats
 
 
-def _sequence(samples):
-    """Input ids, attention mask and position ids of prompt + completion (left-padded prompts)."""
-    import torch
-
-    input_ids = torch.cat([samples.prompt_ids, samples.completion_ids], dim=1)
-    attention = torch.cat([samples.prompt_mask, samples.completion_mask], dim=1)
-    return input_ids, attention, (attention.cumsum(dim=1) - 1).clamp(min=0)
-
-
 def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, seed: int, max_grad_norm: float):
     """``num_ppo_epochs`` passes of clipped PPO over the rollout, in ``num_mini_batches`` minibatches each."""
     import torch
@@ -280,9 +275,7 @@ def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, s
             mb = chunk.to(batch["logps"].device)
             inputs = (samples.prompt_ids[mb], samples.prompt_mask[mb], samples.completion_ids[mb], samples.completion_mask[mb])
             logps, _ = completion_token_logps(policy, *inputs, temperature=params.temperature)
-            ids = torch.cat([inputs[0], inputs[2]], dim=1)
-            attention = torch.cat([inputs[1], inputs[3]], dim=1)
-            values = token_values(critic, ids, attention, (attention.cumsum(1) - 1).clamp(min=0), inputs[2].size(1))
+            values = token_values(critic, *inputs)
             policy_loss, value_loss, stats = ppo_losses(
                 logps, batch["logps"][mb], batch["advantages"][mb], values, batch["values"][mb], batch["returns"][mb],
                 batch["mask"][mb], params,

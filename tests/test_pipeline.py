@@ -145,6 +145,9 @@ def test_recipe_yaml_with_stages_runs_from_the_cli(tmp_path):
     ipo = record(tmp_path / "out" / "2-ipo")
     assert ipo["loss"] == "ipo" and ipo["loss_params"]["beta"] == 0.5 and ipo["config"]["max_steps"] == 1
     assert ipo["data"].startswith(str(tmp_path / "out" / "1-sample-pairs" / "data.jsonl"))
+    rerun = yaml.safe_load((tmp_path / "out" / "2-ipo" / "recipe.yaml").read_text())  # reruns this step alone
+    assert rerun["data"] == str(tmp_path / "out" / "1-sample-pairs" / "data.jsonl")
+    assert rerun["model"] == ipo["model"] and rerun["output_dir"] == str(tmp_path / "out" / "2-ipo")
 
 
 @pytest.mark.slow

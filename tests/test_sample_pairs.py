@@ -113,3 +113,14 @@ def test_on_your_own_data_the_judge_must_be_named(tmp_path):
         "data": write(tmp_path, [{"prompt": "Write a haiku."}]), "output_dir": str(tmp_path / "out")})
     with pytest.raises(ConfigError, match="--judge rule, --judge reward-model"):
         run(config, steps, host)
+
+
+def test_chat_prompts_need_a_chat_template(demo_model):
+    from transformers import AutoTokenizer
+
+    from molting.sampling import prompt_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="prompt 1 is a message list, but the model's tokenizer has no chat template"):
+        prompt_texts(["Q: 1 + 1?", [{"role": "user", "content": "1 + 1?"}]], tokenizer)
