@@ -68,8 +68,9 @@ class MoltingTrainer(Trainer):
                 return compute(model)
         return None
 
-    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
-        self.last_batch_indices = inputs.get("index")
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        # a stage whose batches are built later (GRPO: a list of rows) sets the indices in its _prepare_inputs
+        self.last_batch_indices = inputs.get("index") if isinstance(inputs, Mapping) else None
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:

@@ -108,7 +108,6 @@ def molting_register_stages(register):
 def grpo_trainer_class():
     """The Trainer subclass, built on first use so this module imports without torch."""
     import torch
-    from transformers import Trainer
     from trl.models import unwrap_model_for_generation
     from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor_dict
 
@@ -141,7 +140,7 @@ def grpo_trainer_class():
                                  shuffle=True, seed=self.args.seed)
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-            loss = Trainer.training_step(self, model, inputs, num_items_in_batch)  # inputs is a list of rows
+            loss = super().training_step(model, inputs, num_items_in_batch)  # inputs is a list of rows
             self._step += 1
             return loss
 
@@ -274,15 +273,15 @@ def grpo_trainer_class():
 def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong: str, source: str) -> list[dict[str, Any]]:
     """``{"index": data row, "row": row}`` for each usable row (a ``prompt`` string or message list), overlong
     prompts dropped or counted."""
-    from molting.data import check_columns, check_text_fields
+    from molting.data import check_columns, check_text_fields, with_bos
     from molting.errors import DataError
     from molting.sampling import prompt_texts
 
     check_columns(rows, [("prompt",)], source, "grpo")
     if check_text_fields(rows, ("prompt",), source) and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
-    lengths = [len(ids) for ids in tokenizer(prompt_texts([r["prompt"] for r in rows], tokenizer),
-                                             add_special_tokens=False)["input_ids"]]
+    texts = [with_bos(text, tokenizer) for text in prompt_texts([r["prompt"] for r in rows], tokenizer)]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # as sample() counts them
     long = [i for i, n in enumerate(lengths) if n > limit]
     if long:
         action = "dropped" if overlong == "drop" else f"cut to their last {limit} tokens"
