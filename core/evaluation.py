@@ -41,34 +41,15 @@ def generate(
     seed: int = 0,
     batch_size: int = 64,
 ) -> list[str]:
-    """One completion per prompt, batched with left padding and the KV cache."""
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    completions: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = [with_bos(p, tokenizer) for p in prompts[start : start + batch_size]]
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            completions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
-    return completions
+    """One completion per prompt (:func:`molting.sampling.sample`), from a fixed seed that leaves the caller's
+    random state alone."""
+    from molting.sampling import sample
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                      batch_size=batch_size).texts
 
 
 def task_metrics(prompts: list[str], completions: list[str]) -> dict[str, float]:
