@@ -29,7 +29,7 @@ def main() -> None:
     host = load_plugins()
     losses = [n for n, r in sorted(host.components["loss"].items())
               if r.component.stage == "preference" and r.plugin.distribution == "molting"]
-    print(f"| loss | held-out preference accuracy | persona (before 0.516) | correct (before 0.535) | train rewards/accuracies |")
+    print("| loss | held-out preference accuracy | persona (before 0.516) | correct (before 0.535) | train rewards/accuracies |")
     print("| --- | --- | --- | --- | --- |")
     for name in losses:
         with tempfile.TemporaryDirectory() as out:

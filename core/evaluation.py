@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from molting import demo
-from molting.data import with_bos
 
 EVAL_TEMPERATURE = 1.0
 MAX_NEW_TOKENS = 20
