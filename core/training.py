@@ -242,12 +242,15 @@ class MetricsFile(TrainerCallback):
             self.path.touch()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        record = {"step": state.global_step, **logs}
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        self.hook.molting_on_log(metrics=dict(logs), step=state.global_step)
+        if state.is_world_process_zero and logs:
+            log_metrics(self.path, state.global_step, logs, self.hook)
+
+
+def log_metrics(path: Path, step: int, logs: Mapping[str, Any], hook: Any) -> None:
+    """Append ``{"step": step, **logs}`` to metrics.jsonl and call the ``molting_on_log`` hook: every stage's log."""
+    with Path(path).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": step, **logs}) + "\n")
+    hook.molting_on_log(metrics=dict(logs), step=step)
 
 
 class NonFiniteGuard(TrainerCallback):

@@ -449,9 +449,9 @@ class _Logger:
         self.last: dict[str, float] = {}
 
     def __call__(self, step: int, stats: dict[str, Any], accelerator, last: bool = False) -> None:
-        import json
-
         import torch
+
+        from molting.training import log_metrics
 
         for name, value in stats.items():
             value = torch.as_tensor(float(value), device=accelerator.device).reshape(1)
@@ -462,6 +462,4 @@ class _Logger:
         self.pending.clear()
         self.last = {"step": step, **record}
         if accelerator.is_main_process:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(self.last) + "\n")
-            self.hook.molting_on_log(metrics=record, step=step)
+            log_metrics(self.path, step, record, self.hook)

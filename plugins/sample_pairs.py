@@ -90,6 +90,7 @@ def run_sample_pairs(context) -> dict[str, Any]:
     from molting.models import load_causal_lm
     from molting.run import write_text_atomic
     from molting.sampling import sample
+    from molting.training import log_metrics
 
     config, params = context.config, context.stage_params
     rows = context.rows
@@ -162,8 +163,7 @@ def run_sample_pairs(context) -> dict[str, Any]:
         "completions/mean_length": mean(lengths),
         "judge_cache_hits": scorer.hits,
     }
-    with (context.output_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"step": 0, **metrics}) + "\n")
+    log_metrics(context.output_dir / "metrics.jsonl", 0, metrics, context.host.hook)
     print(
         f"molting: wrote {len(written)} pairs to {path} ({ties} of {len(rows)} prompts skipped: all answers scored "
         f"the same); mean score chosen {metrics['score/chosen']:.3f}, rejected {metrics['score/rejected']:.3f}",
