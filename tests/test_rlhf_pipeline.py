@@ -10,7 +10,7 @@ import yaml
 from conftest import run_molting
 
 # A shortened recipe of `molting run --plugin sft --plugin reward-model --plugin ppo`: fewer steps per stage,
-# the demo evaluation only after PPO. The effect holds on seeds 0-2 (see docs/rlhf.md for the numbers).
+# the demo evaluation only after PPO. The effect holds on seeds 0-2 (benchmarks/rlhf_seeds.py prints them).
 RECIPE = {
     "stages": [
         {"plugin": "sft", "max_steps": 16, "eval": "off"},
