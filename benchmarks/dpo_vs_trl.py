@@ -12,8 +12,14 @@ the headline ratios:
     molting/trl step-time ratio (same settings): X
         fixed-length data, live reference, padded batches, fp32, no gradient checkpointing
     molting/trl step-time ratio (mixed lengths, best settings): Y
-        lengths spread over 16-256 tokens; molting with --precompute-ref and
-        length-grouped batches, trl with precompute_ref_log_probs and padding_free
+        lengths spread over 16-256 tokens; the fastest of molting's mixed-length
+        variants (--precompute-ref, plus --group-by-length or --padding-free)
+        against the fastest of trl's (precompute_ref_log_probs, with or without
+        padding_free)
+
+    python benchmarks/dpo_vs_trl.py --only "molting precompute (mixed)" "molting padding-free (mixed)"
+
+runs a subset (here: the padding-free tokens/s gain).
 """
 
 from __future__ import annotations
@@ -58,11 +64,22 @@ def step_timer():
     return timer("loss")
 
 
-def worker_molting_bf16(data: str, steps: int, out: str, best: bool, defaults: bool) -> dict:
-    return worker_molting(data, steps, out, best, defaults, precision="bf16")
+# The settings each variant adds to the same-settings run (batch 8, max length 512, lr 5e-5, beta 0.1, fp32)
+MOLTING_VARIANTS = {
+    "same": {},
+    "bf16": {"precision": "bf16"},
+    "precompute": {"precompute_ref": True},
+    "grouped": {"precompute_ref": True, "group_by_length": True},
+    "padding-free": {"precompute_ref": True, "padding_free": True},
+}
+TRL_VARIANTS = {
+    "same": {},
+    "precompute": {"precompute_ref_log_probs": True},
+    "padding-free": {"precompute_ref_log_probs": True, "padding_free": True},
+}
 
 
-def worker_molting(data: str, steps: int, out: str, best: bool, defaults: bool, precision: str = "auto") -> dict:
+def worker_molting(data: str, steps: int, out: str, variant: str, defaults: bool) -> dict:
     import molting
     from molting.discovery import load_plugins
     from molting.run import resolve_config, run
@@ -76,17 +93,16 @@ def worker_molting(data: str, steps: int, out: str, best: bool, defaults: bool, 
 
     host = load_plugins()
     host.register(Timing(), "timing")
-    flags = {"data": data, "max_steps": steps, "eval": "off", "output_dir": out, "logging_steps": 1, "precision": precision}
+    flags = {"data": data, "max_steps": steps, "eval": "off", "output_dir": out, "logging_steps": 1}
     if not defaults:
-        flags.update(batch_size=BATCH, learning_rate=LR, max_length=512, beta=0.1)
-    if best:
-        flags.update(precompute_ref=True, group_by_length=True)
+        flags.update(batch_size=BATCH, learning_rate=LR, max_length=512, beta=0.1, precision="fp32")
+        flags.update(MOLTING_VARIANTS[variant])
     config, plan = resolve_config(host, ["dpo"], flags=flags)
     run(config, plan, host)
     return {"times": timer.times, "losses": timer.values}
 
 
-def worker_trl(data: str, steps: int, out: str, best: bool, defaults: bool) -> dict:
+def worker_trl(data: str, steps: int, out: str, variant: str, defaults: bool) -> dict:
     import logging
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -104,8 +120,7 @@ def worker_trl(data: str, steps: int, out: str, best: bool, defaults: bool) -> d
                   per_device_train_batch_size=BATCH, learning_rate=LR, max_length=512, beta=0.1, seed=42)
     if not defaults:
         kwargs.update(bf16=False, gradient_checkpointing=False)
-    if best:
-        kwargs.update(precompute_ref_log_probs=True, padding_free=True)
+        kwargs.update(TRL_VARIANTS[variant])
     timer = step_timer()
     trainer = DPOTrainer(model=model, args=DPOConfig(**kwargs), train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[timer])
@@ -113,7 +128,7 @@ def worker_trl(data: str, steps: int, out: str, best: bool, defaults: bool) -> d
     return {"times": timer.times, "losses": timer.values}
 
 
-def worker_plain(data: str, steps: int, out: str, best: bool, defaults: bool) -> dict:
+def worker_plain(data: str, steps: int, out: str, variant: str, defaults: bool) -> dict:
     """The floor: the DPO loss in a hand-written loop, nothing else."""
     import copy
 
@@ -170,28 +185,33 @@ def worker_plain(data: str, steps: int, out: str, best: bool, defaults: bool) ->
     return {"times": times, "losses": losses}
 
 
-WORKERS = {"molting": worker_molting, "molting-bf16": worker_molting_bf16, "trl": worker_trl, "plain": worker_plain}
+WORKERS = {"molting": worker_molting, "trl": worker_trl, "plain": worker_plain}
 
-# name: (worker, data, best, defaults)
+# name: (worker, data, variant, defaults)
 CONFIGS = {
-    "plain loop": ("plain", "fixed", False, False),
-    "molting": ("molting", "fixed", False, False),
-    "trl": ("trl", "fixed", False, False),
-    "molting defaults": ("molting", "fixed", False, True),
-    "trl defaults": ("trl", "fixed", False, True),
-    "molting --precision bf16": ("molting-bf16", "fixed", False, False),
-    "molting best (mixed)": ("molting", "mixed", True, False),
-    "trl best (mixed)": ("trl", "mixed", True, False),
+    "plain loop": ("plain", "fixed", "same", False),
+    "molting": ("molting", "fixed", "same", False),
+    "trl": ("trl", "fixed", "same", False),
+    "molting defaults": ("molting", "fixed", "same", True),
+    "trl defaults": ("trl", "fixed", "same", True),
+    "molting --precision bf16": ("molting", "fixed", "bf16", False),
+    "molting precompute (mixed)": ("molting", "mixed", "precompute", False),
+    "molting grouped (mixed)": ("molting", "mixed", "grouped", False),
+    "molting padding-free (mixed)": ("molting", "mixed", "padding-free", False),
+    "trl precompute (mixed)": ("trl", "mixed", "precompute", False),
+    "trl padding-free (mixed)": ("trl", "mixed", "padding-free", False),
 }
+MOLTING_MIXED = [name for name in CONFIGS if name.startswith("molting") and "(mixed)" in name]
+TRL_MIXED = [name for name in CONFIGS if name.startswith("trl") and "(mixed)" in name]
 
 
 def run_worker(name: str, data: Path, steps: int) -> dict:
-    worker, _, best, defaults = CONFIGS[name]
+    worker, _, variant, defaults = CONFIGS[name]
     from timing import run_worker_process
 
     with tempfile.TemporaryDirectory() as out:
         args = ["--worker", worker, "--data", str(data), "--steps", str(steps), "--out", out]
-        args += ["--best"] if best else []
+        args += ["--variant", variant]
         args += ["--defaults"] if defaults else []
         return run_worker_process(__file__, name, args)
 
@@ -203,12 +223,14 @@ def main() -> None:
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--data")
     parser.add_argument("--out")
-    parser.add_argument("--best", action="store_true")
+    parser.add_argument("--variant", default="same")
     parser.add_argument("--defaults", action="store_true")
+    parser.add_argument("--only", nargs="+", metavar="CONFIG", choices=sorted(CONFIGS),
+                        help="run these configurations only (the ratios that need others are not printed)")
     args = parser.parse_args()
 
     if args.worker:
-        result = WORKERS[args.worker](args.data, args.steps, args.out, args.best, args.defaults)
+        result = WORKERS[args.worker](args.data, args.steps, args.out, args.variant, args.defaults)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -217,9 +239,10 @@ def main() -> None:
     data = {"fixed": tmp / "fixed.jsonl", "mixed": tmp / "mixed.jsonl"}
     make_data(data["fixed"], mixed=False)
     make_data(data["mixed"], mixed=True)
-    results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    chosen = {name: CONFIGS[name] for name in args.only or CONFIGS}
+    results: dict[str, list[dict]] = {name: [] for name in chosen}
     for repeat in range(args.repeats):
-        for name, (_, kind, _, _) in CONFIGS.items():
+        for name, (_, kind, _, _) in chosen.items():
             result = run_worker(name, data[kind], args.steps)
             result["step"] = statistics.median(result["times"][2:])
             results[name].append(result)
@@ -228,18 +251,44 @@ def main() -> None:
     def step(name: str) -> float:
         return statistics.median(r["step"] for r in results[name])
 
-    print(f"\n{'configuration':<24}{'s/step (median)':>16}{'min-max':>16}{'peak RSS MB':>13}{'final loss':>12}")
+    tokens = {kind: BATCH * mean_pair_tokens(path) for kind, path in data.items()}
+    print(f"\n{'configuration':<30}{'s/step (median)':>16}{'min-max':>14}{'tokens/s':>10}{'peak RSS MB':>13}{'final loss':>12}")
     for name, runs in results.items():
         steps = [r["step"] for r in runs]
-        print(f"{name:<24}{step(name):>16.3f}{f'{min(steps):.3f}-{max(steps):.3f}':>16}"
+        print(f"{name:<30}{step(name):>16.3f}{f'{min(steps):.3f}-{max(steps):.3f}':>14}"
+              f"{tokens[CONFIGS[name][1]] / step(name):>10.0f}"
               f"{statistics.median(r['peak_rss_mb'] for r in runs):>13.0f}{runs[-1]['losses'][-1]:>12.4f}")
-    same = [abs(a - b) for a, b in zip(results["molting"][-1]["losses"], results["trl"][-1]["losses"])]
-    print(f"\nmax |molting - trl| loss over the {len(same)} steps, same settings: {max(same):.2e}")
-    print(f"molting / plain loop: {step('molting') / step('plain loop'):.3f}")
-    print(f"molting defaults / trl defaults: {step('molting defaults') / step('trl defaults'):.3f}")
-    print(f"molting --precision bf16 / trl defaults: {step('molting --precision bf16') / step('trl defaults'):.3f}")
-    print(f"molting/trl step-time ratio (same settings): {step('molting') / step('trl'):.3f}")
-    print(f"molting/trl step-time ratio (mixed lengths, best settings): {step('molting best (mixed)') / step('trl best (mixed)'):.3f}")
+    print(f"(tokens/s: the data's mean real tokens per batch of {BATCH} pairs over the step time; padding not counted)")
+
+    def ratio(label: str, a: str, b: str) -> None:
+        if a in results and b in results:
+            print(f"{label}: {step(a) / step(b):.3f}")
+
+    if "molting" in results and "trl" in results:
+        same = [abs(a - b) for a, b in zip(results["molting"][-1]["losses"], results["trl"][-1]["losses"])]
+        print(f"\nmax |molting - trl| loss over the {len(same)} steps, same settings: {max(same):.2e}")
+    ratio("molting / plain loop", "molting", "plain loop")
+    ratio("molting defaults / trl defaults", "molting defaults", "trl defaults")
+    ratio("molting --precision bf16 / trl defaults", "molting --precision bf16", "trl defaults")
+    ratio("padding-free / padded tokens/s, mixed lengths", "molting precompute (mixed)", "molting padding-free (mixed)")
+    ratio("molting/trl step-time ratio (same settings)", "molting", "trl")
+    best_molting = min((n for n in MOLTING_MIXED if n in results), key=step, default=None)
+    best_trl = min((n for n in TRL_MIXED if n in results), key=step, default=None)
+    if best_molting and best_trl:
+        print(f"(best settings: {best_molting} against {best_trl})")
+        ratio("molting/trl step-time ratio (mixed lengths, best settings)", best_molting, best_trl)
+
+
+def mean_pair_tokens(path: Path) -> float:
+    """Mean tokens of a pair's two sequences (prompt + completion + EOS each), as both trainers tokenize them."""
+    from transformers import AutoTokenizer
+
+    from molting.demo import demo_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return statistics.mean(2 * count(r["prompt"]) + count(r["chosen"]) + count(r["rejected"]) + 2 for r in rows)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
               help="bf16 autocast or fp32 (auto: bf16 on GPUs that support it, fp32 elsewhere).  [default: auto]")
 @click.option("--padding-free", is_flag=True, default=None,
-              help="Pack each batch without pad tokens; attention never crosses examples.")
+              help="Pack each batch into one row without pad tokens (varlen attention); attention never crosses examples.")
 @click.option("--group-by-length", is_flag=True, default=None,
               help="Batch rows of similar length together: less padding on mixed-length data.")
 @click.option("--save-steps", type=int, help="Write a checkpoint every N steps (atomically).  [default: 0, none]")

@@ -156,40 +156,6 @@ def pair_logps(model: torch.nn.Module, examples: list[dict[str, Any]], collator:
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def packed_completion_logps(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`completion_logps` for a packed batch (see ``PackedPairCollator``): one row, no padding.
-
-    ``position_ids`` restart at each sequence and ``segment_ids`` say which
-    sequence a token belongs to. Attention stays within a sequence: with a
-    flash-attention model through the position ids alone, otherwise through a
-    block-diagonal causal mask. Returns per-sequence sums and per-token
-    log-probs with their mask, one row per sequence.
-    """
-    ids, positions, segments = batch["input_ids"], batch["position_ids"], batch["segment_ids"]
-    completion = batch["completion_mask"]
-    kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": positions, "use_cache": False}
-    if "flash" not in str(getattr(model.config, "_attn_implementation", "")):
-        same = segments[0][:, None] == segments[0][None, :]
-        kwargs["attention_mask"] = (same & torch.ones_like(same).tril())[None, None]
-    logits = model(**kwargs).logits[0, :-1].float()
-    labels = ids[0, 1:]
-    token_logps = torch.gather(logits, 1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    valid = (completion[0, 1:] > 0) & (segments[0, 1:] == segments[0, :-1])
-    token_logps = token_logps * valid
-    count = int(segments.max()) + 1
-    sums = torch.zeros(count, dtype=token_logps.dtype, device=ids.device).index_add(0, segments[0, 1:], token_logps)
-    lengths = torch.bincount(segments[0], minlength=count)
-    width = int(lengths.max()) - 1
-    per_token = token_logps.new_zeros(count, width)
-    mask = token_logps.new_zeros(count, width)
-    starts = torch.cumsum(lengths, 0) - lengths
-    for seq in range(count):
-        start, n = int(starts[seq]), int(lengths[seq]) - 1
-        per_token[seq, :n] = token_logps[start : start + n]
-        mask[seq, :n] = valid[start : start + n].to(mask.dtype)
-    return sums, per_token, mask
-
-
 def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) -> TrainingArguments:
     """The ``TrainingArguments`` a stage runs with, from the run's config."""
     if config.precision == "auto":

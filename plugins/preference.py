@@ -143,28 +143,18 @@ def tokenize_completions(
 class PackedPairCollator:
     """Packs a list of tokenized pairs into ONE row without padding: chosen sequences first, then rejected.
 
-    ``position_ids`` restart at each sequence, ``segment_ids`` number the
-    sequences; ``molting.training.packed_completion_logps`` keeps attention
-    within each one.
+    See :mod:`molting.packing`: positions restart at each sequence and
+    ``cu_seq_lens`` marks where each one ends, so attention stays inside it.
     """
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        ids, positions, segments, completion = [], [], [], []
-        sequences = [ex["prompt_ids"] + ex[key] for key in ("chosen_ids", "rejected_ids") for ex in examples]
-        prompts = [len(ex["prompt_ids"]) for _ in ("chosen_ids", "rejected_ids") for ex in examples]
-        for number, (sequence, prompt) in enumerate(zip(sequences, prompts)):
-            ids += sequence
-            positions += range(len(sequence))
-            segments += [number] * len(sequence)
-            completion += [0] * prompt + [1] * (len(sequence) - prompt)
-        batch = {
-            "input_ids": torch.tensor([ids]),
-            "position_ids": torch.tensor([positions]),
-            "segment_ids": torch.tensor([segments]),
-            "completion_mask": torch.tensor([completion]),
-        }
+        from molting.packing import pack
+
+        sides = ("chosen_ids", "rejected_ids")
+        batch = pack([ex["prompt_ids"] + ex[side] for side in sides for ex in examples],
+                     [len(ex["prompt_ids"]) for _ in sides for ex in examples])
         for key in ("index", "ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([ex[key] for ex in examples])
@@ -206,7 +196,8 @@ class PairCollator:
 def preference_trainer_class():
     """The Trainer subclass, built on first use so this module imports without torch."""
     from molting.components import PreferenceInputs
-    from molting.training import MoltingTrainer, completion_logps, packed_completion_logps
+    from molting.packing import packed_completion_logps
+    from molting.training import MoltingTrainer, completion_logps
 
     class PreferenceTrainer(MoltingTrainer):
         """Runs the policy (and the reference, unless precomputed) on chosen+rejected and applies the loss plugin."""
@@ -282,6 +273,10 @@ def run_preference(context) -> dict[str, Any]:
 
     config = context.config
     model, tokenizer = load_policy(context)
+    if config.padding_free:
+        from molting.packing import use_varlen_attention
+
+        use_varlen_attention(model)
     pairs = format_pairs(context.rows, tokenizer, context.data_source)
     examples = tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source)
     ref_model, adapter_reference, reference = reference_for(model, context)

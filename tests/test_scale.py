@@ -299,8 +299,33 @@ def test_padding_free_batches_give_the_padded_loss(demo_model):
         for p in model.parameters():  # a policy that differs from its reference
             p.add_(0.01 * torch.randn_like(p))
     a = trainer.compute_loss(trainer.model, padded).item()
-    b = trainer.compute_loss(trainer.model, packed).item()
+    b = trainer.compute_loss(trainer.model, packed).item()  # SDPA: transformers masks the packed row itself
     assert abs(a - b) < 1e-5 and abs(a - math.log(2) - 0.5 * 0) > 1e-4
+    from molting.packing import VARLEN_ATTENTION, use_varlen_attention
+
+    assert use_varlen_attention(model) == VARLEN_ATTENTION and use_varlen_attention(trainer.ref_model)
+    c = trainer.compute_loss(trainer.model, packed).item()  # one SDPA call per sequence
+    assert abs(a - c) < 1e-5
+    assert abs(trainer.compute_loss(trainer.model, padded).item() - a) < 1e-6  # padded batches are unchanged
+
+
+def test_packed_sequences_do_not_attend_to_each_other(demo_model, tmp_path):
+    from molting.models import load_causal_lm
+    from molting.packing import VARLEN_ATTENTION, pack, packed_completion_logps, use_varlen_attention
+    from molting.training import completion_logps
+
+    model, _ = load_causal_lm(demo_model)
+    use_varlen_attention(model)
+    first, second = [5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]
+    sums, per_token, mask = packed_completion_logps(model, pack([first, second], [2, 3]))
+    other, _, _ = packed_completion_logps(model, pack([[20, 21, 22, 23, 24, 25, 26, 27, 28], second], [2, 3]))
+    assert abs(sums[1] - other[1]) < 1e-5 and abs(sums[0] - other[0]) > 1e-2
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    alone, token_logps, _ = completion_logps(model, torch.tensor([second]), torch.ones(1, 8, dtype=torch.long),
+                                             torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
+    assert abs(sums[1] - alone[0]) < 1e-5 and torch.allclose(per_token[1], token_logps[0, -5:], atol=1e-5)
+    model.save_pretrained(tmp_path)  # plain transformers must still load what a padding-free run saves
+    assert VARLEN_ATTENTION not in (tmp_path / "config.json").read_text()
 
 
 def test_padding_free_run_follows_the_padded_trajectory(tmp_path):
