@@ -128,7 +128,7 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--precompute-ref", is_flag=True, default=None,
               help="Compute reference log-probs once (cached on disk); hold no reference model while training.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
-              help="bf16 autocast or fp32 (auto: bf16 on GPUs that support it, fp32 elsewhere).  [default: auto]")
+              help="bf16 autocast or fp32 (auto: bf16 where it is native, on GPUs and on CPUs with avx512_bf16 or AMX; fp32 elsewhere).  [default: auto]")
 @click.option("--padding-free", is_flag=True, default=None,
               help="Pack each batch into one row without pad tokens (varlen attention); attention never crosses examples.")
 @click.option("--group-by-length", is_flag=True, default=None,

@@ -115,8 +115,8 @@ class RunConfig:
     merge: bool = False
     """With LoRA: also write the base model with the adapter merged in."""
     precision: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp32", "bf16")))
-    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere; bf16 also pays off on CPUs with native bf16
-    (avx512_bf16 or AMX)."""
+    """auto: bf16 autocast where bf16 is native (GPUs that support it, CPUs with avx512_bf16 or AMX), fp32
+    elsewhere. The weights stay fp32 either way."""
     padding_free: bool = False
     """Pack each batch's sequences into one row without padding (position ids restart, attention stays within each)."""
     group_by_length: bool = False

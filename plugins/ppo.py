@@ -314,7 +314,7 @@ def run_ppo(context) -> dict[str, Any]:
     from molting.data import check_columns, check_text_fields
     from molting.errors import ConfigError, MoltingError
     from molting.judging import Scorer, resolve_judges
-    from molting.training import load_policy, save_final_model
+    from molting.training import load_policy, save_final_model, uses_bf16
 
     config, params, host = context.config, context.stage_params, context.host
     unsupported = [flag for flag, value in (("--resume", config.resume), ("--save-steps", config.save_steps),
@@ -330,9 +330,7 @@ def run_ppo(context) -> dict[str, Any]:
     reference = None if config.lora_r else copy.deepcopy(policy).eval().requires_grad_(False)
     critic_source = context.artifacts.get("reward-model") or context.model_path
     critic = load_critic(critic_source, config.trust_remote_code)
-    use_bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    )
+    use_bf16 = uses_bf16(config.precision)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if use_bf16 else "no")
     optimizer = torch.optim.AdamW(_trainable(policy, critic), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   eps=1e-5)
@@ -362,7 +360,7 @@ def run_ppo(context) -> dict[str, Any]:
     kl = AdaptiveKL(params.kl_coef, params.kl_target, params.kl_horizon)
     print(
         f"molting: world size {accelerator.num_processes} (this is process {accelerator.process_index}), device "
-        f"{accelerator.device}, {len(rows)} prompts, {total} PPO steps of {config.batch_size} prompts, judges "
+        f"{accelerator.device}, {'bf16 autocast' if use_bf16 else 'fp32'}, {len(rows)} prompts, {total} PPO steps of {config.batch_size} prompts, judges "
         f"{', '.join(f'{s.name}×{s.weight:g}' for s in scorer.specs)}, critic from {critic_source}, reference model: "
         + ("the base model (adapter disabled)" if reference is None else "frozen copy"),
         file=sys.stderr,

@@ -140,7 +140,7 @@ def test_whole_batch_loss_and_kl_match_trl_ktotrainer(model_and_tokenizer, demo_
     examples = tokenize_unpaired(format_unpaired(rows, tokenizer, "demo"), tokenizer, 512, "drop")
     batch = UnpairedCollator(tokenizer.pad_token_id, 512)(examples)
     params = KTOParams(beta=0.1, desirable_weight=1.0, undesirable_weight=1.33)
-    config = RunConfig(plugins=["kto"], output_dir=str(tmp_path), batch_size=7)
+    config = RunConfig(plugins=["kto"], output_dir=str(tmp_path), batch_size=7, precision="fp32")
     ours = build_trainer(policy, tokenizer, examples, config, KTO, params, tmp_path, ref_model=copy.deepcopy(model))
     ours.model.train()
     our_loss = ours.compute_loss(ours.model, batch).item()

@@ -82,7 +82,7 @@ def test_whole_model_loss_matches_trl_dpotrainer(model_and_tokenizer, demo_model
             p.add_(0.02 * torch.randn_like(p))
     examples = tokenize_pairs(format_pairs(demo.preference_rows("test", 6), tokenizer, "demo"), tokenizer, 512, "drop")
     batch = PairCollator(tokenizer.pad_token_id)(examples)
-    config = RunConfig(plugins=["dpo"], output_dir=str(tmp_path))
+    config = RunConfig(plugins=["dpo"], output_dir=str(tmp_path), precision="fp32")
     ours = build_trainer(policy, tokenizer, examples, config, DPO, DPOParams(beta=0.1), tmp_path, ref_model=copy.deepcopy(model))
     ours.model.train()
     our_loss = ours.compute_loss(ours.model, batch).item()

@@ -108,7 +108,8 @@ def test_4bit_without_lora_is_refused_before_training(tmp_path):
 
 def test_precomputed_reference_gives_the_live_trajectory_and_is_cached(tmp_path):
     env = {"MOLTING_CACHE": str(tmp_path / "cache")}
-    common = ["run", "--plugin", "dpo", "--max-steps", "6", "--logging-steps", "1", "--eval", "off"]
+    # parity to 1e-5 is a statement about fp32; bf16 autocast (the default on CPUs with native bf16) rounds more
+    common = ["run", "--plugin", "dpo", "--max-steps", "6", "--logging-steps", "1", "--eval", "off", "--precision", "fp32"]
     live = run_molting(*common, "--output-dir", str(tmp_path / "live"), env=env)
     first = run_molting(*common, "--precompute-ref", "--output-dir", str(tmp_path / "pre"), env=env)
     second = run_molting(*common, "--precompute-ref", "--output-dir", str(tmp_path / "pre2"), env=env)
@@ -136,7 +137,7 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path, launcher):
     import sys
 
     one = run_molting("run", "--plugin", "dpo", "--max-steps", "4", "--logging-steps", "1", "--eval", "off",
-                      "--batch-size", "8", "--output-dir", str(tmp_path / "one"))
+                      "--batch-size", "8", "--precision", "fp32", "--output-dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
     import os
     import subprocess
@@ -144,7 +145,7 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path, launcher):
     two = subprocess.run(
         [sys.executable, *LAUNCHERS[launcher], "-m", "molting",
          "run", "--plugin", "dpo", "--max-steps", "4", "--logging-steps", "1", "--eval", "off", "--batch-size", "4",
-         "--output-dir", str(tmp_path / "two")],
+         "--precision", "fp32", "--output-dir", str(tmp_path / "two")],
         capture_output=True, text=True, timeout=600, env=os.environ.copy(),
     )
     assert two.returncode == 0, two.stderr[-3000:]
@@ -291,7 +292,7 @@ def test_padding_free_batches_give_the_padded_loss(demo_model):
     assert packed["input_ids"].numel() < padded["input_ids"].numel()
     import copy
 
-    trainer = build_trainer(model, tokenizer, examples, RunConfig(plugins=["dpo"]), loss, params, "unused",
+    trainer = build_trainer(model, tokenizer, examples, RunConfig(plugins=["dpo"], precision="fp32"), loss, params, "unused",
                             ref_model=copy.deepcopy(model))
     trainer.model.train()
     with torch.no_grad():
@@ -329,8 +330,33 @@ def test_packed_sequences_do_not_attend_to_each_other(demo_model, tmp_path):
 
 
 def test_padding_free_run_follows_the_padded_trajectory(tmp_path):
-    flags = {"max_steps": 4}
+    flags = {"max_steps": 4, "precision": "fp32"}
     in_process({**flags, "output_dir": str(tmp_path / "padded")})
     in_process({**flags, "output_dir": str(tmp_path / "packed"), "padding_free": True})
     a, b = losses(tmp_path / "padded"), losses(tmp_path / "packed")
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16(monkeypatch, tmp_path, native):
+    from molting.config import RunConfig
+    from molting.training import training_arguments, uses_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert uses_bf16("auto") is native
+    assert uses_bf16("fp32") is False and uses_bf16("bf16") is True
+    assert training_arguments(RunConfig(plugins=["dpo"]), tmp_path).bf16 is native
+    assert training_arguments(RunConfig(plugins=["dpo"], precision="fp32"), tmp_path).bf16 is False
+
+
+def test_the_run_says_which_precision_it_picked(tmp_path):
+    result = run_molting("run", "--plugin", "dpo", "--max-steps", "1", "--eval", "off", "--precision", "bf16",
+                         "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "device cpu, bf16 autocast," in result.stderr
