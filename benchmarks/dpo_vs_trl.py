@@ -3,7 +3,10 @@
     python benchmarks/dpo_vs_trl.py [--repeats 3] [--steps 12]
 
 Every configuration trains the built-in demo model (3.5M-parameter Llama) in
-a fresh subprocess, so peak RSS is its own; configurations alternate
+a fresh subprocess, so peak RSS is its own. Each worker first applies the
+malloc setting `molting run` applies on CPU (``molting.cpu.keep_freed_memory``),
+so the ratios compare training loops, not allocators; ``--default-malloc``
+leaves glibc's defaults in every worker; configurations alternate
 (A B C A B C ...) so drift of a noisy machine hits all of them alike. Step
 times are the median of each run's steps after two warm-up steps; the table
 shows the median over repeats with the min-max range. The last two lines are
@@ -205,13 +208,13 @@ MOLTING_MIXED = [name for name in CONFIGS if name.startswith("molting") and "(mi
 TRL_MIXED = [name for name in CONFIGS if name.startswith("trl") and "(mixed)" in name]
 
 
-def run_worker(name: str, data: Path, steps: int) -> dict:
+def run_worker(name: str, data: Path, steps: int, default_malloc: bool = False) -> dict:
     worker, _, variant, defaults = CONFIGS[name]
     from timing import run_worker_process
 
     with tempfile.TemporaryDirectory() as out:
         args = ["--worker", worker, "--data", str(data), "--steps", str(steps), "--out", out]
-        args += ["--variant", variant]
+        args += ["--variant", variant] + (["--default-malloc"] if default_malloc else [])
         args += ["--defaults"] if defaults else []
         return run_worker_process(__file__, name, args)
 
@@ -225,11 +228,17 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--variant", default="same")
     parser.add_argument("--defaults", action="store_true")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc malloc as it is in every worker (molting.cpu.keep_freed_memory not applied)")
     parser.add_argument("--only", nargs="+", metavar="CONFIG", choices=sorted(CONFIGS),
                         help="run these configurations only (the ratios that need others are not printed)")
     args = parser.parse_args()
 
     if args.worker:
+        if not args.default_malloc:
+            from molting.cpu import keep_freed_memory
+
+            keep_freed_memory()  # what `molting run` does on CPU; every worker gets it, so ratios compare the loops
         result = WORKERS[args.worker](args.data, args.steps, args.out, args.variant, args.defaults)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
@@ -243,7 +252,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in chosen}
     for repeat in range(args.repeats):
         for name, (_, kind, _, _) in chosen.items():
-            result = run_worker(name, data[kind], args.steps)
+            result = run_worker(name, data[kind], args.steps, args.default_malloc)
             result["step"] = statistics.median(result["times"][2:])
             results[name].append(result)
             print(f"repeat {repeat + 1}/{args.repeats} {name:<22} {result['step']:.3f} s/step", file=sys.stderr, flush=True)

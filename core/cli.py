@@ -162,12 +162,22 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
                                      param_hint="--judge") from None
     flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges, **_parse_set(settings)}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
+    if not _has_gpu():
+        from molting.cpu import keep_freed_memory
+
+        keep_freed_memory()
     results = run_steps(config, steps, host)
     final = results[-1]
     keys = ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins", "eval_accuracy", "pairs",
             "objective/scores", "eval_reward_before", "eval_reward_after")
     shown = {k: final[k] for k in keys if isinstance(final.get(k), (int, float))}
     click.echo(f"molting: done. Output in {config.output_dir}. " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------- plugins

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -360,3 +361,16 @@ def test_the_run_says_which_precision_it_picked(tmp_path):
                          "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "device cpu, bf16 autocast," in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_runs_keep_freed_memory_unless_malloc_is_tuned_already():
+    import os
+    import subprocess
+
+    code = "from molting.cpu import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    tuned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**env, "MALLOC_ARENA_MAX": "2"})
+    assert plain.stdout.strip() == "True" and tuned.stdout.strip() == "False"
