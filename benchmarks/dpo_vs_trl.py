@@ -75,6 +75,8 @@ MOLTING_VARIANTS = {
     "grouped": {"precompute_ref": True, "group_by_length": True},
     "padding-free": {"precompute_ref": True, "padding_free": True},
 }
+# trl 1.16's DPOTrainer cannot group by length: its tokenized rows have no input_ids column for the Trainer's
+# length-grouped sampler, and a length column added to the data does not reach it
 TRL_VARIANTS = {
     "same": {},
     "precompute": {"precompute_ref_log_probs": True},
