@@ -282,11 +282,13 @@ def main() -> None:
     ratio("molting defaults / trl defaults", "molting defaults", "trl defaults")
     ratio("molting --precision bf16 / trl defaults", "molting --precision bf16", "trl defaults")
     ratio("padding-free / padded tokens/s, mixed lengths", "molting precompute (mixed)", "molting padding-free (mixed)")
-    ratio("molting/trl step-time ratio (same settings)", "molting", "trl")
     best_molting = min((n for n in MOLTING_MIXED if n in results), key=step, default=None)
     best_trl = min((n for n in TRL_MIXED if n in results), key=step, default=None)
     if best_molting and best_trl:
-        print(f"(best settings: {best_molting} against {best_trl})")
+        print(f"(mixed lengths, best settings: {best_molting} against {best_trl})")
+    # the two headline lines come last
+    ratio("molting/trl step-time ratio (same settings)", "molting", "trl")
+    if best_molting and best_trl:
         ratio("molting/trl step-time ratio (mixed lengths, best settings)", best_molting, best_trl)
 
 
