@@ -266,6 +266,9 @@ def run_unpaired(context) -> dict[str, Any]:
     from molting.training import announce, load_policy, reference_for, stage_callbacks, train_and_save
 
     config = context.config
+    if config.padding_free:
+        raise ConfigError("--padding-free is not supported by the unpaired stage yet: drop it (batches are padded; "
+                          "--group-by-length also cuts padding)")
     if context.loss.needs_reference and config.batch_size < 2:
         raise ConfigError(
             f"the unpaired stage needs batch_size >= 2 (got {config.batch_size}): the KL reference point pairs each "

@@ -288,3 +288,10 @@ def test_kto_loss_is_finite_per_example_and_dtype_safe():
     assert torch.allclose(kto_loss(inputs, KTOParams()).losses[order], kto_loss(shuffled, KTOParams()).losses)
     half = UnpairedInputs(logps=logps.bfloat16(), labels=labels, ref_logps=ref_logps.bfloat16(), kl=inputs.kl.bfloat16())
     assert torch.isfinite(kto_loss(half, KTOParams()).losses.float()).all()
+
+
+def test_padding_free_is_refused_by_the_unpaired_stage(tmp_path):
+    result = run_molting("run", "--plugin", "kto", "--max-steps", "1", "--eval", "off", "--padding-free",
+                         "--output-dir", str(tmp_path))
+    assert result.returncode != 0 and "--padding-free is not supported by the unpaired stage" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
