@@ -262,7 +262,12 @@ def main() -> None:
     def step(name: str) -> float:
         return statistics.median(r["step"] for r in results[name])
 
-    tokens = {kind: BATCH * mean_pair_tokens(path) for kind, path in data.items()}
+    from transformers import AutoTokenizer
+
+    from molting.demo import demo_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
+    tokens = {kind: BATCH * mean_pair_tokens(path, tokenizer) for kind, path in data.items()}
     print(f"\n{'configuration':<30}{'s/step (median)':>16}{'min-max':>14}{'tokens/s':>10}{'peak RSS MB':>13}{'final loss':>12}")
     for name, runs in results.items():
         steps = [r["step"] for r in runs]
@@ -292,13 +297,8 @@ def main() -> None:
         ratio("molting/trl step-time ratio (mixed lengths, best settings)", best_molting, best_trl)
 
 
-def mean_pair_tokens(path: Path) -> float:
+def mean_pair_tokens(path: Path, tokenizer) -> float:
     """Mean tokens of a pair's two sequences (prompt + completion + EOS each), as both trainers tokenize them."""
-    from transformers import AutoTokenizer
-
-    from molting.demo import demo_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     return statistics.mean(2 * count(r["prompt"]) + count(r["chosen"]) + count(r["rejected"]) + 2 for r in rows)

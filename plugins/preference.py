@@ -148,17 +148,12 @@ class PackedPairCollator:
     """
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         from molting.packing import pack
 
         sides = ("chosen_ids", "rejected_ids")
         batch = pack([ex["prompt_ids"] + ex[side] for side in sides for ex in examples],
                      [len(ex["prompt_ids"]) for _ in sides for ex in examples])
-        for key in ("index", "ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([ex[key] for ex in examples])
-        return batch
+        return _with_row_values(batch, examples)
 
 
 class PairCollator:
@@ -184,10 +179,17 @@ class PairCollator:
             attention_mask[row, : len(seq)] = 1
             completion_mask[row, plen : len(seq)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-        for key in ("index", "ref_chosen_logps", "ref_rejected_logps"):  # carried through when present
-            if key in examples[0]:
-                batch[key] = torch.tensor([ex[key] for ex in examples])
-        return batch
+        return _with_row_values(batch, examples)
+
+
+def _with_row_values(batch: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``batch`` plus the per-pair values the examples carry: their index and precomputed reference log-probs."""
+    import torch
+
+    for key in ("index", "ref_chosen_logps", "ref_rejected_logps"):
+        if key in examples[0]:
+            batch[key] = torch.tensor([ex[key] for ex in examples])
+    return batch
 
 
 # --------------------------------------------------------------------------- training
