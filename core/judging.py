@@ -100,6 +100,14 @@ def number_setting(judge: str, minimum: float = 0.0, strict: bool = False, integ
     return validate
 
 
+def data_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """The columns other than ``prompt`` of ``rows`` (the first row's keys), one value per row, for ``Scorer``.
+
+    A row without one of them gives ``None`` there.
+    """
+    return {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+
+
 class Scorer:
     """Weighted scores of completions from one or more pointwise judges, cached and checked.
 

@@ -112,6 +112,7 @@ def grpo_trainer_class():
     from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor_dict
 
     from molting.components import GroupInputs
+    from molting.judging import data_columns
     from molting.sampling import completion_token_logps, sample
     from molting.training import MoltingTrainer
 
@@ -196,8 +197,7 @@ def grpo_trainer_class():
         def advantages(self, prompts: list[Any], completions: list[Any], rows: list[dict[str, Any]],
                        indices: list[int]) -> Any:
             """Judge this process's completions, then normalise within each group over every process's rewards."""
-            columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
-            totals, per_judge = self.scorer(prompts, completions, columns, indices)
+            totals, per_judge = self.scorer(prompts, completions, data_columns(rows), indices)
             device, g = self.accelerator.device, self.grpo.num_generations
 
             def gathered(values: list[float]) -> Any:

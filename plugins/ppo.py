@@ -217,13 +217,13 @@ def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params:
     """Sample, score and evaluate one batch of prompts; everything the optimisation passes need."""
     import torch
 
+    from molting.judging import data_columns
     from molting.sampling import completion_token_logps, sample
 
     prompts = [rows[i]["prompt"] for i in indices]
     samples = sample(unwrap(policy), tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
                      temperature=params.temperature, top_p=params.top_p, max_prompt_length=max_prompt_length)
-    columns = {k: [rows[i][k] for i in indices] for k in rows[indices[0]] if k != "prompt"}
-    scores, per_judge = scorer(prompts, samples.texts, columns, rows=list(indices))
+    scores, per_judge = scorer(prompts, samples.texts, data_columns([rows[i] for i in indices]), rows=list(indices))
     scores = torch.tensor(scores, dtype=torch.float32, device=samples.completion_ids.device)
     if params.missing_eos_penalty is not None:
         scores = scores - params.missing_eos_penalty * samples.truncated.float()

@@ -86,7 +86,7 @@ def run_sample_pairs(context) -> dict[str, Any]:
     import torch
 
     from molting.data import check_columns, check_text_fields
-    from molting.judging import Scorer, resolve_judges
+    from molting.judging import Scorer, data_columns, resolve_judges
     from molting.models import load_causal_lm
     from molting.run import write_text_atomic
     from molting.sampling import sample
@@ -119,7 +119,6 @@ def run_sample_pairs(context) -> dict[str, Any]:
         f"judged by {', '.join(s.name for s in specs)}",
         file=sys.stderr,
     )
-    columns = [k for k in rows[0] if k != "prompt"]
     written, ties, chosen_scores, rejected_scores, lengths = [], 0, [], [], []
     from tqdm.auto import tqdm
 
@@ -127,11 +126,13 @@ def run_sample_pairs(context) -> dict[str, Any]:
     for start in tqdm(range(0, len(rows), step), desc="sample-pairs"):
         chunk = list(range(start, min(start + step, len(rows))))
         samples = sample(model, tokenizer, [rows[i]["prompt"] for i in chunk], n=params.num_samples,
-                         max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p)
+                         max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                         batch_size=params.generation_batch_size)
         lengths += samples.lengths.tolist()
         if not pairwise:
-            extra = {k: [rows[chunk[r]].get(k) for r in samples.rows] for k in columns}
-            totals, _ = scorer(samples.prompts, samples.texts, extra, rows=[chunk[r] for r in samples.rows])
+            sampled_rows = [chunk[r] for r in samples.rows]
+            totals, _ = scorer(samples.prompts, samples.texts, data_columns([rows[i] for i in sampled_rows]),
+                               rows=sampled_rows)
         for position, index in enumerate(chunk):
             texts = samples.texts[position * params.num_samples : (position + 1) * params.num_samples]
             if pairwise:

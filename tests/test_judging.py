@@ -314,3 +314,10 @@ def test_text_of_reads_messages():
     assert text_of(" 5") == " 5"
     assert text_of([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]) == "a\nb"
     assert text_of(None) == "" and text_of(7) == "7"
+
+
+def test_data_columns_give_none_where_a_row_lacks_a_column():
+    from molting.judging import data_columns
+
+    rows = [{"prompt": "a", "answer": 3, "topic": "x"}, {"prompt": "b", "answer": 5}]
+    assert data_columns(rows) == {"answer": [3, 5], "topic": ["x", None]}
