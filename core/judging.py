@@ -73,11 +73,7 @@ def resolve_judges(host: Any, config: Any, default: Mapping[str, float], artifac
         judge = host.get("judge", name)
         if not isinstance(config.judge_args.get(name) or {}, Mapping):
             raise ConfigError(f"judge_args for {name!r} must be a mapping of settings, got {config.judge_args[name]!r}")
-        args = {str(k).replace("-", "_"): v for k, v in (config.judge_args.get(name) or {}).items()}
-        for field in attrs.fields(judge.params):
-            kind = field.metadata.get(ARTIFACT)
-            if kind and args.get(field.name) is None and artifacts and kind in artifacts:
-                args[field.name] = str(artifacts[kind])
+        args = with_artifacts(judge, config.judge_args.get(name) or {}, artifacts)
         try:
             params = judge.params(**args)
         except (TypeError, ValueError) as exc:
@@ -85,6 +81,16 @@ def resolve_judges(host: Any, config: Any, default: Mapping[str, float], artifac
             raise ConfigError(f"invalid judge_args for judge {name!r}: {exc} (its settings: {valid})") from exc
         specs.append(JudgeSpec(name, judge, float(weight), params))
     return specs
+
+
+def with_artifacts(judge: Any, args: Mapping[str, Any], artifacts: Mapping[str, Path] | None) -> dict[str, Any]:
+    """A judge's settings with each field marked ``molting_artifact`` that is unset filled from an earlier step."""
+    args = {str(k).replace("-", "_"): v for k, v in args.items()}
+    for field in attrs.fields(judge.params):
+        kind = field.metadata.get(ARTIFACT)
+        if kind and args.get(field.name) is None and artifacts and kind in artifacts:
+            args[field.name] = str(artifacts[kind])
+    return args
 
 
 def number_setting(judge: str, minimum: float = 0.0, strict: bool = False, integer: bool = False):

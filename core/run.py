@@ -417,9 +417,17 @@ def _run_step(step: Step, config: RunConfig, loss_params: Any, stage_params: Any
         recipe.update(model=str(model_path), output_dir=str(output_dir), data=str(data_path))
         if data_path is None:
             recipe.pop("data")  # the stage's default dataset
-    judge_defaults = {"reward-model": {"model": str(artifacts["reward-model"])}} if "reward-model" in artifacts else {}
-    if judge_defaults and step.stage.default_judges and "reward-model" in (config.judges or step.stage.default_judges):
-        recipe["judge_args"] = {**judge_defaults, **recipe.get("judge_args", {})}
+    if step.stage.default_judges and artifacts:  # the judges' settings read from earlier steps, so it reruns alone
+        from molting.judging import with_artifacts
+
+        judge_args = dict(recipe.get("judge_args") or {})
+        for name in config.judges or step.stage.default_judges:
+            if name in host.names("judge") and isinstance(judge_args.get(name) or {}, Mapping):
+                filled = with_artifacts(host.get("judge", name), judge_args.get(name) or {}, artifacts)
+                if filled:
+                    judge_args[name] = filled
+        if judge_args:
+            recipe["judge_args"] = judge_args
     write_text_atomic(output_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
     context = StageContext(config, step, loss_params, model_path, rows, source, output_dir, host,
                            stage_params=stage_params, artifacts=dict(artifacts))

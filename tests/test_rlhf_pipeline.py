@@ -15,7 +15,8 @@ RECIPE = {
     "stages": [
         {"plugin": "sft", "max_steps": 16, "eval": "off"},
         {"plugin": "reward-model", "max_steps": 48, "eval": "off"},
-        {"plugin": "ppo", "max_steps": 40, "eval": "off", "eval_prompts": 96},
+        {"plugin": "ppo", "max_steps": 40, "eval": "off", "eval_prompts": 96,
+         "judge_args": {"reward-model": {"batch_size": 8}}},
     ],
 }
 
@@ -44,5 +45,8 @@ def test_sft_reward_model_ppo_raises_the_judge_reward_on_held_out_prompts(tmp_pa
     # and the demo task's own judge (right sum + persona style) of the same answers rises too
     assert metrics["eval_judge_after"] > metrics["eval_judge_before"] + 0.03, metrics  # seeds 0-2: +0.05, +0.12, +0.07
     assert "demo judge" in log
+    # the PPO step's recipe reruns it alone: its judge keeps the user's setting and the reward model it was given
+    rerun = yaml.safe_load((out / "3-ppo" / "recipe.yaml").read_text())
+    assert rerun["judge_args"] == {"reward-model": {"batch_size": 8, "model": str(out / "2-reward-model")}}
     card = (out / "2-reward-model" / "README.md").read_text()
     assert f'AutoModelForSequenceClassification.from_pretrained("{out / "2-reward-model"}")' in card
