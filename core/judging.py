@@ -21,7 +21,6 @@ See ``docs/judges.md`` for the built-in judges and how to write one.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import math
 from collections import OrderedDict
@@ -236,6 +235,8 @@ def _invoke(spec: JudgeSpec, prompts: list[str], completions: list[Any], columns
 
 
 def _run_coroutine(awaitable: Any) -> Any:
+    import asyncio  # here, not at the top: every judge plugin imports this module at start-up
+
     async def wait() -> Any:
         return await awaitable
 

@@ -23,13 +23,11 @@ for a function whose scores vary from call to call.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import os
 import re
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,7 +72,8 @@ def load_function(spec: str | None) -> Callable[..., Any]:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
-    importlib.invalidate_caches()  # a module written since the last import is found
+    if module_name not in sys.modules:
+        importlib.invalidate_caches()  # a module written since the last import is found
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:
@@ -114,6 +113,9 @@ def _call(function: Callable[..., Any], arguments: dict[str, Any], timeout: floa
 
             result = _run_coroutine(result)
         return result
+
+    import asyncio
+    import threading
 
     outcome: dict[str, Any] = {}
 
