@@ -310,6 +310,7 @@ def run_ppo(context) -> dict[str, Any]:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_scheduler
+    from trl.trainer.utils import disable_dropout_in_model
 
     from molting.data import check_columns, check_text_fields
     from molting.errors import ConfigError, MoltingError
@@ -322,6 +323,13 @@ def run_ppo(context) -> dict[str, Any]:
                                             ("--precompute-ref", config.precompute_ref)) if value]
     if unsupported:
         raise ConfigError(f"the ppo stage does not support {', '.join(unsupported)} yet")
+    use_bf16 = uses_bf16(config.precision)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if use_bf16 else "no")
+    if accelerator.num_processes > 1:  # before any model is loaded
+        raise ConfigError(
+            "the ppo stage runs in one process for now (its rollouts are not sharded across processes); "
+            "launch it without torchrun / accelerate launch"
+        )
     check_columns(context.rows, [("prompt",)], context.data_source, "ppo")
     check_text_fields(context.rows, ("prompt",), context.data_source)
     scorer = Scorer(resolve_judges(host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"))
@@ -330,8 +338,6 @@ def run_ppo(context) -> dict[str, Any]:
     reference = None if config.lora_r else copy.deepcopy(policy).eval().requires_grad_(False)
     critic_source = context.artifacts.get("reward-model") or context.model_path
     critic = load_critic(critic_source, config.trust_remote_code)
-    use_bf16 = uses_bf16(config.precision)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if use_bf16 else "no")
     optimizer = torch.optim.AdamW(_trainable(policy, critic), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   eps=1e-5)
     rows = context.rows
@@ -339,15 +345,8 @@ def run_ppo(context) -> dict[str, Any]:
     total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * per_epoch))
     warmup = int(config.warmup_steps * total) if config.warmup_steps < 1 else int(config.warmup_steps)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    if accelerator.num_processes > 1:
-        raise ConfigError(
-            "the ppo stage runs in one process for now (its rollouts are not sharded across processes); "
-            "launch it without torchrun / accelerate launch"
-        )
     for model in (policy, critic):  # as trl: dropout off, so a rollout's log-probs and values are what training sees
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout_in_model(model)
     policy, critic, optimizer, scheduler = accelerator.prepare(policy, critic, optimizer, scheduler)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
@@ -389,7 +388,7 @@ def run_ppo(context) -> dict[str, Any]:
         if params.adaptive_kl:
             kl.update(float(stats["objective/kl"]), config.batch_size * accelerator.num_processes)
         stats.update(trained, kl_coef=kl.value, learning_rate=scheduler.get_last_lr()[0])
-        log(step, stats, accelerator, last=step == total)
+        log(step, stats, last=step == total)
     save_final_model(unwrap(policy), tokenizer, context.output_dir, accelerator.is_main_process,
                      merge=config.merge, trust_remote_code=config.trust_remote_code)
     runtime = time.perf_counter() - started
@@ -437,7 +436,7 @@ def _demo_eval(context, tokenizer, scorer, params):
 
 
 class _Logger:
-    """Averages metrics across processes and appends them to metrics.jsonl every ``logging_steps`` steps."""
+    """Averages metrics over steps and appends them to metrics.jsonl every ``logging_steps`` steps (one process)."""
 
     def __init__(self, context) -> None:
         self.path = context.output_dir / "metrics.jsonl"
@@ -446,18 +445,14 @@ class _Logger:
         self.pending: dict[str, list[float]] = {}
         self.last: dict[str, float] = {}
 
-    def __call__(self, step: int, stats: dict[str, Any], accelerator, last: bool = False) -> None:
-        import torch
-
+    def __call__(self, step: int, stats: dict[str, Any], last: bool = False) -> None:
         from molting.training import log_metrics
 
         for name, value in stats.items():
-            value = torch.as_tensor(float(value), device=accelerator.device).reshape(1)
-            self.pending.setdefault(name, []).append(accelerator.gather(value).mean().item())
+            self.pending.setdefault(name, []).append(float(value))
         if step % self.every and step != 1 and not last:
             return
         record = {name: sum(v) / len(v) for name, v in self.pending.items()}
         self.pending.clear()
         self.last = {"step": step, **record}
-        if accelerator.is_main_process:
-            log_metrics(self.path, step, record, self.hook)
+        log_metrics(self.path, step, record, self.hook)
