@@ -254,14 +254,13 @@ def grpo_trainer_class():
 
         def record_token_means(self, metrics: dict[str, Any], mask: Any) -> None:
             """(batch, tokens) maps: mean over the completion tokens of every process, as trl; others as given."""
-            recorded = {}
-            for name, value in metrics.items():
-                if isinstance(value, torch.Tensor) and value.dim() == 2:
-                    value = value.detach().float()
-                    local = torch.stack([(value * mask).sum(), mask.sum().float()])
-                    total = self.accelerator.reduce(local, reduction="sum")
-                    value = (total[0] / total[1].clamp(min=1.0)).item()
-                recorded[name] = value.detach() if isinstance(value, torch.Tensor) else value
+            recorded = {name: value.detach() if isinstance(value, torch.Tensor) else value
+                        for name, value in metrics.items()}
+            maps = [name for name, value in recorded.items() if isinstance(value, torch.Tensor) and value.dim() == 2]
+            if maps:  # one reduction (and one host sync) for all of them
+                sums = [(recorded[name].float() * mask).sum() for name in maps]
+                total = self.accelerator.reduce(torch.stack([*sums, mask.sum().float()]), reduction="sum")
+                recorded.update(zip(maps, (total[:-1] / total[-1].clamp(min=1.0)).tolist()))
             self.record(recorded)
 
     return GRPOTrainer
