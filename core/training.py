@@ -359,13 +359,20 @@ def announce(trainer: MoltingTrainer, what: str, reference: str) -> None:
     )
 
 
-def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: Any) -> dict[str, Any]:
-    """Train (resuming if asked), save the result, and return the final metrics."""
+def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: Any, save: Any = None) -> dict[str, Any]:
+    """Train (resuming if asked), save the result, and return the final metrics.
+
+    ``save()`` replaces :func:`save_final` for a stage that saves its model its own way.
+    """
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, NonFiniteGuard):
             callback.trainer = trainer
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(context.config, context.output_dir))
-    save_final(trainer, tokenizer, context.output_dir, merge=context.config.merge, trust_remote_code=context.config.trust_remote_code)
+    if save is not None:
+        save()
+    else:
+        save_final(trainer, tokenizer, context.output_dir, merge=context.config.merge,
+                   trust_remote_code=context.config.trust_remote_code)
     return {**last_values(trainer.state.log_history), **result.metrics}
 
 

@@ -242,18 +242,6 @@ def apply_reward_lora(model: Any, config: Any) -> Any:
         raise ModelError(f"cannot apply LoRA with target modules {config.lora_target_modules!r}: {exc}") from exc
 
 
-def train_lora(trainer: Any, tokenizer: Any, context: Any) -> dict[str, Any]:
-    """``molting.training.train_and_save`` for a LoRA reward model, which is saved merged (:func:`save_reward_model`)."""
-    from molting.training import NonFiniteGuard, last_values, resume_checkpoint
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, NonFiniteGuard):
-            callback.trainer = trainer
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(context.config, context.output_dir))
-    save_reward_model(trainer, tokenizer, context.output_dir, context.config.merge)
-    return {**last_values(trainer.state.log_history), **result.metrics}
-
-
 def save_reward_model(trainer: Any, tokenizer: Any, output_dir: Any, merge: bool) -> None:
     """Save a LoRA-trained reward model as plain weights (adapter merged), loadable with
     ``AutoModelForSequenceClassification``; with ``merge`` the adapter also goes to ``OUTPUT/adapter``."""
@@ -374,7 +362,9 @@ def run_reward_model(context) -> dict[str, Any]:
                             stage_callbacks(context))
     margins = " with margins" if "margin" in examples[0] else ""
     announce(trainer, f"{len(examples)} pairs{margins}, reward model {type(trainer.model).__name__}", "none")
-    metrics = train_lora(trainer, tokenizer, context) if config.lora_r else train_and_save(trainer, tokenizer, context)
+    # a LoRA reward model is saved merged, as plain weights (save_reward_model)
+    save = (lambda: save_reward_model(trainer, tokenizer, context.output_dir, config.merge)) if config.lora_r else None
+    metrics = train_and_save(trainer, tokenizer, context, save=save)
     if "dataset 'demo-" in context.data_source:
         accuracy = demo_held_out_accuracy(trainer.model, tokenizer, config)
         metrics["eval_accuracy"] = accuracy
