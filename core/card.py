@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+# the final metrics `molting run` prints and the model card lists, when a stage reports them
+HEADLINE_METRICS = ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins", "eval_accuracy", "pairs",
+                    "objective/scores", "eval_reward_before", "eval_reward_after")
+
 
 def model_card(record: Mapping[str, Any], output_dir: str | Path | None = None) -> str:
     """Markdown for a run record (molting_run.json's content) whose output is in ``output_dir``."""
@@ -30,8 +34,7 @@ def model_card(record: Mapping[str, Any], output_dir: str | Path | None = None) 
         f"| status | {record['status']} |",
     ]
     metrics = record.get("metrics") or {}
-    for key in ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins", "eval_accuracy", "pairs",
-                "eval_reward_before", "eval_reward_after"):
+    for key in HEADLINE_METRICS:
         if key in metrics:
             lines.append(f"| {key} (last log) | {metrics[key]:.4g} |")
     lines += ["", "## Hyperparameters", "", "| key | value |", "| --- | --- |"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from molting.card import HEADLINE_METRICS
 from molting.errors import MoltingError
 from molting.discovery import PluginHost, load_plugins
 
@@ -168,9 +169,7 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
         keep_freed_memory()
     results = run_steps(config, steps, host)
     final = results[-1]
-    keys = ("train_loss", "train_runtime", "rewards/accuracies", "rewards/margins", "eval_accuracy", "pairs",
-            "objective/scores", "eval_reward_before", "eval_reward_after")
-    shown = {k: final[k] for k in keys if isinstance(final.get(k), (int, float))}
+    shown = {k: final[k] for k in HEADLINE_METRICS if isinstance(final.get(k), (int, float))}
     click.echo(f"molting: done. Output in {config.output_dir}. " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
 
