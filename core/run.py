@@ -260,16 +260,11 @@ def _make_params(params: type, config: RunConfig, owner: str) -> Any:
         raise ConfigError(f"invalid hyperparameters for {owner}: {exc}") from exc
 
 
-def load_rows(host: PluginHost, step: Step, data: str | None, produced: Path | None = None) -> tuple[list[dict[str, Any]], str]:
-    """The training rows for ``step`` and a description of where they came from.
-
-    ``produced`` is a data file the previous step of the pipeline wrote; it is
-    used when the step names no data of its own.
-    """
+def load_rows(host: PluginHost, step: Step, data: str | Path | None) -> tuple[list[dict[str, Any]], str]:
+    """The training rows for ``step`` (a file, a registered dataset, or None: the stage's default) and a
+    description of where they came from."""
     from molting.data import read_rows
 
-    if data is None and produced is not None:
-        return read_rows(produced), str(produced)
     if data is None:
         default = step.stage.default_data
         if default is None:
@@ -348,7 +343,8 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
         # before it made, else its stage's default
         own = step_config.data if step_config.data != config.data else None
         data = step_config.data if index == 0 else own
-        rows, source = load_rows(host, step, data, produced_data)
+        data_path = data if data is not None else produced_data  # None: the stage's own default dataset
+        rows, source = load_rows(host, step, data_path)
         if produced_data is not None and data is None:
             source += f" (made from {previous_source})"
         previous_source = source
@@ -358,7 +354,6 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
                   "step starts from its full weights", file=sys.stderr)
             step_config = attrs.evolve(step_config, merge=True)
         record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
-        data_path = data if data is not None else produced_data  # None: the stage's own default dataset
         record["data_fingerprint"] = _fingerprint(data_path)
         done = _completed(output_dir, record) if len(steps) > 1 and not (step_config.force or rerun) else None
         if done is not None:
