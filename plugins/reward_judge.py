@@ -103,6 +103,7 @@ def _load(path: Path, given: str) -> tuple[Any, Any]:
 
 def encode(prompt: Any, completion: Any, tokenizer: Any, max_length: int) -> list[int]:
     """Token ids of one prompt + completion + EOS, at most ``max_length`` of them (see the module docstring)."""
+    from molting.plugins.preference import _without_eos
     from molting.sampling import prompt_texts
 
     if not isinstance(prompt, str) and not isinstance(completion, str):  # both message lists: as the stage formats pairs
@@ -114,8 +115,7 @@ def encode(prompt: Any, completion: Any, tokenizer: Any, max_length: int) -> lis
         prompt_text, completion_text = prompt_texts([prompt], tokenizer)[0], text_of(completion)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt_ids = tokenizer(with_bos(prompt_text, tokenizer), add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token and isinstance(completion_text, str):
-        completion_text = completion_text.removesuffix(tokenizer.eos_token)  # one EOS, as the reward stage trains
+    completion_text = _without_eos(completion_text, tokenizer)  # one EOS, as the reward stage trains
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + eos
     if len(prompt_ids) + len(completion_ids) > max_length:
         keep = min(len(prompt_ids), max(max_length - len(completion_ids), max_length // 2))
