@@ -85,13 +85,17 @@ def _check_conversation(messages: Any, source: str, index: int) -> None:
         )
 
 
-def format_sft(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> tuple[list[dict[str, str]], bool]:
-    """Validated rows as prompt/completion strings (chat template applied), and whether they were conversational."""
+def format_sft(rows: list[dict[str, Any]], tokenizer: Any, source: str,
+               checked: tuple[tuple[str, ...], bool] | None = None) -> tuple[list[dict[str, str]], bool]:
+    """Validated rows as prompt/completion strings (chat template applied), and whether they were conversational.
+
+    ``checked`` is what :func:`check_sft_rows` returned for these rows, if it ran already.
+    """
     from trl.data_utils import maybe_apply_chat_template
 
     from molting.errors import DataError
 
-    schema, conversational = check_sft_rows(rows, source)
+    schema, conversational = checked or check_sft_rows(rows, source)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
     formatted = []
@@ -244,9 +248,9 @@ def run_sft(context) -> dict[str, Any]:
     config = context.config
     if config.padding_free:
         raise ConfigError("--padding-free is not supported by the sft stage yet: drop it (batches are padded)")
-    check_sft_rows(context.rows, context.data_source)  # bad rows fail before the model loads
+    checked = check_sft_rows(context.rows, context.data_source)  # bad rows fail before the model loads
     model, tokenizer = load_policy(context)
-    formatted, conversational = format_sft(context.rows, tokenizer, context.data_source)
+    formatted, conversational = format_sft(context.rows, tokenizer, context.data_source, checked)
     examples = tokenize_sft(formatted, tokenizer, config.max_length, config.overlong, context.data_source, conversational)
     trainer = build_trainer(model, tokenizer, examples, config, context.output_dir, stage_callbacks(context))
     tokens = sum(len(ex["completion_ids"]) for ex in examples)
