@@ -39,6 +39,7 @@ def generate(
     temperature: float = EVAL_TEMPERATURE,
     seed: int = 0,
     batch_size: int = 64,
+    top_p: float = 1.0,
 ) -> list[str]:
     """One completion per prompt (:func:`molting.sampling.sample`), from a fixed seed that leaves the caller's
     random state alone."""
@@ -48,7 +49,7 @@ def generate(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                      batch_size=batch_size).texts
+                      top_p=top_p, batch_size=batch_size).texts
 
 
 def task_metrics(prompts: list[str], completions: list[str]) -> dict[str, float]:

@@ -418,19 +418,14 @@ def _demo_eval(context, tokenizer, scorer, params):
     rows = demo.prompt_rows("test")[: params.eval_prompts]
 
     def evaluate(model) -> dict[str, float]:
-        import torch
+        from molting.evaluation import generate, task_metrics
 
-        from molting.evaluation import task_metrics
-        from molting.sampling import sample
-
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):  # the training rollouts' randomness stays --seed's
-            torch.manual_seed(0)
-            samples = sample(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=params.max_new_tokens,
-                             temperature=params.temperature, top_p=params.top_p)
         prompts = [r["prompt"] for r in rows]
-        totals, _ = scorer(prompts, samples.texts, {"answer": [r["answer"] for r in rows]})
-        return {"reward": sum(totals) / len(totals), **task_metrics(prompts, samples.texts)}
+        # seed 0 in a forked random state: the training rollouts' randomness stays --seed's
+        texts = generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens,
+                         temperature=params.temperature, top_p=params.top_p, seed=0)
+        totals, _ = scorer(prompts, texts, {"answer": [r["answer"] for r in rows]})
+        return {"reward": sum(totals) / len(totals), **task_metrics(prompts, texts)}
 
     return evaluate
 
