@@ -98,14 +98,19 @@ def _four_bit_config():
     )
 
 
-def apply_lora(model: Any, r: int, alpha: float, dropout: float, target_modules: str):
-    """Wrap ``model`` with fresh LoRA adapters (peft); a 4-bit model is prepared for k-bit training first."""
+def apply_lora(model: Any, r: int, alpha: float, dropout: float, target_modules: str, task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None):
+    """Wrap ``model`` with fresh LoRA adapters (peft); a 4-bit model is prepared for k-bit training first.
+
+    ``task_type`` and ``modules_to_save`` are peft's (a reward model: ``SEQ_CLS``, its new head trained in full).
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",") if m.strip()]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type,
+                        modules_to_save=modules_to_save)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

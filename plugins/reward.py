@@ -192,7 +192,7 @@ def load_reward_model(context: Any) -> tuple[Any, Any]:
     from trl.trainer.utils import disable_dropout_in_model
 
     from molting.errors import ConfigError, ModelError
-    from molting.models import load_tokenizer
+    from molting.models import apply_lora, load_tokenizer
 
     config, path = context.config, context.model_path
     if config.load_in_4bit:
@@ -221,25 +221,10 @@ def load_reward_model(context: Any) -> tuple[Any, Any]:
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout_in_model(model)  # as trl's RewardTrainer does by default (disable_dropout=True)
-    if config.lora_r:
-        model = apply_reward_lora(model, config)
+    if config.lora_r:  # adapters on the body; the new score head is trained in full
+        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
+                           task_type="SEQ_CLS", modules_to_save=["score"])
     return model, tokenizer
-
-
-def apply_reward_lora(model: Any, config: Any) -> Any:
-    """LoRA adapters on the body (peft ``SEQ_CLS``); the new score head is trained in full (``modules_to_save``)."""
-    from peft import LoraConfig, get_peft_model
-
-    from molting.errors import ModelError
-
-    targets = config.lora_target_modules
-    targets = "all-linear" if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="SEQ_CLS", modules_to_save=["score"])
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as exc:
-        raise ModelError(f"cannot apply LoRA with target modules {config.lora_target_modules!r}: {exc}") from exc
 
 
 def save_reward_model(trainer: Any, tokenizer: Any, output_dir: Any, merge: bool) -> None:
