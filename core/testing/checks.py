@@ -589,17 +589,22 @@ def subjects_for(target: Any, host: PluginHost, kind: str | None = None) -> list
             from molting.errors import PluginError
 
             raise PluginError(f"plugin {target!r} ({plugin.source}) is {plugin.status}: {plugin.error}")
-        subjects = []
-        for kind_name in plugin.components:
-            k, name = kind_name.split(":", 1)
-            subjects.append(Subject(k, host.components[k][name].component, host, host.components[k][name]))
-        return subjects
+        return plugin_subjects(target, host)
     from molting.errors import PluginError
 
     raise PluginError(
         f"no installed plugin or component named {target!r}. "
         + "; ".join(host.available(k) for k in KINDS)
     )
+
+
+def plugin_subjects(plugin: str, host: Any) -> list[Subject]:
+    """The components plugin ``plugin`` registered, as check subjects."""
+    subjects = []
+    for kind_name in host.plugins[plugin].components:
+        kind, name = kind_name.split(":", 1)
+        subjects.append(Subject(kind, host.components[kind][name].component, host, host.components[kind][name]))
+    return subjects
 
 
 def run_check(chk: Check, subject: Subject, expected_failures: Mapping[str, str] | None = None) -> CheckResult:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from molting.testing.checks import Subject, checks_for, run_check, subjects_for
+from molting.testing.checks import Subject, checks_for, plugin_subjects, run_check, subjects_for
 
 
 class ComponentTests:
@@ -87,10 +87,5 @@ class PluginTests(ComponentTests):
         names = [p.name for p in host.plugins.values() if p.distribution == cls.distribution and p.status == "ok"]
         if not names:
             raise LookupError(f"no working plugin from distribution {cls.distribution!r} is installed")
-        subjects = []
-        for name in sorted(names):  # each plugin's own components (a plugin and a component may share a name)
-            for kind_name in host.plugins[name].components:
-                kind, component = kind_name.split(":", 1)
-                subjects.append(Subject(kind, host.components[kind][component].component, host,
-                                        host.components[kind][component]))
-        return subjects
+        # each plugin's own components, by plugin (not subjects_for: a plugin and a component may share a name)
+        return [subject for name in sorted(names) for subject in plugin_subjects(name, host)]
