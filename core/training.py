@@ -326,15 +326,18 @@ def load_policy(context: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def reference_for(model: Any, context: Any) -> tuple[Any, bool, str]:
+def reference_for(model: Any, context: Any, needed: bool | None = None) -> tuple[Any, bool, str]:
     """``(ref_model, adapter_reference, description)`` for a stage's loss.
 
-    No reference when the loss needs none; with LoRA, the policy with its
-    adapter disabled (no second copy of the weights); otherwise a frozen copy.
+    No reference when the loss needs none (or ``needed`` is false, for a stage
+    that decides itself); with LoRA, the policy with its adapter disabled (no
+    second copy of the weights); otherwise a frozen copy.
     """
     import copy
 
-    if context.loss is None or not context.loss.needs_reference:
+    if needed is None:
+        needed = context.loss is not None and context.loss.needs_reference
+    if not needed:
         return None, False, "none"
     if context.config.lora_r:
         return None, True, "the base model (adapter disabled)"

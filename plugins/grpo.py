@@ -291,13 +291,12 @@ def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong
 
 
 def run_grpo(context) -> dict[str, Any]:
-    import copy
-
     from trl.trainer.utils import identity
 
     from molting.errors import ConfigError, DataError
     from molting.judging import Scorer, resolve_judges
-    from molting.training import announce, load_policy, stage_callbacks, train_and_save, training_arguments
+    from molting.training import (announce, load_policy, reference_for, stage_callbacks, train_and_save,
+                                  training_arguments)
 
     config, params = context.config, context.stage_params
     if config.precompute_ref or config.padding_free:
@@ -322,12 +321,7 @@ def run_grpo(context) -> dict[str, Any]:
     if len(rows) < completions // g:
         raise DataError(f"{context.data_source} has {len(rows)} usable prompts; one generation batch needs "
                         f"{completions // g} ({completions} completions / {g} per prompt)")
-    beta = params.beta
-    reference, ref_model, adapter_reference = "none (beta = 0)", None, False
-    if beta > 0 and config.lora_r:
-        reference, adapter_reference = "the base model (adapter disabled)", True
-    elif beta > 0:
-        reference, ref_model = "frozen copy", copy.deepcopy(model)
+    ref_model, adapter_reference, reference = reference_for(model, context, needed=params.beta > 0)
     trainer = grpo_trainer_class()(
         model=model, args=args, train_dataset=rows,
         data_collator=identity, processing_class=tokenizer, callbacks=stage_callbacks(context), loss=context.loss,

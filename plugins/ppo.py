@@ -304,8 +304,6 @@ def _trainable(*models):
 
 
 def run_ppo(context) -> dict[str, Any]:
-    import copy
-
     import torch
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -315,7 +313,7 @@ def run_ppo(context) -> dict[str, Any]:
     from molting.data import check_columns, check_text_fields
     from molting.errors import ConfigError, MoltingError
     from molting.judging import Scorer, resolve_judges
-    from molting.training import load_policy, save_final_model, uses_bf16
+    from molting.training import load_policy, reference_for, save_final_model, uses_bf16
 
     config, params, host = context.config, context.stage_params, context.host
     unsupported = [flag for flag, value in (("--resume", config.resume), ("--save-steps", config.save_steps),
@@ -335,7 +333,9 @@ def run_ppo(context) -> dict[str, Any]:
     scorer = Scorer(resolve_judges(host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"))
     torch.manual_seed(config.seed)
     policy, tokenizer = load_policy(context)
-    reference = None if config.lora_r else copy.deepcopy(policy).eval().requires_grad_(False)
+    reference, _, _ = reference_for(policy, context, needed=True)  # None with LoRA: the adapter is disabled instead
+    if reference is not None:
+        reference.eval().requires_grad_(False)
     critic_source = context.artifacts.get("reward-model") or context.model_path
     critic = load_critic(critic_source, config.trust_remote_code)
     optimizer = torch.optim.AdamW(_trainable(policy, critic), lr=config.learning_rate, weight_decay=config.weight_decay,
