@@ -94,6 +94,10 @@ class Stage:
     demo_defaults: Mapping[str, Any] = attrs.field(factory=dict)
     default_judges: Mapping[str, float] = attrs.field(factory=dict)
     """Judges (name → weight) an online stage scores with when the run names none."""
+    inputs: type | None = None
+    """The class of what the stage hands its loss (:class:`PreferenceInputs`, ...); ``None`` for a stage
+    without a loss plugin. A loss of another stage with the same inputs runs here too (``--loss NAME=1``), and
+    the conformance suite generates example inputs of this class for the stage's losses."""
 
 
 @attrs.frozen

@@ -92,6 +92,7 @@ def molting_register_stages(register):
             default_loss="grpo",
             default_data="demo-prompts",
             metrics=METRICS,
+            inputs=molting.GroupInputs,
             params=GRPOParams,
             produces="policy",
             default_judges={"rule": 1.0},

@@ -38,6 +38,7 @@ def molting_register_stages(register):
             default_loss="dpo",
             default_data="demo-preference",
             metrics=METRICS,
+            inputs=molting.PreferenceInputs,
         )
     )
 

@@ -111,6 +111,7 @@ def molting_register_stages(register):
             default_loss="bradley-terry",
             default_data="demo-preference",
             metrics=METRICS,
+            inputs=molting.RewardInputs,
             produces="reward-model",
             # 1 epoch of the 512 demo pairs at 1e-4: 0.81 held-out accuracy, as 3 epochs at 5e-5 (docs/reward-model.md)
             demo_defaults={"learning_rate": 1e-4, "epochs": 1.0},

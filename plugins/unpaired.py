@@ -51,6 +51,7 @@ def molting_register_stages(register):
             default_loss="kto",
             default_data="demo-unpaired",
             metrics=METRICS,
+            inputs=molting.UnpairedInputs,
         )
     )
 
