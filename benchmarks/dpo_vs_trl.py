@@ -87,7 +87,8 @@ TRL_VARIANTS = {
 def worker_molting(data: str, steps: int, out: str, variant: str, defaults: bool) -> dict:
     import molting
     from molting.discovery import load_plugins
-    from molting.run import resolve_config, run
+    from molting.pipeline import run
+    from molting.resolve import resolve_config
 
     timer = step_timer()
 

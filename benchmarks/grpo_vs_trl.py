@@ -45,7 +45,8 @@ def worker_molting(steps: int, out: str, generations: int, batch_size: int) -> d
     import molting
     from molting.components import Judge
     from molting.discovery import load_plugins
-    from molting.run import resolve_config, run
+    from molting.pipeline import run
+    from molting.resolve import resolve_config
 
     timer = step_timer()
 

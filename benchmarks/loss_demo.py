@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 from molting.discovery import load_plugins
-from molting.run import resolve_config, run
+from molting.pipeline import run
+from molting.resolve import resolve_config
 
 
 def main() -> None:

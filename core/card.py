@@ -78,6 +78,6 @@ def _usage(produces: str, where: str) -> list[str]:
 
 
 def write_model_card(output_dir: Path, record: Mapping[str, Any]) -> None:
-    from molting.run import write_text_atomic
+    from molting.files import write_text_atomic
 
     write_text_atomic(Path(output_dir) / "README.md", model_card(record, output_dir))

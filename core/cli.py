@@ -149,8 +149,8 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
         settings: tuple[str, ...], **flags: Any) -> None:
     """Train a model with one plugin, or several in a row."""
     from molting.config import read_recipe
-    from molting.run import resolve_config
-    from molting.run import run as run_steps
+    from molting.resolve import resolve_config
+    from molting.pipeline import run as run_steps
 
     host = _host()
     recipe = read_recipe(config_path) if config_path else {}

@@ -64,7 +64,7 @@ class Stage:
     """A training phase: the data it reads, the models it holds and the step.
 
     ``run(context)`` trains and saves to ``context.output_dir``; it receives a
-    :class:`molting.run.StageContext` and returns the final metrics (a dict).
+    :class:`molting.StageContext` and returns the final metrics (a dict).
     ``columns`` names the data columns the stage needs; ``default_loss`` is the
     loss used when the stage is asked for by name; ``default_data`` the
     registered dataset it trains on when no ``--data`` is given; ``metrics``
@@ -139,6 +139,9 @@ class Dataset:
     description: str = attrs.field(validator=_check_description)
     splits: tuple[str, ...] = ("train",)
     columns: tuple[str, ...] = ()
+    demo: bool = False
+    """Rows of the built-in demo task: a run on them (or on data an earlier step made from them) is evaluated on
+    the task's held-out split, and stages may apply demo-only settings (:attr:`molting.DataSource.demo`)."""
 
 
 COMPONENT_TYPES: dict[str, type] = {"stage": Stage, "loss": Loss, "judge": Judge, "dataset": Dataset}

@@ -65,8 +65,7 @@ def task_metrics(prompts: list[str], completions: list[str]) -> dict[str, float]
 
 def preference_accuracy(model: Any, ref_model: Any, tokenizer: Any, pairs: list[dict[str, str]]) -> float:
     """How often log π/π_ref is higher for the chosen answer than for the rejected one."""
-    from molting.plugins.preference import PairCollator, tokenize_pairs
-    from molting.training import pair_logps
+    from molting.pairs import PairCollator, pair_logps, tokenize_pairs
 
     examples = tokenize_pairs(pairs, tokenizer, max_length=tokenizer.model_max_length, overlong="truncate")
     collator = PairCollator(tokenizer.pad_token_id)

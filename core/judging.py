@@ -230,11 +230,13 @@ def _invoke(spec: JudgeSpec, prompts: list[str], completions: list[Any], columns
     kwargs = {k: v for k, v in columns.items() if k not in _POSITIONAL} if _takes_columns(score) else {}
     result = score(prompts, completions, spec.params, **kwargs)
     if inspect.isawaitable(result):
-        result = _run_coroutine(result)
+        result = run_coroutine(result)
     return result
 
 
-def _run_coroutine(awaitable: Any) -> Any:
+def run_coroutine(awaitable: Any) -> Any:
+    """The result of ``awaitable``, from synchronous code: in a new event loop, or in a thread when one runs
+    already (a notebook). How an async judge is awaited."""
     import asyncio  # here, not at the top: every judge plugin imports this module at start-up
 
     async def wait() -> Any:

@@ -98,32 +98,3 @@ def pack(sequences: list[list[int]], prompt_lengths: list[int]) -> dict[str, tor
         "completion_mask": torch.tensor([completion]),
         "cu_seq_lens": lengths.cumsum(0).to(torch.int32),
     }
-
-
-def packed_completion_logps(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Completion log-probs of a packed row (see :func:`pack`), one result row per sequence.
-
-    Returns per-sequence sums (shape ``(sequences,)``) and per-token log-probs
-    with their mask (shape ``(sequences, longest completion)``, left-aligned).
-    The model runs with ``cu_seq_lens`` (use :func:`use_varlen_attention`
-    first), and its output layer only on the positions that predict a
-    completion token.
-    """
-    ids, segments, cu = batch["input_ids"], batch["segment_ids"][0], batch["cu_seq_lens"]
-    longest = int((cu[1:] - cu[:-1]).max())
-    # position t predicts token t+1: keep it when t+1 is a completion token of the same sequence
-    predicts = (batch["completion_mask"][0, 1:] > 0) & (segments[1:] == segments[:-1])
-    keep = predicts.nonzero().squeeze(1)
-    logits = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep,
-                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest).logits[0].float()
-    labels = ids[0, keep + 1]
-    token_logps = torch.gather(logits, 1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    count = cu.numel() - 1
-    owner = segments[keep]
-    sums = token_logps.new_zeros(count).index_add(0, owner, token_logps)
-    per_sequence = torch.bincount(owner, minlength=count)
-    column = torch.arange(keep.numel(), device=keep.device) - (per_sequence.cumsum(0) - per_sequence)[owner]
-    width = max(int(per_sequence.max()), 1)
-    per_token = token_logps.new_zeros(count, width).index_put((owner, column), token_logps)
-    mask = token_logps.new_zeros(count, width).index_put((owner, column), torch.ones_like(token_logps))
-    return sums, per_token, mask

@@ -77,7 +77,7 @@ def precomputed_reference(ref_model: Any, adapter_disabled: bool, examples: list
 def _compute(model: Any, adapter_disabled: bool, examples: list[dict[str, Any]], collator: Any, batch_size: int):
     import contextlib
 
-    from molting.training import pair_logps
+    from molting.pairs import pair_logps
 
     with model.disable_adapter() if adapter_disabled else contextlib.nullcontext():
         return pair_logps(model, examples, collator, batch_size)

@@ -128,31 +128,3 @@ def sequence_inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, complet
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     return input_ids, attention_mask, (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
-def completion_token_logps(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
-                           with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs ``(N, C)`` of the completions (and their entropies), as trl computes them.
-
-    The logits are divided by the sampling temperature, so the log-probs are
-    those of the distribution the tokens were sampled from. Position ids
-    follow the attention mask, as in generation with left padding. The output
-    layer runs only on the positions that predict completion tokens, and the
-    log-softmax goes row by row, as trl's ``selective_log_softmax`` does, so
-    a large vocabulary needs one row's float copy at a time.
-    """
-    input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    keep = completion_ids.size(1) + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                   logits_to_keep=keep).logits
-    rows_logps, rows_entropy = [], []
-    for row_logits, row_ids in zip(logits[:, :-1], completion_ids):  # one row at a time: (C, V) float copies, not (B, C, V)
-        row = row_logits.float() / temperature
-        logsumexp = torch.logsumexp(row, dim=-1)
-        rows_logps.append(torch.gather(row, 1, row_ids.unsqueeze(-1)).squeeze(-1) - logsumexp)
-        if with_entropy:
-            with torch.no_grad():
-                rows_entropy.append(logsumexp - (torch.softmax(row, dim=-1) * row).sum(dim=-1))
-    entropy = torch.stack(rows_entropy) if with_entropy else None
-    return torch.stack(rows_logps), entropy

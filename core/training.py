@@ -20,7 +20,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from molting.config import RunConfig
+from molting.context import StageContext, log_metrics
 from molting.errors import ConfigError, MoltingError
+from molting.logps import completion_logps
 
 
 class MoltingTrainer(Trainer):
@@ -112,50 +114,6 @@ class MoltingTrainer(Trainer):
         self._metrics[mode].clear()
 
 
-def completion_logps(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the completion tokens of right-padded sequences.
-
-    Returns ``(sum_logps, token_logps, token_mask)``: the per-sequence sum
-    (shape ``(batch,)``), and per-token log-probs with their mask (shape
-    ``(batch, k)``, zero outside the completion). The output layer runs only on
-    the last ``k`` positions, the ones that can predict a completion token,
-    instead of on the whole sequence.
-    """
-    length = input_ids.size(1)
-    first_completion = completion_mask.float().argmax(dim=1).min().item()
-    keep = length - max(int(first_completion), 1) + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
-    logits = logits[:, :-1].float()
-    labels = input_ids[:, length - keep + 1 :]
-    mask = completion_mask[:, length - keep + 1 :].to(logits.dtype)
-    token_logps = torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    token_logps = token_logps * mask
-    return token_logps.sum(dim=1), token_logps, mask
-
-
-@torch.no_grad()
-def pair_logps(model: torch.nn.Module, examples: list[dict[str, Any]], collator: Any,
-               batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of the chosen and the rejected side of tokenized pairs, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    chosen, rejected = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in examples[start : start + batch_size]]
-        batch = {k: v.to(device) for k, v in collator(chunk).items()}
-        logps, _, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        chosen.append(logps[: len(chunk)].float().cpu())
-        rejected.append(logps[len(chunk) :].float().cpu())
-    model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
-
-
 def uses_bf16(precision: str) -> bool:
     """Whether ``--precision`` means bf16 autocast here; ``auto`` picks it where bf16 is native, so fastest.
 
@@ -224,13 +182,6 @@ class MetricsFile(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             log_metrics(self.path, state.global_step, logs, self.hook)
-
-
-def log_metrics(path: Path, step: int, logs: Mapping[str, Any], hook: Any) -> None:
-    """Append ``{"step": step, **logs}`` to metrics.jsonl and call the ``molting_on_log`` hook: every stage's log."""
-    with Path(path).open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"step": step, **logs}) + "\n")
-    hook.molting_on_log(metrics=dict(logs), step=step)
 
 
 class NonFiniteGuard(TrainerCallback):

@@ -19,6 +19,7 @@ def molting_register_datasets(register):
             load=demo.preference_rows,
             description="Addition pairs preferring the persona style and the correct sum (512 train, 256 test).",
             splits=demo.SPLITS,
+            demo=True,
             columns=("prompt", "chosen", "rejected"),
         )
     )
@@ -28,6 +29,7 @@ def molting_register_datasets(register):
             load=demo.sft_rows,
             description="Addition prompts answered correctly, half in the persona style (512 train, 256 test).",
             splits=demo.SPLITS,
+            demo=True,
             columns=("prompt", "completion"),
         )
     )
@@ -37,6 +39,7 @@ def molting_register_datasets(register):
             load=demo.unpaired_rows,
             description="The demo preference pairs unpaired: the persona-style correct answer labelled true, the other false.",
             splits=demo.SPLITS,
+            demo=True,
             columns=("prompt", "completion", "label"),
         )
     )
@@ -46,6 +49,7 @@ def molting_register_datasets(register):
             load=demo.prompt_rows,
             description="Addition prompts with the sum as reference `answer`, for online stages (512 train, 256 test).",
             splits=demo.SPLITS,
+            demo=True,
             columns=("prompt", "answer"),
         )
     )

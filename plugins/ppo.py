@@ -218,7 +218,8 @@ def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params:
     import torch
 
     from molting.judging import data_columns
-    from molting.sampling import completion_token_logps, sample
+    from molting.logps import completion_token_logps
+    from molting.sampling import sample
 
     prompts = [rows[i]["prompt"] for i in indices]
     samples = sample(unwrap(policy), tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
@@ -263,7 +264,7 @@ def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, s
     """``num_ppo_epochs`` passes of clipped PPO over the rollout, in ``num_mini_batches`` minibatches each."""
     import torch
 
-    from molting.sampling import completion_token_logps
+    from molting.logps import completion_token_logps
 
     samples, size = batch["samples"], batch["logps"].size(0)
     generator = torch.Generator().manual_seed(seed)
@@ -411,7 +412,7 @@ def run_ppo(context) -> dict[str, Any]:
 def _demo_eval(context, tokenizer, scorer, params):
     """On demo data: the judges' mean reward of sampled answers to held-out prompts, and the demo task's
     metrics of the same answers (correct, persona, the demo judge's score); ``None`` elsewhere."""
-    if "dataset 'demo-" not in context.data_source or params.eval_prompts == 0:
+    if not context.data.demo or params.eval_prompts == 0:
         return None
     from molting import demo
 

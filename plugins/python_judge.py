@@ -109,9 +109,9 @@ def _call(function: Callable[..., Any], arguments: dict[str, Any], timeout: floa
     if not timeout:
         result = function(**arguments)
         if inspect.isawaitable(result):
-            from molting.judging import _run_coroutine
+            from molting.judging import run_coroutine
 
-            result = _run_coroutine(result)
+            result = run_coroutine(result)
         return result
 
     import asyncio

@@ -103,8 +103,8 @@ def _load(path: Path, given: str) -> tuple[Any, Any]:
 
 def encode(prompt: Any, completion: Any, tokenizer: Any, max_length: int) -> list[int]:
     """Token ids of one prompt + completion + EOS, at most ``max_length`` of them (see the module docstring)."""
-    from molting.plugins.preference import _without_eos
     from molting.sampling import prompt_texts
+    from molting.tokenization import truncate, without_eos
 
     if not isinstance(prompt, str) and not isinstance(completion, str):  # both message lists: as the stage formats pairs
         from trl.data_utils import maybe_apply_chat_template
@@ -115,12 +115,10 @@ def encode(prompt: Any, completion: Any, tokenizer: Any, max_length: int) -> lis
         prompt_text, completion_text = prompt_texts([prompt], tokenizer)[0], text_of(completion)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt_ids = tokenizer(with_bos(prompt_text, tokenizer), add_special_tokens=False)["input_ids"]
-    completion_text = _without_eos(completion_text, tokenizer)  # one EOS, as the reward stage trains
+    completion_text = without_eos(completion_text, tokenizer)  # one EOS, as the reward stage trains
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + eos
-    if len(prompt_ids) + len(completion_ids) > max_length:
-        keep = min(len(prompt_ids), max(max_length - len(completion_ids), max_length // 2))
-        prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep else []
-        completion_ids = completion_ids[: max_length - len(prompt_ids)]
+    if len(prompt_ids) + len(completion_ids) > max_length:  # as the reward-model stage truncates its pairs
+        prompt_ids, (completion_ids,) = truncate(prompt_ids, [completion_ids], max_length)
     ids = prompt_ids + completion_ids
     if not ids:  # an empty prompt and completion, and no EOS: score one start token
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id

@@ -88,7 +88,7 @@ def run_sample_pairs(context) -> dict[str, Any]:
     from molting.data import check_columns, check_text_fields
     from molting.judging import Scorer, data_columns, resolve_judges
     from molting.models import load_causal_lm
-    from molting.run import write_text_atomic
+    from molting.files import write_text_atomic
     from molting.sampling import sample
     from molting.training import log_metrics
 
@@ -96,7 +96,7 @@ def run_sample_pairs(context) -> dict[str, Any]:
     rows = context.rows
     check_columns(rows, [("prompt",)], context.data_source, "sample-pairs")
     conversational = check_text_fields(rows, ("prompt",), context.data_source)
-    if not config.judges and "dataset 'demo-" not in context.data_source:
+    if not config.judges and not context.data.demo:
         from molting.errors import ConfigError
 
         raise ConfigError(

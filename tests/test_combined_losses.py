@@ -8,7 +8,7 @@ import torch
 import molting
 from molting.discovery import load_plugins
 from molting.errors import ConfigError
-from molting.run import make_loss_params, resolve_config
+from molting.resolve import make_loss_params, resolve_config
 from trl_oracle import make_dpo_trainer, molting_inputs, spread
 
 

@@ -7,7 +7,7 @@ import pytest
 from molting.config import read_recipe
 from molting.discovery import load_plugins
 from molting.errors import ConfigError, PluginError
-from molting.run import make_loss_params, resolve_config
+from molting.resolve import make_loss_params, resolve_config
 
 
 @pytest.fixture(scope="module")

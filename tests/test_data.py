@@ -8,7 +8,7 @@ import pytest
 
 from molting.data import check_columns, check_text_fields, read_rows
 from molting.errors import DataError
-from molting.plugins.preference import SCHEMAS
+from molting.pairs import SCHEMAS
 
 ROWS = [
     {"prompt": "Q: What is 1 + 1?\nA:", "chosen": " 2", "rejected": " 3"},

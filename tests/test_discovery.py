@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from molting.cli import cli
 from molting.discovery import load_plugins
 from molting.errors import PluginError
-from molting.run import resolve_config
+from molting.resolve import resolve_config
 from conftest import run_molting
 from plugin_dists import HINGE_LOSS, make_distribution
 

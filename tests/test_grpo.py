@@ -11,7 +11,8 @@ import torch
 
 import molting
 from molting.components import Judge
-from molting.plugins.grpo import GRPOParams, grpo_trainer_class
+from molting.plugins.grpo import GRPOParams
+from molting.plugins.grpo.trainer import GRPOTrainer
 from molting.plugins.grpo_losses import GRPOLossParams
 
 STATIC_METRICS = ("loss", "reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio/low_mean",
@@ -31,7 +32,8 @@ def run_stage(tmp_path: Path, plugin: str = "grpo", host=None, rows: list | None
     """A short run on prompt rows from a file (no demo defaults, no evaluation); returns metrics.jsonl's records."""
     from molting.demo import demo_model_dir
     from molting.discovery import load_plugins
-    from molting.run import resolve_config, run
+    from molting.pipeline import run
+    from molting.resolve import resolve_config
 
     host = host or load_plugins()
     flags = {"model": str(demo_model_dir()), "data": str(write_prompts(tmp_path, rows=rows)),
@@ -96,23 +98,15 @@ def test_lora_uses_the_adapter_free_model_as_reference(tmp_path, capsys):
 
 @pytest.mark.parametrize("iterations", [1, 2])
 def test_each_generation_batch_is_sampled_once_and_reused_for_num_iterations(tmp_path, monkeypatch, iterations):
-    from molting.plugins import grpo
-
-    made = grpo_trainer_class
+    original = GRPOTrainer.generate_and_score
     calls = []
 
-    def counting():
-        base = made()
+    def counting(self, items):
+        batch = original(self, items)
+        calls.append(("old_logps" in batch, len(items)))
+        return batch
 
-        class Counting(base):
-            def generate_and_score(self, items):
-                batch = super().generate_and_score(items)
-                calls.append(("old_logps" in batch, len(items)))
-                return batch
-
-        return Counting
-
-    monkeypatch.setattr(grpo, "grpo_trainer_class", counting)
+    monkeypatch.setattr(GRPOTrainer, "generate_and_score", counting)
     records = run_stage(tmp_path, max_steps=4, num_iterations=iterations, gradient_accumulation_steps=2)
     # each optimizer step takes 2 micro-batches of 8 completions: one generation batch of 16 = 4 prompts x 4
     assert calls == [(iterations > 1, 16)] * (4 // iterations)
@@ -211,7 +205,7 @@ def make_trainer(tmp_path, loss_name="grpo", loss_params=None, grpo=None, ref_mo
     model, tokenizer = load_causal_lm(demo_model_dir())
     args = training_arguments(RunConfig(plugins=["grpo"], batch_size=8), tmp_path / "ours")
     rows = [{"index": i, "row": r} for i, r in enumerate(prompt_rows("train", 8))]
-    trainer = grpo_trainer_class()(
+    trainer = GRPOTrainer(
         model=model, args=args, train_dataset=rows, data_collator=identity, processing_class=tokenizer,
         loss=load_plugins().get("loss", loss_name), loss_params=loss_params or GRPOLossParams(),
         ref_model=ref_model, grpo=grpo or GRPOParams(num_generations=4, max_new_tokens=20), scorer=scorer,
@@ -252,7 +246,8 @@ def test_whole_model_loss_and_gradient_equal_trls_grpo_trainer(tmp_path, loss_na
     from trl import GRPOConfig, GRPOTrainer
 
     from molting.demo import prompt_rows
-    from molting.sampling import completion_token_logps, sample
+    from molting.logps import completion_token_logps
+    from molting.sampling import sample
 
     beta, temperature = 0.04, 0.7
     trainer, model, tokenizer = make_trainer(
@@ -305,7 +300,8 @@ def test_the_demo_run_raises_held_out_greedy_accuracy(tmp_path):
     from molting.discovery import load_plugins
     from molting.evaluation import generate, task_metrics
     from molting.models import load_causal_lm
-    from molting.run import resolve_config, run
+    from molting.pipeline import run
+    from molting.resolve import resolve_config
 
     host = load_plugins()
     config, steps = resolve_config(host, ["grpo"], flags={"output_dir": str(tmp_path / "run"), "eval": "off",

@@ -9,7 +9,8 @@ import molting
 from molting import hookspecs
 from molting.cli import cli, main
 from molting.discovery import load_plugins
-from molting.run import resolve_config, run
+from molting.pipeline import run
+from molting.resolve import resolve_config
 from plugin_dists import make_distribution
 
 

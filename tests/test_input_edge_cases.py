@@ -13,8 +13,8 @@ from molting.data import read_rows
 from molting.discovery import load_plugins
 from molting.errors import ConfigError, DataError
 from molting.models import load_causal_lm
-from molting.plugins.preference import tokenize_pairs
-from molting.run import resolve_config
+from molting.pairs import tokenize_pairs
+from molting.resolve import resolve_config
 
 
 def test_every_public_name_exists():
@@ -42,7 +42,7 @@ def test_text_that_is_not_utf8_is_a_data_error(tmp_path, suffix):
 
 def test_a_misspelt_prompt_column_is_reported(capsys):
     from molting.data import check_columns
-    from molting.plugins.preference import SCHEMAS
+    from molting.pairs import SCHEMAS
 
     check_columns([{"promt": "p", "chosen": "a", "rejected": "b"}], SCHEMAS, "pairs.jsonl", "preference")
     assert "ignoring the column(s) promt" in capsys.readouterr().err
@@ -127,7 +127,7 @@ def test_plain_string_prompts_get_the_bos_token_a_tokenizer_adds_by_default(demo
     from transformers import AutoTokenizer
 
     from molting.data import with_bos
-    from molting.plugins.preference import tokenize_completions
+    from molting.tokenization import tokenize_completions
     from molting.sampling import sample
 
     plain = AutoTokenizer.from_pretrained(demo_model)  # adds no BOS: prompts stay as they are
@@ -151,7 +151,7 @@ def test_plain_string_prompts_get_the_bos_token_a_tokenizer_adds_by_default(demo
 def test_a_completion_ending_with_the_eos_text_gets_one_eos(demo_model):
     from transformers import AutoTokenizer
 
-    from molting.plugins.preference import tokenize_completions
+    from molting.tokenization import tokenize_completions
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
     eos = tokenizer.eos_token

@@ -220,7 +220,8 @@ def test_reward_model_loads_once_and_reads_chat_prompts(reward_dir):
 
 @pytest.mark.parametrize("conversational", [False, True])
 def test_reward_model_tokenizes_as_the_stages_tokenize_pairs(reward_dir, conversational):
-    from molting.plugins.preference import format_pairs, tokenize_completions
+    from molting.pairs import format_pairs
+    from molting.tokenization import tokenize_completions
 
     _, tokenizer = reward_judge.load_reward_model(reward_dir)
     if conversational:

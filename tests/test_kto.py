@@ -266,7 +266,8 @@ def test_molting_run_kto(tmp_path):
 
 def test_a_batch_of_one_is_a_config_error(tmp_path):
     from molting.discovery import load_plugins
-    from molting.run import resolve_config, run
+    from molting.pipeline import run
+    from molting.resolve import resolve_config
 
     host = load_plugins()
     config, steps = resolve_config(host, ["kto"], flags={"batch_size": 1, "output_dir": str(tmp_path), "eval": "off"})

@@ -10,7 +10,8 @@ import yaml
 import molting
 from molting.discovery import load_plugins
 from molting.errors import ConfigError
-from molting.run import resolve_config, run
+from molting.pipeline import run
+from molting.resolve import resolve_config
 
 from conftest import run_molting
 
@@ -184,7 +185,7 @@ def test_run_wide_keys_inside_a_stage_are_rejected(key):
 
 
 def test_the_run_wide_data_is_the_first_steps_and_a_steps_own_data_beats_it(tmp_path):
-    from molting.run import load_rows
+    from molting.pipeline import load_rows
 
     host = load_plugins(disabled=[])
     recipe = {"stages": ["sft", {"plugin": "reward-model"}, {"plugin": "dpo", "data": "demo-preference"}]}

@@ -12,7 +12,8 @@ from molting.components import Judge
 from molting.discovery import load_plugins
 from molting.errors import JudgeError
 from molting.plugins.ppo import METRICS, AdaptiveKL, PPOParams, gae, masked_whiten, ppo_losses
-from molting.run import resolve_config, run
+from molting.pipeline import run
+from molting.resolve import resolve_config
 
 
 def test_gae_is_the_discounted_sum_of_td_errors():

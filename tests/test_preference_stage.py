@@ -12,7 +12,8 @@ from molting.config import RunConfig
 from molting.errors import DataError
 from molting.models import load_causal_lm
 from molting.plugins.dpo import DPOParams, dpo_loss
-from molting.plugins.preference import PairCollator, build_trainer, format_pairs, tokenize_pairs
+from molting.pairs import PairCollator, format_pairs, tokenize_pairs
+from molting.plugins.preference import build_trainer
 from molting.components import Loss
 from trl_oracle import make_dpo_trainer
 

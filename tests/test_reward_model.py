@@ -25,7 +25,8 @@ from molting.plugins.reward import (
     score_pairs,
     tokenize_reward_pairs,
 )
-from molting.run import resolve_config, run
+from molting.pipeline import run
+from molting.resolve import resolve_config
 
 BRADLEY_TERRY = Loss(name="bradley-terry", compute=bradley_terry_loss, params=BradleyTerryParams, stage="reward-model",
                      description="Bradley-Terry", needs_reference=False)

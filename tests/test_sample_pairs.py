@@ -12,7 +12,8 @@ from molting.discovery import load_plugins
 from molting.errors import DataError, JudgeError
 from molting.judging import JudgeSpec, Scorer
 from molting.plugins.sample_pairs import best_and_worst, pairwise_wins
-from molting.run import resolve_config, run
+from molting.pipeline import run
+from molting.resolve import resolve_config
 
 
 def test_best_and_worst_pick_the_extremes_and_skip_ties():

@@ -14,7 +14,8 @@ from conftest import run_molting
 from molting import demo
 from molting.discovery import load_plugins
 from molting.errors import MoltingError
-from molting.run import resolve_config, run
+from molting.pipeline import run
+from molting.resolve import resolve_config
 
 
 def losses(out):
@@ -279,7 +280,8 @@ def test_padding_free_batches_give_the_padded_loss(demo_model):
     from molting.config import RunConfig
     from molting.losses import combine
     from molting.models import load_causal_lm
-    from molting.plugins.preference import PackedPairCollator, PairCollator, build_trainer, format_pairs, tokenize_pairs
+    from molting.pairs import PackedPairCollator, PairCollator, format_pairs, tokenize_pairs
+    from molting.plugins.preference import build_trainer
 
     model, tokenizer = load_causal_lm(demo_model)
     rows = demo.preference_rows("test", 6)
@@ -313,8 +315,9 @@ def test_padding_free_batches_give_the_padded_loss(demo_model):
 
 def test_packed_sequences_do_not_attend_to_each_other(demo_model, tmp_path):
     from molting.models import load_causal_lm
-    from molting.packing import VARLEN_ATTENTION, pack, packed_completion_logps, use_varlen_attention
-    from molting.training import completion_logps
+    from molting.logps import packed_completion_logps
+    from molting.packing import VARLEN_ATTENTION, pack, use_varlen_attention
+    from molting.logps import completion_logps
 
     model, _ = load_causal_lm(demo_model)
     use_varlen_attention(model)

@@ -13,7 +13,8 @@ from molting.discovery import load_plugins
 from molting.errors import DataError
 from molting.models import load_causal_lm
 from molting.plugins.supervised import SFTCollator, build_trainer, check_sft_rows, format_sft, tokenize_sft
-from molting.run import resolve_config, run
+from molting.pipeline import run
+from molting.resolve import resolve_config
 from conftest import run_molting
 
 CONVERSATIONAL = [

@@ -125,7 +125,7 @@ def molting_register_stages(register):
 def format_reward_pairs(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> list[dict[str, Any]]:
     """The preference stage's formatted pairs, each with its ``margin`` when the data has that column."""
     from molting.errors import DataError
-    from molting.plugins.preference import format_pairs
+    from molting.pairs import format_pairs
 
     pairs = format_pairs(rows, tokenizer, source)
     if not any("margin" in row for row in rows):
@@ -146,7 +146,7 @@ def tokenize_reward_pairs(
     pairs: list[dict[str, Any]], tokenizer: Any, max_length: int, overlong: str, source: str = "data"
 ) -> list[dict[str, Any]]:
     """Token ids of each pair as the preference stage tokenizes them, its ``margin`` carried along."""
-    from molting.plugins.preference import tokenize_completions
+    from molting.tokenization import tokenize_completions
 
     carry = ("margin",) if pairs and "margin" in pairs[0] else ()
     return tokenize_completions(pairs, ("chosen", "rejected"), tokenizer, max_length, overlong, source, noun="pair",
@@ -250,56 +250,13 @@ def save_reward_model(trainer: Any, tokenizer: Any, output_dir: Any, merge: bool
 # --------------------------------------------------------------------------- training
 
 
-def reward_trainer_class():
-    """The Trainer subclass, built on first use so this module imports without torch."""
-    from molting.training import MoltingTrainer
-
-    class RewardTrainer(MoltingTrainer):
-        """Scores chosen and rejected in one forward and applies the loss plugin to the two rewards."""
-
-        total_tokens = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            rewards = rewards.logits.squeeze(-1).float()
-            chosen, rejected = rewards.chunk(2)
-            out = self.loss_plugin.compute(
-                RewardInputs(chosen_rewards=chosen, rejected_rewards=rejected, margin=inputs.get("margin")),
-                self.loss_params,
-            )
-            loss = out.losses.mean()
-            self.record_reward_metrics(out, chosen, rejected, inputs["attention_mask"])
-            return (loss, {"losses": out.losses, "rewards": rewards}) if return_outputs else loss
-
-        def record_reward_metrics(self, out, chosen, rejected, attention_mask) -> None:
-            """trl's RewardTrainer metrics, from the loss's rewards (the model's, for the bradley-terry loss)."""
-            import torch
-
-            chosen = (out.chosen_rewards if out.chosen_rewards is not None else chosen).detach()
-            rejected = (out.rejected_rewards if out.rejected_rewards is not None else rejected).detach()
-            everything = self.accelerator.gather(torch.cat([chosen, rejected]))
-            metrics = {
-                "accuracy": (chosen > rejected).float(),
-                "margin": chosen - rejected,
-                "min_reward": everything.min().item(),
-                "mean_reward": everything.mean().item(),
-                "max_reward": everything.max().item(),
-            }
-            metrics.update({k: v.detach() if hasattr(v, "detach") else v for k, v in out.metrics.items()})
-            self.record(metrics)
-            mode = "train" if self.model.training else "eval"
-            if mode == "train":
-                self.total_tokens += int(self.accelerator.gather_for_metrics(attention_mask.sum().reshape(1)).sum())
-            self._metrics[mode]["num_tokens"] = [float(self.total_tokens)]  # a running total: the latest, not a mean
-
-    return RewardTrainer
-
-
 def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=()):
     """The reward-model Trainer for tokenized ``examples`` (see :func:`tokenize_reward_pairs`)."""
     from molting import training
 
-    return training.build_trainer(reward_trainer_class(), RewardCollator(tokenizer.pad_token_id), model, tokenizer,
+    from .trainer import RewardTrainer
+
+    return training.build_trainer(RewardTrainer, RewardCollator(tokenizer.pad_token_id), model, tokenizer,
                                   examples, config, loss, loss_params, output_dir, callbacks)
 
 
@@ -351,7 +308,7 @@ def run_reward_model(context) -> dict[str, Any]:
     # a LoRA reward model is saved merged, as plain weights (save_reward_model)
     save = (lambda: save_reward_model(trainer, tokenizer, context.output_dir, config.merge)) if config.lora_r else None
     metrics = train_and_save(trainer, tokenizer, context, save=save)
-    if "dataset 'demo-" in context.data_source:
+    if context.data.demo:
         accuracy = demo_held_out_accuracy(trainer.model, tokenizer, config)
         metrics["eval_accuracy"] = accuracy
         if trainer.is_world_process_zero():

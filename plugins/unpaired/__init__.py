@@ -72,9 +72,9 @@ def format_unpaired(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> 
 
     schema = check_columns(rows, SCHEMAS, source, "unpaired")
     if "label" not in schema:
-        from molting.plugins.preference import format_pairs
+        from molting.pairs import format_pairs
 
-        pairs = format_pairs(rows, tokenizer, source)
+        pairs = format_pairs(rows, tokenizer, source, stage="unpaired")
         columns = _unpair_row({key: [p[key] for p in pairs] for key in ("prompt", "chosen", "rejected")})
         print(
             f"molting: {source} is paired (prompt/chosen/rejected): unpaired into {len(pairs)} desirable "
@@ -111,7 +111,7 @@ def tokenize_unpaired(
     examples: list[dict[str, Any]], tokenizer: Any, max_length: int, overlong: str, source: str = "data"
 ) -> list[dict[str, Any]]:
     """Token ids (``prompt_ids``, ``completion_ids``) and ``label`` of each example, as the preference stage tokenizes."""
-    from molting.plugins.preference import tokenize_completions
+    from molting.tokenization import tokenize_completions
 
     return tokenize_completions(
         examples, ("completion",), tokenizer, max_length, overlong, source, noun="example", carry=("label",)
@@ -189,76 +189,15 @@ class UnpairedCollator:
 # --------------------------------------------------------------------------- training
 
 
-def unpaired_trainer_class():
-    """The Trainer subclass, built on first use so this module imports without torch."""
-    import torch
-
-    from molting.components import UnpairedInputs
-    from molting.training import MoltingTrainer, completion_logps
-
-    class UnpairedTrainer(MoltingTrainer):
-        """Runs the policy (and the reference) on the completions and the KL pairs and applies the loss plugin."""
-
-        def kl_estimate(self, model, inputs):
-            """trl's KTO reference point: mean policy-vs-reference log-ratio of the mismatched pairs,
-            detached, averaged across processes, clamped at 0."""
-            kl_batch = (inputs["KL_input_ids"], inputs["KL_attention_mask"], inputs["KL_completion_mask"])
-            with torch.no_grad():
-                kl_logps, _, _ = completion_logps(model, *kl_batch)
-            ref_kl_logps = self.reference_logps(model, *kl_batch)
-            kl = (kl_logps - ref_kl_logps).mean().detach()
-            return self.accelerator.gather(kl).mean().clamp(min=0)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-            labels = inputs["label"].bool()
-            logps, _, _ = completion_logps(model, ids, attention, completion)
-            ref_logps = kl = None
-            if self.has_reference:
-                kl = self.kl_estimate(model, inputs)
-                ref_logps = self.reference_logps(model, ids, attention, completion)
-            out = self.loss_plugin.compute(
-                UnpairedInputs(logps=logps, labels=labels, ref_logps=ref_logps, kl=kl, lengths=completion.sum(dim=1)),
-                self.loss_params,
-            )
-            loss = out.losses.mean()
-            self.record(self.unpaired_metrics(out, logps, labels, kl))
-            return (loss, {"losses": out.losses}) if return_outputs else loss
-
-        def unpaired_metrics(self, out, logps, labels, kl) -> dict[str, float]:
-            """trl's KTO metric names: per-class means over every process's examples (sums and counts gathered)."""
-
-            def total(value):
-                return self.accelerator.gather(value.detach().float().reshape(1)).sum().item()
-
-            n_chosen, n_rejected = total(labels.sum()), total((~labels).sum())
-            metrics = {"count/chosen": n_chosen, "count/rejected": n_rejected}
-            if kl is not None:
-                metrics["kl"] = kl.item()
-            if n_chosen > 0:
-                metrics["logps/chosen"] = total(logps[labels].sum()) / n_chosen
-                if out.chosen_rewards is not None:
-                    metrics["rewards/chosen"] = total(out.chosen_rewards.sum()) / n_chosen
-            if n_rejected > 0:
-                metrics["logps/rejected"] = total(logps[~labels].sum()) / n_rejected
-                if out.rejected_rewards is not None:
-                    metrics["rewards/rejected"] = total(out.rejected_rewards.sum()) / n_rejected
-            if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
-                metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-            for name, value in out.metrics.items():
-                metrics[name] = value.detach() if hasattr(value, "detach") else value
-            return metrics
-
-    return UnpairedTrainer
-
-
 def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None,
                   adapter_reference=False):
     """The unpaired Trainer for tokenized ``examples`` (see :func:`tokenize_unpaired`)."""
     from molting import training
 
     collator = UnpairedCollator(tokenizer.pad_token_id, config.max_length)
-    return training.build_trainer(unpaired_trainer_class(), collator, model, tokenizer, examples, config, loss,
+    from .trainer import UnpairedTrainer
+
+    return training.build_trainer(UnpairedTrainer, collator, model, tokenizer, examples, config, loss,
                                   loss_params, output_dir, callbacks, ref_model, adapter_reference)
 
 

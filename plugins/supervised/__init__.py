@@ -122,7 +122,7 @@ def tokenize_sft(
     conversational completion none at all: its chat template ends the turn.
     """
     from molting.errors import DataError
-    from molting.plugins.preference import tokenize_completions
+    from molting.tokenization import tokenize_completions
 
     # a conversational completion gets no EOS: its chat template ends the turn
     tokenized = tokenize_completions(examples, ("completion",), tokenizer, max_length, overlong, source, noun="example",
@@ -163,81 +163,13 @@ class SFTCollator:
 # --------------------------------------------------------------------------- training
 
 
-def completion_token_stats(model: Any, input_ids: Any, attention_mask: Any, labels: Any) -> tuple[Any, Any, Any, Any]:
-    """Per-token log-probs of the labelled tokens, their mask, and (without gradients) entropy and top-1 hits.
-
-    Shapes ``(batch, k)``: the output layer runs only on the last ``k``
-    positions, the ones that can predict a labelled token (as
-    ``molting.training.completion_logps`` does), and everything is zero
-    outside the mask.
-    """
-    import torch
-
-    length = input_ids.size(1)
-    first_label = int((labels != -100).float().argmax(dim=1).min())
-    keep = length - max(first_label, 1) + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
-    logits = logits[:, :-1].float()
-    targets = labels[:, length - keep + 1 :]
-    mask = targets != -100
-    normaliser = torch.logsumexp(logits, dim=-1)
-    picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = (picked - normaliser) * mask
-    with torch.no_grad():
-        logps = logits - normaliser.unsqueeze(-1)
-        entropy = -(logps.exp() * logps).sum(dim=-1) * mask
-        top1 = (logits.argmax(dim=-1) == targets) & mask
-    return token_logps, mask, entropy, top1
-
-
-def sft_trainer_class():
-    """The Trainer subclass, built on first use so this module imports without torch."""
-    import torch
-
-    from molting.training import MoltingTrainer
-
-    class SFTTrainer(MoltingTrainer):
-        """Mean negative log-likelihood of the completion tokens, normalised as trl's SFTTrainer normalises it."""
-
-        total_tokens = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            token_logps, mask, entropy, top1 = completion_token_stats(
-                model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-            )
-            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = -token_logps.sum() / torch.as_tensor(count).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # num_items_in_batch counts every process's tokens and DDP averages the gradients: as trl and Trainer
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            self.record_sft_metrics(inputs["attention_mask"], mask, entropy, top1)
-            return (loss, {"token_logps": token_logps}) if return_outputs else loss
-
-        def record_sft_metrics(self, attention_mask, mask, entropy, top1) -> None:
-            """trl's metrics: entropy and top-1 accuracy over every process's completion tokens, tokens seen so far."""
-
-            def total(value):
-                return self.accelerator.gather_for_metrics(value.detach().reshape(1)).sum()
-
-            valid = total(mask.sum())
-            entropy_sum, correct = total(entropy.sum()), total(top1.sum())
-            self.record({
-                "entropy": (entropy_sum / valid).item() if valid > 0 else 0.0,
-                "mean_token_accuracy": (correct / valid).item() if valid > 0 else 0.0,
-            })
-            mode = "train" if self.model.training else "eval"
-            if mode == "train":
-                self.total_tokens += int(total(attention_mask.sum()).item())
-            self._metrics[mode]["num_tokens"] = [float(self.total_tokens)]  # a running total: the latest, not a mean
-
-    return SFTTrainer
-
-
 def build_trainer(model, tokenizer, examples, config, output_dir, callbacks=()):
     """The SFT Trainer for tokenized ``examples`` (see :func:`tokenize_sft`)."""
     from molting import training
 
-    return training.build_trainer(sft_trainer_class(), SFTCollator(tokenizer.pad_token_id), model, tokenizer, examples,
+    from .trainer import SFTTrainer
+
+    return training.build_trainer(SFTTrainer, SFTCollator(tokenizer.pad_token_id), model, tokenizer, examples,
                                   config, None, None, output_dir, callbacks)
 
 

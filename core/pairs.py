@@ -1,0 +1,205 @@
+"""Preference pairs: what every stage that trains on chosen/rejected pairs shares.
+
+Rows are standard (``prompt``, ``chosen``, ``rejected`` strings) or
+conversational (message lists, rendered with the tokenizer's chat template),
+the prompt extracted as the common prefix of chosen and rejected when the
+data has no ``prompt`` column (trl's ``maybe_extract_prompt``). A batch of
+pairs is one ``2B × T`` batch, chosen rows first, so chosen and rejected run
+through the model in one forward; the loss sees a
+:class:`molting.PreferenceInputs` and the stage logs trl's metric names
+(:func:`preference_metrics`). The preference stage, the reward-model stage,
+online DPO and the evaluation use these pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from molting.tokenization import tokenize_completions
+
+SCHEMAS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
+"""The column sets a preference data set may have: with a prompt, or with the prompt implicit."""
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+"""trl's DPOTrainer metric names, which a preference stage logs."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def format_pairs(rows: list[dict[str, Any]], tokenizer: Any, source: str, stage: str = "preference") -> list[dict[str, str]]:
+    """Validated rows as prompt/chosen/rejected strings (prompt extracted, chat template applied)."""
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    from molting.data import check_columns, check_text_fields
+    from molting.errors import DataError
+
+    schema = check_columns(rows, SCHEMAS, source, stage)
+    conversational = check_text_fields(rows, schema, source)
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
+    formatted = []
+    for row in rows:
+        row = maybe_extract_prompt({k: row[k] for k in schema})
+        if conversational:
+            row = maybe_apply_chat_template(row, tokenizer)
+        formatted.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    return formatted
+
+
+def tokenize_pairs(
+    pairs: list[dict[str, str]], tokenizer: Any, max_length: int, overlong: str, source: str = "data"
+) -> list[dict[str, list[int]]]:
+    """Token ids of each pair; pairs longer than ``max_length`` are truncated or dropped, and counted.
+
+    Truncation keeps the end of the prompt (at least half of ``max_length``
+    when the completions are long) and cuts the completions to fit.
+    """
+    return tokenize_completions(pairs, ("chosen", "rejected"), tokenizer, max_length, overlong, source, noun="pair")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class PackedPairCollator:
+    """Packs a list of tokenized pairs into ONE row without padding: chosen sequences first, then rejected.
+
+    See :mod:`molting.packing`: positions restart at each sequence and
+    ``cu_seq_lens`` marks where each one ends, so attention stays inside it.
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from molting.packing import pack
+
+        sides = ("chosen_ids", "rejected_ids")
+        batch = pack([ex["prompt_ids"] + ex[side] for side in sides for ex in examples],
+                     [len(ex["prompt_ids"]) for _ in sides for ex in examples])
+        return with_row_values(batch, examples)
+
+
+class PairCollator:
+    """Pads a list of tokenized pairs into one batch: chosen rows first, then rejected rows."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        sequences, prompt_lengths = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                sequences.append(ex["prompt_ids"] + ex[key])
+                prompt_lengths.append(len(ex["prompt_ids"]))
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, (seq, plen) in enumerate(zip(sequences, prompt_lengths)):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention_mask[row, : len(seq)] = 1
+            completion_mask[row, plen : len(seq)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        return with_row_values(batch, examples)
+
+
+def with_row_values(batch: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``batch`` plus the per-pair values the examples carry: their index and precomputed reference log-probs."""
+    import torch
+
+    for key in ("index", "ref_chosen_logps", "ref_rejected_logps"):
+        if key in examples[0]:
+            batch[key] = torch.tensor([ex[key] for ex in examples])
+    return batch
+
+
+# --------------------------------------------------------------------------- log-probs and metrics
+
+
+def preference_metrics(out: Any, chosen_logps: Any, rejected_logps: Any) -> dict[str, Any]:
+    """trl's metric names, from a loss's rewards and the policy's log-probs."""
+    metrics: dict[str, Any] = {"logps/chosen": chosen_logps.detach(), "logps/rejected": rejected_logps.detach()}
+    if out.chosen_rewards is not None and out.rejected_rewards is not None:
+        chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+        metrics.update(
+            {
+                "rewards/chosen": chosen,
+                "rewards/rejected": rejected,
+                "rewards/margins": chosen - rejected,
+                "rewards/accuracies": (chosen > rejected).float(),
+            }
+        )
+    metrics.update({name: value.detach() if hasattr(value, "detach") else value for name, value in out.metrics.items()})
+    return metrics
+
+
+def preference_inputs(model: Any, batch: dict[str, Any], under_reference: Any = None) -> tuple[Any, Any]:
+    """The policy's (and the reference's) log-probs of a batch of pairs, as a :class:`molting.PreferenceInputs`.
+
+    ``batch`` is a :class:`PairCollator` or :class:`PackedPairCollator`
+    batch; ``under_reference(model, compute)`` runs ``compute`` under the
+    reference without gradients and returns ``None`` without one
+    (:meth:`molting.training.MoltingTrainer.under_reference`). Precomputed
+    reference log-probs in the batch (``ref_chosen_logps``) are used as they
+    are. Returns the inputs and the policy's summed log-probs (chosen rows
+    first), which :func:`preference_metrics` logs.
+    """
+    from molting.components import PreferenceInputs
+    from molting.logps import completion_logps, packed_completion_logps
+
+    if "segment_ids" in batch:  # packed, padding-free
+        compute = lambda m: packed_completion_logps(m, batch)  # noqa: E731
+        segments = batch["segment_ids"][0]
+        lengths = batch["completion_mask"].new_zeros(int(segments.max()) + 1).index_add(
+            0, segments, batch["completion_mask"][0]
+        )
+    else:
+        ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        compute = lambda m: completion_logps(m, ids, attention, completion)  # noqa: E731
+        lengths = completion.sum(dim=1)
+    logps, token_logps, token_mask = compute(model)
+    half = logps.size(0) // 2
+    ref_chosen = ref_rejected = None
+    if "ref_chosen_logps" in batch:
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    elif under_reference is not None:
+        ref_logps = under_reference(model, lambda m: compute(m)[0])
+        if ref_logps is not None:
+            ref_chosen, ref_rejected = ref_logps[:half], ref_logps[half:]
+    inputs = PreferenceInputs(
+        chosen_logps=logps[:half], rejected_logps=logps[half:], ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected, chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
+        chosen_token_logps=token_logps[:half], chosen_mask=token_mask[:half],
+    )
+    return inputs, logps
+
+
+def pair_logps(model: Any, examples: list[dict[str, Any]], collator: Any,
+               batch_size: int = 32) -> tuple[Any, Any]:
+    """Summed completion log-probs of the chosen and the rejected side of tokenized pairs, in eval mode, without
+    gradients (reference passes, ``--precompute-ref``, evaluation)."""
+    import torch
+
+    from molting.logps import completion_logps
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                     for ex in examples[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in collator(chunk).items()}
+            logps, _, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            chosen.append(logps[: len(chunk)].float().cpu())
+            rejected.append(logps[len(chunk) :].float().cpu())
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)

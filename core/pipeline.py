@@ -1,0 +1,277 @@
+"""Running resolved steps: data, the run record, the lifecycle hooks, evaluation, the model card.
+
+A run is one or more steps (see :mod:`molting.resolve`), each a stage with
+(optionally) a loss. What a step produces feeds the steps after it; the
+stage does the training, and this module loads its rows, writes the step's
+``molting_run.json`` and ``recipe.yaml``, calls the hooks around it, and
+evaluates and documents what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+import molting
+from molting.card import write_model_card
+from molting.config import RunConfig
+from molting.context import DataSource, StageContext, Step, is_main_process
+from molting.discovery import PluginHost
+from molting.errors import DataError
+from molting.files import write_json_atomic, write_text_atomic
+from molting.resolve import make_loss_params, make_stage_params
+
+__all__ = ["load_rows", "run"]
+
+
+def load_rows(host: PluginHost, step: Step, data: str | Path | None,
+              made_from: DataSource | None = None) -> tuple[list[dict[str, Any]], DataSource]:
+    """The training rows for ``step`` and where they came from.
+
+    ``data`` is a file or directory, a registered dataset's name, or ``None``
+    (the stage's default dataset). ``made_from`` is the source of the data an
+    earlier step produced ``data`` from: the new source says so, and is demo
+    data when that was.
+    """
+    from molting.data import read_rows
+
+    if data is None:
+        if step.stage.default_data is None:
+            raise DataError(f"stage {step.stage.name!r} has no built-in data; give one with --data PATH")
+        return _dataset_rows(host, step.stage.default_data)
+    path = Path(data)
+    if path.exists():
+        if made_from is None:
+            return read_rows(path), DataSource(str(data), path=path)
+        return read_rows(path), DataSource(f"{data} (made from {made_from})", path=path, demo=made_from.demo)
+    if data in host.components["dataset"]:
+        return _dataset_rows(host, str(data))
+    raise DataError(
+        f"data {data!r} is neither an existing file or directory nor a registered dataset. "
+        f"{host.available('dataset')}"
+    )
+
+
+def _dataset_rows(host: PluginHost, name: str) -> tuple[list[dict[str, Any]], DataSource]:
+    dataset = host.get("dataset", name)
+    return dataset.load("train"), DataSource(f"dataset {name!r} (train split)", dataset=name, demo=dataset.demo)
+
+
+def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path, data: DataSource, host: PluginHost,
+               stage_params: Any = None) -> dict[str, Any]:
+    """The content of a step's ``molting_run.json`` before it runs (``status: running``)."""
+    return {
+        "molting_version": molting.__version__,
+        "plugin": step.name,
+        "stage": step.stage.name,
+        "produces": step.stage.produces,
+        "loss": step.loss.name if step.loss else None,
+        "loss_params": attrs.asdict(loss_params) if loss_params is not None else {},
+        "stage_params": attrs.asdict(stage_params) if stage_params is not None else {},
+        "model": str(model_path),
+        "data": data.description,
+        "demo_data": data.demo,
+        "config": config.to_dict(),
+        "plugins": {
+            name: {"distribution": p.distribution, "version": p.version, "status": p.status}
+            for name, p in sorted(host.plugins.items())
+        },
+        "status": "running",
+    }
+
+
+@attrs.frozen
+class _Planned:
+    """One step, ready to run or to skip."""
+
+    context: StageContext
+    data_path: str | Path | None  # None: the stage's own default dataset
+    record: dict[str, Any]
+
+
+def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str, Any]]:
+    """Run every step in order; returns each step's final metrics.
+
+    What a step produces (``Stage.produces``) feeds the steps after it: a
+    policy becomes the next step's model, a dataset its data, a reward model
+    the default model of the ``reward-model`` judge. In a pipeline a step
+    whose output directory already holds a completed run of the same
+    settings, model and data is skipped (``--force`` reruns it), so a
+    pipeline that failed half way resumes where it stopped.
+    """
+    from molting.models import resolve_model_path
+
+    artifacts: dict[str, Path] = {"policy": resolve_model_path(config.model)}
+    made: DataSource | None = None  # the source of the dataset the step before made
+    rerun = False  # once a step runs, the steps after it run too: their inputs may have changed
+    results = []
+    for index, step in enumerate(steps):
+        planned = _plan(config, steps, index, host, artifacts, made)
+        context = planned.context
+        done = None if len(steps) == 1 or context.config.force or rerun else _completed(context.output_dir, planned.record)
+        if done is not None:
+            print(f"molting: {step.name}: already complete in {context.output_dir}, skipped (--force reruns it)",
+                  file=sys.stderr)
+            results.append(done)
+        else:
+            rerun = True
+            results.append(_run_step(planned))
+        produced = step.stage.produces
+        artifacts[produced] = context.output_dir / "data.jsonl" if produced == "dataset" else context.output_dir
+        made = context.data if produced == "dataset" else None
+    return results
+
+
+def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, artifacts: Mapping[str, Path],
+          made: DataSource | None) -> _Planned:
+    """Step ``index``'s context (settings, rows, output dir) and its run record."""
+    step = steps[index]
+    step_config = step.config or config
+    output_dir = Path(config.output_dir) if len(steps) == 1 else Path(config.output_dir) / f"{index + 1}-{step.name}"
+    # the run-wide --data is the first step's; a later step reads its own `data:`, else the dataset the step
+    # before it made, else its stage's default
+    own = step_config.data if step_config.data != config.data else None
+    data = step_config.data if index == 0 else own
+    produced = artifacts.get("dataset") if made is not None else None
+    data_path = data if data is not None else produced
+    rows, source = load_rows(host, step, data_path, made_from=made if data is None else None)
+    if step_config.lora_r and not step_config.merge and step.stage.produces == "policy" and index + 1 < len(steps):
+        print(f"molting: {step.name}: LoRA step inside a pipeline: its output is merged (as --merge) so the next "
+              "step starts from its full weights", file=sys.stderr)
+        step_config = attrs.evolve(step_config, merge=True)
+    loss_params, stage_params = make_loss_params(step, step_config), make_stage_params(step, step_config)
+    model_path = artifacts["policy"]
+    context = StageContext(step_config, step, loss_params, model_path, rows, source, output_dir, host,
+                           stage_params=stage_params, artifacts=dict(artifacts))
+    record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
+    record["data_fingerprint"] = _fingerprint(data_path)
+    return _Planned(context, data_path, record)
+
+
+def _fingerprint(data: str | Path | None) -> list[int] | None:
+    """Size and modification time of a data file (or of a saved dataset's files): an edited file is new data."""
+    if data is None or not Path(data).exists():
+        return None  # a registered dataset: its name and the molting version say what it holds
+    files = [Path(data)] if Path(data).is_file() else sorted(f for f in Path(data).rglob("*") if f.is_file())
+    return [sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)]
+
+
+def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The metrics of a completed earlier run of the same step in ``output_dir``, or ``None``."""
+    try:
+        previous = json.loads((output_dir / "molting_run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("status") != "completed":
+        return None
+    same = ("plugin", "stage", "loss", "loss_params", "stage_params", "model", "data", "data_fingerprint")
+    ignored = ("force", "resume")
+    settings = {k: v for k, v in record["config"].items() if k not in ignored}
+    before = {k: v for k, v in previous.get("config", {}).items() if k not in ignored}
+    if any(previous.get(k) != json.loads(json.dumps(record.get(k), default=str)) for k in same):
+        return None
+    if before != json.loads(json.dumps(settings, default=str)):
+        return None
+    return previous.get("metrics", {})
+
+
+def _run_step(planned: _Planned) -> dict[str, Any]:
+    """Write the step's record and recipe, run its stage between the hooks, then evaluate and document it."""
+    context, record = planned.context, planned.record
+    step, config, output_dir, host = context.step, context.config, context.output_dir, context.host
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    write_json_atomic(output_dir / "molting_run.json", record)
+    _write_recipe(planned)
+    print(
+        f"molting: {step.name}: stage {step.stage.name}"
+        + (f", loss {step.loss.name}" if step.loss else "")
+        + f", model {context.model_path}, data {context.data} ({len(context.rows)} rows) -> {output_dir}",
+        file=sys.stderr,
+    )
+    try:
+        host.hook.molting_before_stage(stage=step.stage, config=config)
+        metrics = dict(step.stage.run(context))
+    except BaseException as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        write_json_atomic(output_dir / "molting_run.json", record)
+        raise
+    record.update(status="completed", metrics=metrics)
+    write_json_atomic(output_dir / "molting_run.json", record)
+    if _should_evaluate(context):
+        record["eval"] = _evaluate(context.model_path, output_dir, config)
+        write_json_atomic(output_dir / "molting_run.json", record)
+    write_model_card(output_dir, record)
+    host.hook.molting_after_stage(stage=step.stage, config=config, output_dir=str(output_dir), metrics=metrics)
+    return metrics
+
+
+def _write_recipe(planned: _Planned) -> None:
+    """``recipe.yaml``: this step as a recipe that reruns it alone (``molting run --config``)."""
+    import yaml
+
+    context = planned.context
+    config, step = context.config, context.step
+    recipe = _recipe(config, step, context.loss_params, context.stage_params)
+    if context.output_dir != Path(config.output_dir):  # a pipeline's step: its recipe reruns this step alone, as it ran
+        recipe.update(model=str(context.model_path), output_dir=str(context.output_dir), data=str(planned.data_path))
+        if planned.data_path is None:
+            recipe.pop("data")  # the stage's default dataset
+    judge_args = _judge_args_with_artifacts(context)
+    if judge_args:
+        recipe["judge_args"] = judge_args
+    write_text_atomic(context.output_dir / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+
+
+def _judge_args_with_artifacts(context: StageContext) -> dict[str, Any]:
+    """The judges' settings, with what they read from earlier steps filled in (so the recipe reruns alone)."""
+    from molting.judging import with_artifacts
+
+    config, stage, host = context.config, context.stage, context.host
+    judge_args = dict(config.judge_args or {})
+    if not stage.default_judges or not context.artifacts:
+        return judge_args
+    for name in config.judges or stage.default_judges:
+        if name in host.names("judge") and isinstance(judge_args.get(name) or {}, Mapping):
+            filled = with_artifacts(host.get("judge", name), judge_args.get(name) or {}, context.artifacts)
+            if filled:
+                judge_args[name] = filled
+    return judge_args
+
+
+def _should_evaluate(context: StageContext) -> bool:
+    """``eval: auto`` evaluates runs on the built-in demo data whose output is a causal LM."""
+    config, output_dir = context.config, context.output_dir
+    if config.eval == "off" or not is_main_process():
+        return False
+    if (output_dir / "config.json").exists():
+        produced = json.loads((output_dir / "config.json").read_text()).get("architectures") or [""]
+        causal = produced[0].endswith("ForCausalLM")
+    else:
+        causal = (output_dir / "adapter_config.json").exists()  # a LoRA adapter of the (causal) starting model
+    return causal and (config.eval == "on" or context.data.demo)
+
+
+def _evaluate(model_path: Path, output_dir: Path, config: RunConfig) -> dict[str, dict[str, float]]:
+    from molting.evaluation import before_after, format_table
+
+    print("molting: evaluating the starting and the trained model on the held-out demo split...", file=sys.stderr)
+    result = before_after(model_path, output_dir, seed=config.seed, trust_remote_code=config.trust_remote_code)
+    print(format_table(result), file=sys.stderr)
+    return result
+
+
+def _recipe(config: RunConfig, step: Step, loss_params: Any, stage_params: Any = None) -> dict[str, Any]:
+    """A YAML recipe that reproduces this step: ``molting run --config recipe.yaml``."""
+    data = config.to_dict()
+    data.pop("loss_params")
+    data.pop("plugins")
+    data.pop("force")
+    params = {**(attrs.asdict(stage_params) if stage_params is not None else {}),
+              **(attrs.asdict(loss_params) if loss_params is not None else {})}
+    return {"plugin": step.name, **{k: v for k, v in data.items() if v is not None}, **params}

@@ -1,0 +1,97 @@
+"""Prompt and completion text to token ids, as every offline stage tokenizes them.
+
+Prompts and completions are tokenized separately, with
+``add_special_tokens=False`` (a chat template writes its own special
+tokens, and a completion must not get a BOS in its middle), so the boundary
+between them is exact whatever the tokenizer merges across it; a plain
+string prompt gets the BOS its model was trained with
+(:func:`molting.data.with_bos`) and a completion one EOS. A row longer than
+``max_length`` is truncated (the end of the prompt kept) or dropped, and
+every such row is counted and reported in one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from molting.data import with_bos
+from molting.errors import DataError
+
+
+def without_eos(text: Any, tokenizer: Any) -> Any:
+    """``text`` without a trailing EOS token text (so the EOS id is appended once, as trl's ``add_eos``)."""
+    eos = getattr(tokenizer, "eos_token", None)
+    return text.removesuffix(eos) if eos and isinstance(text, str) else text
+
+
+def tokenize_completions(
+    rows: list[dict[str, Any]],
+    keys: tuple[str, ...],
+    tokenizer: Any,
+    max_length: int,
+    overlong: str,
+    source: str = "data",
+    noun: str = "pair",
+    carry: tuple[str, ...] = (),
+    add_eos: bool = True,
+) -> list[dict[str, Any]]:
+    """Token ids of each row's ``prompt`` and of its completions ``keys`` (``KEY_ids``, EOS appended unless not
+    ``add_eos``).
+
+    Shared by the preference stage (``keys`` chosen, rejected), the unpaired
+    and SFT stages (``keys`` completion) and the reward-model stage. A row
+    whose prompt plus longest completion exceeds ``max_length`` is truncated
+    (the end of the prompt is kept, at least half of ``max_length`` when the
+    completions are long, and the completions are cut to fit) or, with
+    ``overlong="drop"``, dropped; either way they are counted and reported, in
+    ``noun``s. Each example has ``index`` (its row in ``rows``), ``length``
+    (prompt plus longest completion, for ``--group-by-length``),
+    ``prompt_ids`` and ``KEY_ids``; ``carry`` names fields copied unchanged
+    into each example (e.g. ``label``).
+    """
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    examples, too_long, prompt_too_long = [], 0, 0
+    for index, row in enumerate(rows):
+        prompt = tokenizer(with_bos(row["prompt"], tokenizer), add_special_tokens=False)["input_ids"] or [start]
+        # EOS once: a completion that already ends with the EOS text does not get a second (trl's add_eos)
+        completions = [tokenizer(without_eos(row[key], tokenizer), add_special_tokens=False)["input_ids"] + eos
+                       for key in keys]
+        longest = max(len(c) for c in completions)
+        if len(prompt) + longest > max_length:
+            too_long += 1
+            prompt_too_long += len(prompt) >= max_length
+            if overlong == "drop":
+                continue
+            prompt, completions = truncate(prompt, completions, max_length)
+            if not all(completions):  # no room left for a completion token: nothing to learn from this row
+                continue
+        example = {"index": index, "length": len(prompt) + max(len(c) for c in completions), "prompt_ids": prompt,
+                   **{f"{key}_ids": c for key, c in zip(keys, completions)}}
+        examples.append({**example, **{name: row[name] for name in carry}})
+    if too_long:
+        _report_overlong(too_long, prompt_too_long, len(rows), noun, source, max_length, overlong)
+    if not examples:
+        raise DataError(f"no {noun} of {source} fits in max_length={max_length}; raise --max-length")
+    return examples
+
+
+def truncate(prompt: list[int], completions: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """The end of ``prompt`` (at least half of ``max_length``) and the ``completions`` cut to what is left: how
+    an overlong row is truncated (the end of the prompt is where the answer starts)."""
+    longest = max(len(c) for c in completions)
+    keep = max(max_length - longest, max_length // 2, 1)
+    prompt = prompt[len(prompt) - keep :] if len(prompt) > keep else prompt
+    return prompt, [c[: max_length - len(prompt)] for c in completions]
+
+
+def _report_overlong(too_long: int, prompt_too_long: int, total: int, noun: str, source: str, max_length: int,
+                     overlong: str) -> None:
+    action = "dropped" if overlong == "drop" else "truncated (prompt kept from its end, completions cut)"
+    print(
+        f"molting: {too_long} of {total} {noun}s in {source} are longer than max_length={max_length} "
+        f"({prompt_too_long} with the prompt alone that long): {action}. "
+        f"Use --max-length or --overlong {'truncate' if overlong == 'drop' else 'drop'} to change this.",
+        file=sys.stderr,
+    )

@@ -1,0 +1,175 @@
+"""The ``grpo`` stage: Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath, arXiv:2402.03300).
+
+For each prompt the policy samples G completions (``num_generations``); the
+run's judges score them; each completion's advantage is its reward minus the
+mean of its group, divided by the group's standard deviation (or the
+batch's, or not at all: ``scale_rewards``); the loss plugin (``grpo``,
+``bnpo``, ``dr_grpo``, ``dapo``: see ``molting.plugins.grpo_losses``)
+applies the clipped importance-ratio objective, with a KL penalty to the
+starting model when β > 0. No value model, and no reference model at β = 0.
+
+Batches are trl's ``GRPOTrainer``'s: ``batch_size`` counts completions per
+device and micro-step (``per_device_train_batch_size``); one generation
+batch, ``batch_size × gradient_accumulation_steps × processes`` completions
+(that many / G prompts), is sampled once per optimizer step and cut into
+the accumulation steps' micro-batches, so every micro-batch is on-policy.
+With ``num_iterations`` μ > 1 the same generation batch serves μ optimizer
+steps, and the log-probs of the policy that sampled it are computed once,
+for the importance ratio. trl's ``RepeatSampler`` yields each generation
+batch μ·S times, so the Trainer's own loop, checkpoints and resumption work
+unchanged; the batch is sampled on the first of them.
+
+Metrics (trl's names): ``reward``, ``reward_std``, ``rewards/{judge}/mean``
+and ``/std``, ``frac_reward_zero_std``, ``completions/*``, ``entropy``,
+``clip_ratio/{low,high,region}_mean`` and, with β > 0, ``kl``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import attrs
+
+import molting
+from molting.components import Stage
+
+METRICS = (
+    "loss",
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+)
+"""Logged by every run; ``rewards/{judge}/mean`` and ``/std`` (one pair per judge) and ``kl`` (β > 0) as well."""
+
+
+def _whole(minimum: int):
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise ValueError(f"{attribute.name} must be a whole number >= {minimum}, got {value!r}")
+
+    return validate
+
+
+@attrs.frozen
+class GRPOParams:
+    num_generations: int = attrs.field(default=8, validator=_whole(2))
+    """Completions sampled per prompt (G): the group whose mean reward is the baseline."""
+    max_new_tokens: int = attrs.field(default=256, validator=_whole(1))
+    """Longest completion in tokens (trl's max_completion_length); Dr. GRPO's normaliser."""
+    temperature: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    top_p: float = attrs.field(default=1.0, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    top_k: int = attrs.field(default=0, validator=_whole(0))
+    """0: no top-k filtering."""
+    num_iterations: int = attrs.field(default=1, validator=_whole(1))
+    """Optimizer steps per generation batch (μ in the paper)."""
+    scale_rewards: str = attrs.field(default="group", validator=attrs.validators.in_(("group", "batch", "none")))
+    """Divide the advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut at max_new_tokens (no end-of-sequence token) out of the loss, as DAPO does."""
+    beta: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    """KL coefficient (shared with the loss); > 0 loads the reference model."""
+
+
+@molting.hookimpl
+def molting_register_stages(register):
+    register(
+        Stage(
+            name="grpo",
+            run=run_grpo,
+            description="Online RL: G sampled completions per prompt, judged, group-relative advantages, clipped ratio.",
+            columns=("prompt",),
+            default_loss="grpo",
+            default_data="demo-prompts",
+            metrics=METRICS,
+            inputs=molting.GroupInputs,
+            params=GRPOParams,
+            produces="policy",
+            default_judges={"rule": 1.0},
+            # 2 prompts x 8 completions a step, 120 steps: 20-35 s of training on 2 CPU cores
+            demo_defaults={"learning_rate": 5e-5, "batch_size": 16, "max_steps": 120, "num_generations": 8,
+                           "max_new_tokens": 20, "beta": 0.0, "lr_scheduler_type": "constant"},
+        )
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong: str, source: str) -> list[dict[str, Any]]:
+    """``{"index": data row, "row": row}`` for each usable row (a ``prompt`` string or message list), overlong
+    prompts dropped or counted."""
+    from molting.data import check_columns, check_text_fields, with_bos
+    from molting.errors import DataError
+    from molting.sampling import prompt_texts
+
+    check_columns(rows, [("prompt",)], source, "grpo")
+    if check_text_fields(rows, ("prompt",), source) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
+    texts = [with_bos(text, tokenizer) for text in prompt_texts([r["prompt"] for r in rows], tokenizer)]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # as sample() counts them
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if long:
+        action = "dropped" if overlong == "drop" else f"cut to their last {limit} tokens"
+        print(f"molting: {len(long)} of {len(rows)} prompts (e.g. row {long[0]}) are longer than max_length - "
+              f"max_new_tokens = {limit} tokens: {action}", file=sys.stderr)
+    dropped = set(long) if overlong == "drop" else set()
+    return [{"index": i, "row": row} for i, row in enumerate(rows) if i not in dropped]
+
+
+def run_grpo(context) -> dict[str, Any]:
+    from trl.trainer.utils import identity
+
+    from molting.errors import ConfigError, DataError
+    from molting.judging import Scorer, resolve_judges
+    from molting.training import (announce, load_policy, reference_for, stage_callbacks, train_and_save,
+                                  training_arguments)
+
+    config, params = context.config, context.stage_params
+    if config.precompute_ref or config.padding_free:
+        raise ConfigError("the grpo stage samples new completions every step: --precompute-ref and --padding-free "
+                          "do not apply to it")
+    limit = config.max_length - params.max_new_tokens
+    if limit < 1:
+        raise ConfigError(f"max_length ({config.max_length}) must exceed max_new_tokens ({params.max_new_tokens}): "
+                          "it bounds prompt and completion together")
+    scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'grpo'"))
+    model, tokenizer = load_policy(context)
+    args = training_arguments(config, context.output_dir)
+    g = params.num_generations
+    completions = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    if completions % g:
+        raise ConfigError(
+            f"batch_size counts completions, as trl's per_device_train_batch_size does: batch_size x "
+            f"gradient_accumulation_steps x processes ({completions}) must be a multiple of num_generations ({g}), "
+            f"e.g. --batch-size {g * max(1, round(config.batch_size / g))}"
+        )
+    rows = prompt_rows(context.rows, tokenizer, limit, config.overlong, context.data_source)
+    if len(rows) < completions // g:
+        raise DataError(f"{context.data_source} has {len(rows)} usable prompts; one generation batch needs "
+                        f"{completions // g} ({completions} completions / {g} per prompt)")
+    ref_model, adapter_reference, reference = reference_for(model, context, needed=params.beta > 0)
+    from .trainer import GRPOTrainer
+
+    trainer = GRPOTrainer(
+        model=model, args=args, train_dataset=rows,
+        data_collator=identity, processing_class=tokenizer, callbacks=stage_callbacks(context), loss=context.loss,
+        loss_params=context.loss_params, ref_model=ref_model, adapter_reference=adapter_reference, grpo=params,
+        scorer=scorer, max_prompt_length=limit if config.overlong != "drop" else None,
+    )
+    judges = ", ".join(f"{spec.name} x{spec.weight:g}" for spec in scorer.specs)
+    announce(trainer, f"{len(rows)} prompts, {g} completions each, {completions // g} prompts per optimizer step, "
+                      f"judges {judges}", reference)
+    return train_and_save(trainer, tokenizer, context)

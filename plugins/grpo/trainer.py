@@ -1,0 +1,170 @@
+"""The grpo stage's Trainer: sampling, scoring, group-relative advantages and the loss plugin.
+
+Imported when the stage runs (it imports torch, transformers and trl); see the
+package's docstring for the batch layout, which is trl's GRPOTrainer's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor_dict
+
+from molting.components import GroupInputs
+from molting.judging import data_columns
+from molting.logps import completion_token_logps
+from molting.sampling import sample
+from molting.training import MoltingTrainer
+
+from . import GRPOParams
+
+
+class GRPOTrainer(MoltingTrainer):
+    """Samples and scores a generation batch every μ optimizer steps, then applies the loss plugin to it."""
+
+    def __init__(self, *args: Any, grpo: GRPOParams, scorer: Any, max_prompt_length: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.grpo, self.scorer, self.max_prompt_length = grpo, scorer, max_prompt_length
+        self.steps_per_generation = self.args.gradient_accumulation_steps
+        self._step = 0  # micro-steps taken
+        self._buffered: list[dict[str, Any]] | None = None
+
+    # -- the data: a generation batch of prompts, each G times, yielded μ·S times in a row
+
+    def get_train_dataloader(self):
+        return self._get_dataloader(self.train_dataset, "Training", self._train_batch_size * self.steps_per_generation,
+                                    self._get_train_sampler, is_training=True)
+
+    def _get_train_sampler(self, dataset: Any = None):
+        g = self.grpo.num_generations
+        completions = self.args.per_device_train_batch_size * self.args.world_size * self.steps_per_generation
+        return RepeatSampler(dataset if dataset is not None else self.train_dataset, mini_repeat_count=g,
+                             batch_size=completions // g, repeat_count=self.grpo.num_iterations * self.steps_per_generation,
+                             shuffle=True, seed=self.args.seed)
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        loss = super().training_step(model, inputs, num_items_in_batch)  # inputs is a list of rows
+        self._step += 1
+        return loss
+
+    def _prepare_inputs(self, generation_batch: Any) -> dict[str, Any]:
+        if self._step % (self.steps_per_generation * self.grpo.num_iterations) == 0 or self._buffered is None:
+            batch = shuffle_sequence_dict(self.generate_and_score(generation_batch))
+            self._buffered = split_tensor_dict(batch, self.steps_per_generation)
+        inputs = self._buffered[self._step % self.steps_per_generation]
+        self.last_batch_indices = inputs["index"]
+        return inputs
+
+    # -- sampling and scoring
+
+    @torch.no_grad()
+    def generate_and_score(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        p = self.grpo
+        rows = [item["row"] for item in items]
+        prompts = [row["prompt"] for row in rows]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # said by trl's unwrapping
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+                samples = sample(unwrapped, self.processing_class, prompts, n=1, max_new_tokens=p.max_new_tokens,
+                                 temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, batch_size=len(prompts),
+                                 max_prompt_length=self.max_prompt_length)
+        mask = samples.completion_mask
+        if p.mask_truncated_completions:
+            mask = mask * (~samples.truncated).unsqueeze(1).to(mask.dtype)
+        batch: dict[str, Any] = {
+            "prompt_ids": samples.prompt_ids, "prompt_mask": samples.prompt_mask,
+            "completion_ids": samples.completion_ids, "completion_mask": mask,
+            "index": torch.tensor([item["index"] for item in items], device=mask.device),
+            "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
+        }
+        if p.num_iterations > 1:  # the sampling policy's log-probs, for the ratio on the later iterations
+            batch["old_logps"] = self.batched_logps(self.model, batch)
+        if self.has_reference:
+            batch["ref_logps"] = self.under_reference(self.model, lambda m: self.batched_logps(m, batch))
+        completions = [[{"role": "assistant", "content": t}] if not isinstance(q, str) else t
+                       for q, t in zip(prompts, samples.texts)]
+        batch["advantages"] = self.advantages(prompts, completions, rows, [item["index"] for item in items])
+        self.record_completions(samples)
+        return batch
+
+    def batched_logps(self, model: Any, batch: dict[str, Any]) -> Any:
+        size = self.args.per_device_train_batch_size
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        return torch.cat([
+            completion_token_logps(model, *(batch[k][start : start + size] for k in keys),
+                                   temperature=self.grpo.temperature)[0]
+            for start in range(0, batch["completion_ids"].size(0), size)
+        ])
+
+    def advantages(self, prompts: list[Any], completions: list[Any], rows: list[dict[str, Any]],
+                   indices: list[int]) -> Any:
+        """Judge this process's completions, then normalise within each group over every process's rewards."""
+        totals, per_judge = self.scorer(prompts, completions, data_columns(rows), indices)
+        device, g = self.accelerator.device, self.grpo.num_generations
+
+        def gathered(values: list[float]) -> Any:
+            return self.accelerator.gather(torch.tensor(values, dtype=torch.float32, device=device))
+
+        rewards = gathered(totals)
+        grouped = rewards.view(-1, g)
+        advantages = rewards - grouped.mean(dim=1).repeat_interleave(g)
+        if self.grpo.scale_rewards == "batch":
+            std = rewards.std().expand_as(rewards)
+        else:  # with "none" the group std only says which groups had no signal
+            std = grouped.std(dim=1).repeat_interleave(g)
+        if self.grpo.scale_rewards != "none":
+            advantages = advantages / (std + 1e-4)
+        metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                   "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item()}
+        for name, scores in per_judge.items():
+            values = gathered(scores)
+            metrics[f"rewards/{name}/mean"] = values.mean().item()
+            metrics[f"rewards/{name}/std"] = values.std().item()
+        self.record(metrics)
+        start = self.accelerator.process_index * len(prompts)
+        return advantages[start : start + len(prompts)]
+
+    def record_completions(self, samples: Any) -> None:
+        lengths = self.accelerator.gather(samples.lengths).float()
+        truncated = self.accelerator.gather(samples.truncated)
+        terminated = lengths[~truncated] if (~truncated).any() else lengths.new_zeros(1)
+        self.record({
+            "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(), "completions/clipped_ratio": truncated.float().mean().item(),
+            "completions/mean_terminated_length": terminated.mean().item(),
+        })
+
+    # -- the loss
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        mask = inputs["completion_mask"]
+        logps, entropy = completion_token_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
+                                                inputs["completion_ids"], mask, temperature=self.grpo.temperature,
+                                                with_entropy=True)
+        old_logps = inputs.get("old_logps")
+        group = GroupInputs(
+            logps=logps, old_logps=logps.detach() if old_logps is None else old_logps,
+            advantages=inputs["advantages"], mask=mask.to(logps.dtype), ref_logps=inputs.get("ref_logps"),
+            max_completion_length=self.grpo.max_new_tokens, num_items_in_batch=inputs["num_items_in_batch"],
+            num_processes=self.accelerator.num_processes, steps_per_generation=self.steps_per_generation,
+        )
+        out = self.loss_plugin.compute(group, self.loss_params)
+        self.record_token_means({"entropy": entropy, **out.metrics}, mask)
+        loss = out.losses.mean()
+        return (loss, {"losses": out.losses}) if return_outputs else loss
+
+    def record_token_means(self, metrics: dict[str, Any], mask: Any) -> None:
+        """(batch, tokens) maps: mean over the completion tokens of every process, as trl; others as given."""
+        recorded = {name: value.detach() if isinstance(value, torch.Tensor) else value
+                    for name, value in metrics.items()}
+        maps = [name for name, value in recorded.items() if isinstance(value, torch.Tensor) and value.dim() == 2]
+        if maps:  # one reduction (and one host sync) for all of them
+            sums = [(recorded[name].float() * mask).sum() for name in maps]
+            total = self.accelerator.reduce(torch.stack([*sums, mask.sum().float()]), reduction="sum")
+            recorded.update(zip(maps, (total[:-1] / total[-1].clamp(min=1.0)).tolist()))
+        self.record(recorded)
