@@ -8,6 +8,13 @@ The public surface a plugin author needs::
     def molting_register_losses(register):
         register(molting.Loss(name="my-loss", compute=my_loss, description="..."))
 
+A stage is written with the stage toolkit: the modules in :data:`TOOLKIT`
+(``molting.training``, ``molting.pairs``, ``molting.sampling``, ...), each
+documented in ``docs/stages.md``, reachable as attributes of ``molting``
+(``molting.training.train_and_save``) and loaded on first use. Built-in
+stages use nothing else, so an outside package can ship a stage the way it
+ships a loss.
+
 Importing molting is cheap: torch and transformers load only when a command
 or a component needs them.
 """
@@ -30,14 +37,46 @@ from molting.components import (  # noqa: E402
     Stage,
     UnpairedInputs,
 )
+from molting.config import RunConfig  # noqa: E402
+from molting.context import DataSource, StageContext, Step  # noqa: E402
 from molting.errors import ConfigError, DataError, JudgeError, ModelError, MoltingError, PluginError  # noqa: E402
 from molting.hookspecs import hookimpl, hookspec  # noqa: E402
 
+TOOLKIT = (
+    "components",  # the component classes and what losses exchange (also exported here)
+    "context",  # StageContext, Step, DataSource: what a stage receives
+    "data",  # reading rows, checking them against a schema, BOS handling
+    "files",  # atomic writes
+    "tokenization",  # prompt/completion token ids, truncation of overlong rows
+    "pairs",  # preference pairs: formatting, collators, inputs, trl's metrics
+    "logps",  # completion log-probs of every batch shape
+    "packing",  # padding-free batches and varlen attention
+    "models",  # loading causal LMs and tokenizers safely, LoRA, merging
+    "training",  # MoltingTrainer, the policy and its reference, callbacks, train_and_save
+    "refcache",  # precomputed reference log-probs, cached on disk
+    "sampling",  # sampling completions from a policy
+    "judging",  # judges: resolution, weights, caching, errors
+    "losses",  # helpers of the preference losses, weighted sums
+    "evaluation",  # the demo task's held-out evaluation, generation with a fixed seed
+    "demo",  # the demo task's data, grading and model
+)
+"""The stage toolkit: the core modules a plugin may import. ``tests/test_imports.py`` holds plugins to it."""
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # PEP 562: molting.training etc. load on first use, so `import molting` stays cheap
+    if name in TOOLKIT:
+        import importlib
+
+        return importlib.import_module(f"molting.{name}")
+    raise AttributeError(f"module 'molting' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",
     "DataError",
+    "DataSource",
     "Dataset",
     "GroupInputs",
     "Judge",
@@ -50,7 +89,11 @@ __all__ = [
     "PluginError",
     "PreferenceInputs",
     "RewardInputs",
+    "RunConfig",
     "Stage",
+    "StageContext",
+    "Step",
+    "TOOLKIT",
     "UnpairedInputs",
     "hookimpl",
     "hookspec",

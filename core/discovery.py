@@ -114,6 +114,30 @@ class PluginHost:
                 self._mark_broken(info, exc)
                 continue
             self.add_plugin(obj, info)
+        self.check_pending()
+
+    def check_pending(self) -> None:
+        """Mark broken every plugin that implements a hook no spec defines: a misspelt hook is an error.
+
+        pluggy's ``check_pending``, per plugin and with the closest real hook
+        named, run once every plugin has loaded (a plugin may implement a hook
+        another plugin adds with ``molting_add_hookspecs``). An implementation
+        marked ``optionalhook=True`` is left alone, as pluggy leaves it.
+        """
+        import difflib
+
+        callers = {name: caller for name, caller in vars(self.pm.hook).items() if hasattr(caller, "get_hookimpls")}
+        known = sorted(name for name, caller in callers.items() if caller.spec is not None)
+        for name, caller in callers.items():
+            if caller.spec is not None:
+                continue
+            for impl in caller.get_hookimpls():
+                info = self.plugins.get(impl.plugin_name)
+                if impl.optionalhook or info is None or info.status != "ok":
+                    continue
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else "; the hooks are listed in docs/hooks.md"
+                self._mark_broken(info, PluginError(f"it implements {name!r}, which is not a molting hook{hint}"))
 
     def register(self, obj: Any, name: str) -> PluginInfo:
         """Register a plugin object (a module or an instance with hookimpls) by hand."""
@@ -165,7 +189,8 @@ class PluginHost:
 
     def _mark_broken(self, info: PluginInfo, exc: BaseException) -> None:
         info.status = "broken"
-        info.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        own = isinstance(exc, PluginError)  # molting's own verdict: its message is the whole story
+        info.error = str(exc) if own else "".join(traceback.format_exception_only(type(exc), exc)).strip()
         for kind_name in info.components:
             kind, name = kind_name.split(":", 1)
             registered = self.components[kind].get(name)

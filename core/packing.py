@@ -22,7 +22,7 @@ CPU; it is one loop around ``torch.nn.functional.scaled_dot_product_attention``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

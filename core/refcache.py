@@ -16,7 +16,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from molting.context import StageContext
 
 
 def cache_dir() -> Path:
@@ -43,9 +46,8 @@ def data_fingerprint(examples: Iterable[dict[str, Any]], keys: tuple[str, ...]) 
 
 
 def precomputed_reference(ref_model: Any, adapter_disabled: bool, examples: list[dict[str, Any]], tokenizer: Any,
-                          context: Any, collator: Any, batch_size: int = 32) -> list[dict[str, Any]]:
+                          context: StageContext, collator: Any, batch_size: int = 32) -> list[dict[str, Any]]:
     """``examples`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` added, from the cache or one pass."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     import torch as _torch

@@ -223,6 +223,77 @@ class NonFiniteGuard(TrainerCallback):
             )
 
 
+class LoopEvents:
+    """The Trainer's callback events, for a stage that runs its own loop instead of a ``transformers.Trainer``.
+
+    PPO (a rollout, then several optimisation passes) and sample-pairs (no
+    training at all) drive their loops themselves; this gives the callbacks
+    of :func:`stage_callbacks` — metrics.jsonl and ``molting_on_log``
+    included, and every ``molting_trainer_callbacks`` callback — the events a
+    Trainer would send, with a ``TrainerState`` whose ``global_step`` counts
+    the loop's steps::
+
+        events = LoopEvents(context, max_steps=total)  # before accelerate's Accelerator: see below
+        ...
+        events.attach(model=policy, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
+        events.train_begin()
+        for step in range(total):
+            events.step_begin()
+            ...
+            events.step_end()
+            events.log({"loss": ...})
+        events.train_end()
+
+    The ``TrainingArguments`` the callbacks see set up accelerate's state
+    when they are built, which resets an ``Accelerator`` made before them:
+    build the events first.
+    """
+
+    def __init__(self, context: StageContext, max_steps: int, model: Any = None, tokenizer: Any = None,
+                 optimizer: Any = None, scheduler: Any = None) -> None:
+        from transformers import TrainerControl, TrainerState
+        from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+        from molting.context import is_main_process
+
+        self.args = training_arguments(context.config, context.output_dir)
+        self.args.device  # noqa: B018 - sets up (and resets) accelerate's state now, not under a later Accelerator
+        self.state = TrainerState(max_steps=max_steps, logging_steps=context.config.logging_steps,
+                                  is_local_process_zero=is_main_process(), is_world_process_zero=is_main_process())
+        self.control = TrainerControl()
+        callbacks = [DefaultFlowCallback(), MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook),
+                     *context.callbacks()]
+        self.handler = CallbackHandler(callbacks, model, tokenizer, optimizer, scheduler)
+
+    def attach(self, model: Any = None, tokenizer: Any = None, optimizer: Any = None, scheduler: Any = None) -> None:
+        """What the callbacks receive as ``model``, ``processing_class``, ``optimizer`` and ``lr_scheduler``."""
+        self.handler.model, self.handler.processing_class = model, tokenizer
+        self.handler.optimizer, self.handler.lr_scheduler = optimizer, scheduler
+
+    def _send(self, event: str, **kwargs: Any) -> None:
+        self.control = getattr(self.handler, event)(self.args, self.state, self.control, **kwargs)
+
+    def train_begin(self) -> None:
+        self._send("on_train_begin")
+
+    def step_begin(self) -> None:
+        self._send("on_step_begin")
+
+    def step_end(self) -> None:
+        self.state.global_step += 1
+        self.state.epoch = self.state.global_step / max(self.state.max_steps, 1)
+        self._send("on_step_end")
+
+    def log(self, logs: Mapping[str, float]) -> None:
+        """``logs`` at the current step: appended to metrics.jsonl and the state's log history, sent to on_log."""
+        logs = dict(logs)
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self._send("on_log", logs=logs)
+
+    def train_end(self) -> None:
+        self._send("on_train_end")
+
+
 def _last_checkpoint(output_dir: str) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -252,7 +323,7 @@ def build_trainer(trainer_class: type, collator: Any, model: Any, tokenizer: Any
     )
 
 
-def load_policy(context: Any) -> tuple[Any, Any]:
+def load_policy(context: StageContext) -> tuple[Any, Any]:
     """The model to train and its tokenizer: full weights, LoRA adapters, or QLoRA (4-bit base + LoRA)."""
     from molting.models import apply_lora, load_causal_lm
 
@@ -277,7 +348,7 @@ def load_policy(context: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def reference_for(model: Any, context: Any, needed: bool | None = None) -> tuple[Any, bool, str]:
+def reference_for(model: Any, context: StageContext, needed: bool | None = None) -> tuple[Any, bool, str]:
     """``(ref_model, adapter_reference, description)`` for a stage's loss.
 
     No reference when the loss needs none (or ``needed`` is false, for a stage
@@ -295,7 +366,7 @@ def reference_for(model: Any, context: Any, needed: bool | None = None) -> tuple
     return copy.deepcopy(model), False, "frozen copy"
 
 
-def stage_callbacks(context: Any) -> list[Any]:
+def stage_callbacks(context: StageContext) -> list[Any]:
     """metrics.jsonl, the non-finite guard, and the callbacks plugins add."""
     return [
         MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook),
@@ -313,7 +384,7 @@ def announce(trainer: MoltingTrainer, what: str, reference: str) -> None:
     )
 
 
-def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: Any, save: Any = None) -> dict[str, Any]:
+def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: StageContext, save: Any = None) -> dict[str, Any]:
     """Train (resuming if asked), save the result, and return the final metrics.
 
     ``save()`` replaces :func:`save_final` for a stage that saves its model its own way.

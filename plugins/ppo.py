@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 
 import molting
+from molting.context import StageContext
 from molting.components import Stage
 
 METRICS = (
@@ -57,6 +58,12 @@ _positive = attrs.validators.gt(0)
 _unit = [attrs.validators.ge(0), attrs.validators.le(1)]
 
 
+def _penalty(value: Any) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is not None and not (number and math.isfinite(value) and value >= 0):
+        raise ValueError(f"missing_eos_penalty must be a finite number >= 0 (as trl's) or None, got {value!r}")
+
+
 @attrs.frozen
 class PPOParams:
     """PPO's settings; names and defaults as trl's PPOConfig."""
@@ -76,7 +83,8 @@ class PPOParams:
     max_new_tokens: int = attrs.field(default=53, validator=_positive)
     temperature: float = attrs.field(default=0.7, validator=_positive)
     top_p: float = attrs.field(default=1.0, validator=[_positive, attrs.validators.le(1)])
-    missing_eos_penalty: float | None = None
+    missing_eos_penalty: float | None = attrs.field(default=None, validator=lambda i, a, v: _penalty(v))
+    """Subtracted from the score of a completion that reaches max_new_tokens without an EOS (None: nothing)."""
     eval_prompts: int = attrs.field(default=128, validator=attrs.validators.ge(0))
     """Held-out demo prompts scored by the judges before and after training (0: skip)."""
 
@@ -304,34 +312,108 @@ def _trainable(*models):
 # --------------------------------------------------------------------------- the stage
 
 
-def run_ppo(context) -> dict[str, Any]:
-    import torch
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-    from trl.trainer.utils import disable_dropout_in_model
-
+def run_ppo(context: StageContext) -> dict[str, Any]:
     from molting.data import check_columns, check_text_fields
-    from molting.errors import ConfigError, MoltingError
     from molting.judging import Scorer, resolve_judges
-    from molting.training import load_policy, reference_for, save_final_model, uses_bf16
+    from molting.training import save_final_model
 
-    config, params, host = context.config, context.stage_params, context.host
+    from molting.training import LoopEvents
+
+    config, params = context.config, context.stage_params
+    _refuse_unsupported(config)
+    check_columns(context.rows, [("prompt",)], context.data_source, "ppo")
+    check_text_fields(context.rows, ("prompt",), context.data_source)
+    scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"))
+    total = _total_steps(config, len(context.rows))
+    events = LoopEvents(context, total)  # before the Accelerator, which building the events' arguments would reset
+    accelerator = _accelerator(config)
+    models = _prepare_models(context, accelerator, total)
+    print(
+        f"molting: world size {accelerator.num_processes} (this is process {accelerator.process_index}), device "
+        f"{accelerator.device}, {'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'fp32'}, "
+        f"{len(context.rows)} prompts, {total} PPO steps of {config.batch_size} prompts, judges "
+        f"{', '.join(f'{s.name}×{s.weight:g}' for s in scorer.specs)}, critic from {models.critic_source}, "
+        f"reference model: {'the base model (adapter disabled)' if models.reference is None else 'frozen copy'}",
+        file=sys.stderr,
+    )
+    evaluate = _demo_eval(context, models.tokenizer, scorer, params)
+    before = evaluate(models.unwrap(models.policy)) if evaluate else None
+    started = time.perf_counter()
+    final = _train(context, models, scorer, total, events)
+    save_final_model(models.unwrap(models.policy), models.tokenizer, context.output_dir,
+                     accelerator.is_main_process, merge=config.merge, trust_remote_code=config.trust_remote_code)
+    runtime = time.perf_counter() - started
+    final.update(train_runtime=runtime, seconds_per_step=runtime / total)
+    if evaluate:
+        final.update(_before_after(before, evaluate(models.unwrap(models.policy)), scorer))
+    final["judge_cache_hits"] = scorer.hits
+    return final
+
+
+def _refuse_unsupported(config: Any) -> None:
+    from molting.errors import ConfigError
+
     unsupported = [flag for flag, value in (("--resume", config.resume), ("--save-steps", config.save_steps),
                                             ("--padding-free", config.padding_free),
                                             ("--precompute-ref", config.precompute_ref)) if value]
     if unsupported:
         raise ConfigError(f"the ppo stage does not support {', '.join(unsupported)} yet")
-    use_bf16 = uses_bf16(config.precision)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if use_bf16 else "no")
-    if accelerator.num_processes > 1:  # before any model is loaded
+
+
+def _accelerator(config: Any) -> Any:
+    """The run's accelerate ``Accelerator``; a clear error, before any model loads, for several processes."""
+    import torch
+    from accelerate import Accelerator
+
+    from molting.errors import ConfigError
+    from molting.training import uses_bf16
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if uses_bf16(config.precision) else "no")
+    if accelerator.num_processes > 1:
         raise ConfigError(
             "the ppo stage runs in one process for now (its rollouts are not sharded across processes); "
             "launch it without torchrun / accelerate launch"
         )
-    check_columns(context.rows, [("prompt",)], context.data_source, "ppo")
-    check_text_fields(context.rows, ("prompt",), context.data_source)
-    scorer = Scorer(resolve_judges(host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"))
+    return accelerator
+
+
+def _total_steps(config: Any, rows: int) -> int:
+    """PPO steps of ``batch_size`` prompts: ``--max-steps``, else ``--epochs`` passes over the prompts."""
+    per_epoch = math.ceil(rows / config.batch_size)
+    return config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * per_epoch))
+
+
+@attrs.define
+class _Models:
+    """The models of a PPO run, prepared by accelerate, with the optimizer and scheduler they train with."""
+
+    policy: Any
+    reference: Any  # None with LoRA: the policy with its adapter disabled is the reference
+    critic: Any
+    critic_source: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+
+    def unwrap(self, model: Any) -> Any:
+        return self.accelerator.unwrap_model(model)
+
+    def under_reference(self, compute: Any) -> Any:
+        with self.unwrap(self.policy).disable_adapter():
+            return compute(self.policy)
+
+
+def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Models:
+    """Policy, reference, critic, AdamW and the scheduler, as trl's PPOTrainer sets them up."""
+    import torch
+    from transformers import get_scheduler
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from molting.training import load_policy, reference_for
+
+    config = context.config
     torch.manual_seed(config.seed)
     policy, tokenizer = load_policy(context)
     reference, _, _ = reference_for(policy, context, needed=True)  # None with LoRA: the adapter is disabled instead
@@ -341,9 +423,6 @@ def run_ppo(context) -> dict[str, Any]:
     critic = load_critic(critic_source, config.trust_remote_code)
     optimizer = torch.optim.AdamW(_trainable(policy, critic), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   eps=1e-5)
-    rows = context.rows
-    per_epoch = math.ceil(len(rows) / config.batch_size)
-    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * per_epoch))
     warmup = int(config.warmup_steps * total) if config.warmup_steps < 1 else int(config.warmup_steps)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     for model in (policy, critic):  # as trl: dropout off, so a rollout's log-probs and values are what training sees
@@ -351,65 +430,62 @@ def run_ppo(context) -> dict[str, Any]:
     policy, critic, optimizer, scheduler = accelerator.prepare(policy, critic, optimizer, scheduler)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
-    unwrap = accelerator.unwrap_model
+    return _Models(policy, reference, critic, critic_source, tokenizer, optimizer, scheduler, accelerator)
 
-    def under_reference(compute):
-        with unwrap(policy).disable_adapter():
-            return compute(policy)
 
+def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: Any) -> dict[str, Any]:
+    """``total`` PPO steps, each a rollout of ``batch_size`` prompts and the passes over it; the last log."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from molting.errors import MoltingError
+
+    config, params, rows = context.config, context.stage_params, context.rows
+    events.attach(model=m.unwrap(m.policy), tokenizer=m.tokenizer, optimizer=m.optimizer, scheduler=m.scheduler)
+    log = _Logger(config.logging_steps, events)
     kl = AdaptiveKL(params.kl_coef, params.kl_target, params.kl_horizon)
-    print(
-        f"molting: world size {accelerator.num_processes} (this is process {accelerator.process_index}), device "
-        f"{accelerator.device}, {'bf16 autocast' if use_bf16 else 'fp32'}, {len(rows)} prompts, {total} PPO steps of {config.batch_size} prompts, judges "
-        f"{', '.join(f'{s.name}×{s.weight:g}' for s in scorer.specs)}, critic from {critic_source}, reference model: "
-        + ("the base model (adapter disabled)" if reference is None else "frozen copy"),
-        file=sys.stderr,
-    )
-    evaluate = _demo_eval(context, tokenizer, scorer, params)
-    before = evaluate(unwrap(policy)) if evaluate else None
-    log = _Logger(context)
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     skipped_in_a_row = 0
-    started = time.perf_counter()
-    for step in tqdm(range(1, total + 1), desc="ppo", disable=not accelerator.is_local_main_process):
+    events.train_begin()
+    for step in tqdm(range(1, total + 1), desc="ppo", disable=not m.accelerator.is_local_main_process):
+        events.step_begin()
         if len(order) < config.batch_size:
             order += torch.randperm(len(rows), generator=generator).tolist()
         indices, order = order[: config.batch_size], order[config.batch_size :]
-        policy.eval(), critic.eval()
-        batch, stats = rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params, kl.value, unwrap,
-                               under_reference, max(1, config.max_length - params.max_new_tokens))
-        policy.train(), critic.train()
-        trained, skipped = optimise(policy, critic, optimizer, accelerator, batch, params, config.seed + step,
+        m.policy.eval(), m.critic.eval()
+        batch, stats = rollout(m.policy, m.reference, m.critic, m.tokenizer, scorer, rows, indices, params, kl.value,
+                               m.unwrap, m.under_reference, max(1, config.max_length - params.max_new_tokens))
+        m.policy.train(), m.critic.train()
+        trained, skipped = optimise(m.policy, m.critic, m.optimizer, m.accelerator, batch, params, config.seed + step,
                                     config.max_grad_norm)
-        scheduler.step()
+        m.scheduler.step()
         skipped_in_a_row = skipped_in_a_row + 1 if skipped and not trained else 0
         if skipped_in_a_row >= config.max_skipped_steps:
             raise MoltingError(f"PPO step {step}: {skipped_in_a_row} steps in a row had only non-finite losses; stopping")
         if params.adaptive_kl:
-            kl.update(float(stats["objective/kl"]), config.batch_size * accelerator.num_processes)
-        stats.update(trained, kl_coef=kl.value, learning_rate=scheduler.get_last_lr()[0])
+            kl.update(float(stats["objective/kl"]), config.batch_size * m.accelerator.num_processes)
+        stats.update(trained, kl_coef=kl.value, learning_rate=m.scheduler.get_last_lr()[0])
+        events.step_end()
         log(step, stats, last=step == total)
-    save_final_model(unwrap(policy), tokenizer, context.output_dir, accelerator.is_main_process,
-                     merge=config.merge, trust_remote_code=config.trust_remote_code)
-    runtime = time.perf_counter() - started
-    final = {**log.last, "train_runtime": runtime, "seconds_per_step": runtime / total}
-    if evaluate:
-        after = evaluate(unwrap(policy))
-        for name in before:
-            final.update({f"eval_{name}_before": before[name], f"eval_{name}_after": after[name]})
-        print(
-            f"molting: held-out judge reward ({', '.join(scorer.names)}): start {before['reward']:.4f} -> trained "
-            f"{after['reward']:.4f}; demo task (sampled answers): correct {before['correct']:.3f} -> {after['correct']:.3f}, "
-            f"persona {before['persona']:.3f} -> {after['persona']:.3f}, demo judge {before['judge']:.3f} -> "
-            f"{after['judge']:.3f}",
-            file=sys.stderr,
-        )
-    final["judge_cache_hits"] = scorer.hits
-    return final
+    events.train_end()
+    return dict(log.last)
 
 
-def _demo_eval(context, tokenizer, scorer, params):
+def _before_after(before: dict[str, float], after: dict[str, float], scorer: Any) -> dict[str, float]:
+    """The held-out figures as final metrics (``eval_reward_before``, ...), and one line that shows them."""
+    print(
+        f"molting: held-out judge reward ({', '.join(scorer.names)}): start {before['reward']:.4f} -> trained "
+        f"{after['reward']:.4f}; demo task (sampled answers): correct {before['correct']:.3f} -> {after['correct']:.3f}, "
+        f"persona {before['persona']:.3f} -> {after['persona']:.3f}, demo judge {before['judge']:.3f} -> "
+        f"{after['judge']:.3f}",
+        file=sys.stderr,
+    )
+    return {f"eval_{name}_{when}": values[name] for name in before for when, values in (("before", before),
+                                                                                          ("after", after))}
+
+
+def _demo_eval(context: StageContext, tokenizer: Any, scorer: Any, params: PPOParams) -> Any:
     """On demo data: the judges' mean reward of sampled answers to held-out prompts, and the demo task's
     metrics of the same answers (correct, persona, the demo judge's score); ``None`` elsewhere."""
     if not context.data.demo or params.eval_prompts == 0:
@@ -418,7 +494,7 @@ def _demo_eval(context, tokenizer, scorer, params):
 
     rows = demo.prompt_rows("test")[: params.eval_prompts]
 
-    def evaluate(model) -> dict[str, float]:
+    def evaluate(model: Any) -> dict[str, float]:
         from molting.evaluation import generate, task_metrics
 
         prompts = [r["prompt"] for r in rows]
@@ -432,18 +508,15 @@ def _demo_eval(context, tokenizer, scorer, params):
 
 
 class _Logger:
-    """Averages metrics over steps and appends them to metrics.jsonl every ``logging_steps`` steps (one process)."""
+    """Averages metrics over steps and logs them every ``logging_steps`` steps, the first and the last."""
 
-    def __init__(self, context) -> None:
-        self.path = context.output_dir / "metrics.jsonl"
-        self.every = context.config.logging_steps
-        self.hook = context.host.hook
+    def __init__(self, every: int, events: Any) -> None:
+        self.every = every
+        self.events = events
         self.pending: dict[str, list[float]] = {}
         self.last: dict[str, float] = {}
 
     def __call__(self, step: int, stats: dict[str, Any], last: bool = False) -> None:
-        from molting.training import log_metrics
-
         for name, value in stats.items():
             self.pending.setdefault(name, []).append(float(value))
         if step % self.every and step != 1 and not last:
@@ -451,4 +524,4 @@ class _Logger:
         record = {name: sum(v) / len(v) for name, v in self.pending.items()}
         self.pending.clear()
         self.last = {"step": step, **record}
-        log_metrics(self.path, step, record, self.hook)
+        self.events.log(record)

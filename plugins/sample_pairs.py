@@ -18,13 +18,13 @@ same model as this one.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from typing import Any
 
 import attrs
 
 import molting
+from molting.context import StageContext
 from molting.components import Stage
 
 METRICS = ("pairs", "skipped_ties", "score/chosen", "score/rejected", "score/margin", "completions/mean_length")
@@ -82,95 +82,44 @@ def pairwise_wins(scorer, spec, prompt: Any, texts: list[str], row: int) -> list
     return wins
 
 
-def run_sample_pairs(context) -> dict[str, Any]:
+def run_sample_pairs(context: StageContext) -> dict[str, Any]:
     import torch
+    from tqdm.auto import tqdm
 
     from molting.data import check_columns, check_text_fields
-    from molting.judging import Scorer, data_columns, resolve_judges
+    from molting.files import write_jsonl_atomic
     from molting.models import load_causal_lm
-    from molting.files import write_text_atomic
-    from molting.sampling import sample
-    from molting.training import log_metrics
+    from molting.training import LoopEvents
 
-    config, params = context.config, context.stage_params
-    rows = context.rows
+    config, params, rows = context.config, context.stage_params, context.rows
     check_columns(rows, [("prompt",)], context.data_source, "sample-pairs")
     conversational = check_text_fields(rows, ("prompt",), context.data_source)
-    if not config.judges and not context.data.demo:
-        from molting.errors import ConfigError
-
-        raise ConfigError(
-            f"sample-pairs ranks answers with a judge, and its default (demo-rule) grades only the demo task; "
-            f"for {context.data_source} name one: --judge rule, --judge reward-model, --judge python, --judge llm-pairwise"
-        )
-    specs = resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'sample-pairs'")
-    pairwise = [s for s in specs if s.judge.kind == "pairwise"]
-    if pairwise and len(specs) > 1:
-        from molting.errors import ConfigError
-
-        raise ConfigError("a pairwise judge ranks completions alone: give it without other judges")
-    scorer = Scorer(specs, pairwise=bool(pairwise))
+    scorer = _scorer(context)
     torch.manual_seed(config.seed)
     model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
     if torch.cuda.is_available():
         model = model.cuda()
-    print(
-        f"molting: sampling {params.num_samples} completions for each of {len(rows)} prompts from {context.model_path}, "
-        f"judged by {', '.join(s.name for s in specs)}",
-        file=sys.stderr,
-    )
-    written, ties, chosen_scores, rejected_scores, lengths = [], 0, [], [], []
-    from tqdm.auto import tqdm
-
-    step = max(1, params.generation_batch_size // params.num_samples)
-    for start in tqdm(range(0, len(rows), step), desc="sample-pairs"):
-        chunk = list(range(start, min(start + step, len(rows))))
-        samples = sample(model, tokenizer, [rows[i]["prompt"] for i in chunk], n=params.num_samples,
-                         max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                         batch_size=params.generation_batch_size)
-        lengths += samples.lengths.tolist()
-        if not pairwise:
-            sampled_rows = [chunk[r] for r in samples.rows]
-            totals, _ = scorer(samples.prompts, samples.texts, data_columns([rows[i] for i in sampled_rows]),
-                               rows=sampled_rows)
-        for position, index in enumerate(chunk):
-            texts = samples.texts[position * params.num_samples : (position + 1) * params.num_samples]
-            if pairwise:
-                scores = pairwise_wins(scorer, pairwise[0], rows[index]["prompt"], texts, index)
-            else:
-                scores = totals[position * params.num_samples : (position + 1) * params.num_samples]
-            picked = best_and_worst(scores)
-            if picked is None or texts[picked[0]] == texts[picked[1]]:
-                ties += 1
-                continue
-            best, worst = picked
-            chosen, rejected = texts[best], texts[worst]
-            if conversational:
-                chosen = [{"role": "assistant", "content": chosen.strip()}]
-                rejected = [{"role": "assistant", "content": rejected.strip()}]
-            written.append({"prompt": rows[index]["prompt"], "chosen": chosen, "rejected": rejected,
-                            "score_chosen": scores[best], "score_rejected": scores[worst]})
-            chosen_scores.append(scores[best])
-            rejected_scores.append(scores[worst])
+    print(f"molting: sampling {params.num_samples} completions for each of {len(rows)} prompts from "
+          f"{context.model_path}, judged by {', '.join(scorer.names)}", file=sys.stderr)
+    per_batch = max(1, params.generation_batch_size // params.num_samples)
+    starts = range(0, len(rows), per_batch)
+    ranked = _Ranked(conversational)
+    events = LoopEvents(context, max_steps=len(starts), model=model, tokenizer=tokenizer)
+    events.train_begin()
+    for start in tqdm(starts, desc="sample-pairs"):
+        events.step_begin()
+        _sample_and_rank(model, tokenizer, scorer, rows, range(start, min(start + per_batch, len(rows))), params,
+                         ranked)
+        events.step_end()
     path = context.output_dir / "data.jsonl"
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in written))
-    mean = lambda values: sum(values) / len(values) if values else 0.0  # noqa: E731
-    metrics = {
-        "pairs": len(written),
-        "skipped_ties": ties,
-        "score/chosen": mean(chosen_scores),
-        "score/rejected": mean(rejected_scores),
-        "score/margin": mean(chosen_scores) - mean(rejected_scores),
-        "completions/mean_length": mean(lengths),
-        "judge_cache_hits": scorer.hits,
-    }
-    log_metrics(context.output_dir / "metrics.jsonl", 0, metrics, context.host.hook)
-    print(
-        f"molting: wrote {len(written)} pairs to {path} ({ties} of {len(rows)} prompts skipped: all answers scored "
-        f"the same); mean score chosen {metrics['score/chosen']:.3f}, rejected {metrics['score/rejected']:.3f}",
-        file=sys.stderr,
-    )
-    if not written:
+    write_jsonl_atomic(path, ranked.written)
+    metrics = {**ranked.metrics(), "judge_cache_hits": scorer.hits}
+    events.log(metrics)
+    events.train_end()
+    print(f"molting: wrote {len(ranked.written)} pairs to {path} ({ranked.ties} of {len(rows)} prompts skipped: all "
+          f"answers scored the same); mean score chosen {metrics['score/chosen']:.3f}, rejected "
+          f"{metrics['score/rejected']:.3f}", file=sys.stderr)
+    if not ranked.written:
         from molting.errors import DataError
 
         raise DataError(
@@ -178,3 +127,80 @@ def run_sample_pairs(context) -> dict[str, Any]:
             "scored the same. Sample more answers (--set num_samples=8), raise the temperature, or use a finer judge."
         )
     return metrics
+
+
+def _scorer(context: StageContext) -> Any:
+    """The run's judges: pointwise ones summed by weight, or one pairwise judge alone."""
+    from molting.errors import ConfigError
+    from molting.judging import Scorer, resolve_judges
+
+    if not context.config.judges and not context.data.demo:
+        raise ConfigError(
+            f"sample-pairs ranks answers with a judge, and its default (demo-rule) grades only the demo task; "
+            f"for {context.data_source} name one: --judge rule, --judge reward-model, --judge python, "
+            "--judge llm-pairwise"
+        )
+    specs = resolve_judges(context.host, context.config, context.stage.default_judges, context.artifacts,
+                           "stage 'sample-pairs'")
+    pairwise = [s for s in specs if s.judge.kind == "pairwise"]
+    if pairwise and len(specs) > 1:
+        raise ConfigError("a pairwise judge ranks completions alone: give it without other judges")
+    return Scorer(specs, pairwise=bool(pairwise))
+
+
+@attrs.define
+class _Ranked:
+    """The pairs written so far, and what the metrics count."""
+
+    conversational: bool
+    written: list[dict[str, Any]] = attrs.field(factory=list)
+    ties: int = 0
+    lengths: list[int] = attrs.field(factory=list)
+
+    def add(self, prompt: Any, texts: list[str], scores: list[float]) -> None:
+        """Best against worst of one prompt's completions, unless they all tie (or say the same)."""
+        picked = best_and_worst(scores)
+        if picked is None or texts[picked[0]] == texts[picked[1]]:
+            self.ties += 1
+            return
+        best, worst = picked
+        chosen, rejected = texts[best], texts[worst]
+        if self.conversational:
+            chosen = [{"role": "assistant", "content": chosen.strip()}]
+            rejected = [{"role": "assistant", "content": rejected.strip()}]
+        self.written.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                             "score_chosen": scores[best], "score_rejected": scores[worst]})
+
+    def metrics(self) -> dict[str, float]:
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values) if values else 0.0
+
+        chosen = mean([row["score_chosen"] for row in self.written])
+        rejected = mean([row["score_rejected"] for row in self.written])
+        return {"pairs": len(self.written), "skipped_ties": self.ties, "score/chosen": chosen,
+                "score/rejected": rejected, "score/margin": chosen - rejected,
+                "completions/mean_length": mean(self.lengths)}
+
+
+def _sample_and_rank(model: Any, tokenizer: Any, scorer: Any, rows: list[dict[str, Any]], chunk: range,
+                     params: SamplePairsParams, ranked: _Ranked) -> None:
+    """``num_samples`` completions for each prompt of ``chunk``, judged and ranked into ``ranked``."""
+    from molting.judging import data_columns
+    from molting.sampling import sample
+
+    n = params.num_samples
+    samples = sample(model, tokenizer, [rows[i]["prompt"] for i in chunk], n=n, max_new_tokens=params.max_new_tokens,
+                     temperature=params.temperature, top_p=params.top_p, batch_size=params.generation_batch_size)
+    ranked.lengths += samples.lengths.tolist()
+    pairwise = [spec for spec in scorer.specs if spec.judge.kind == "pairwise"]
+    if not pairwise:
+        sampled_rows = [chunk[r] for r in samples.rows]
+        totals, _ = scorer(samples.prompts, samples.texts, data_columns([rows[i] for i in sampled_rows]),
+                           rows=sampled_rows)
+    for position, index in enumerate(chunk):
+        texts = samples.texts[position * n : (position + 1) * n]
+        if pairwise:
+            scores = pairwise_wins(scorer, pairwise[0], rows[index]["prompt"], texts, index)
+        else:
+            scores = totals[position * n : (position + 1) * n]
+        ranked.add(rows[index]["prompt"], texts, scores)

@@ -92,10 +92,30 @@ BAD_NAME = """
         register(molting.Loss(name="Bad Name", compute=print, description="x"))
 """
 
+MISSPELT_HOOK = """
+    import molting
+
+    @molting.hookimpl
+    def molting_register_loss(register):  # the hook is molting_register_losses
+        register(molting.Loss(name="never-registered", compute=print, description="x"))
+"""
+
+UNKNOWN_HOOK = """
+    import molting
+
+    @molting.hookimpl
+    def molting_frobnicate_everything(config):
+        pass
+"""
+
 
 @pytest.mark.parametrize(
     "source, expected",
     [
+        (MISSPELT_HOOK, "it implements 'molting_register_loss', which is not a molting hook; did you mean "
+                        "'molting_register_losses'?"),
+        (UNKNOWN_HOOK, "it implements 'molting_frobnicate_everything', which is not a molting hook; the hooks are "
+                       "listed in docs/hooks.md"),
         (BAD_REGISTER, "molting_register_losses got str; expected a molting.Loss"),
         (BAD_SIGNATURE, "registrar"),
         (BAD_NAME, "name 'Bad Name' is not well formed"),

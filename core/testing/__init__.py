@@ -19,6 +19,11 @@ Two ways in, as scikit-learn's ``check_estimator`` and zarr's ``zarr.testing``:
   every component of a plugin or a distribution.)
 
 and on the command line: ``molting check NAME``.
+
+The numeric loss checks build example inputs of the class the loss's stage
+hands it (``Stage.inputs``) with the generator registered for that class
+(:mod:`molting.testing.inputs`; ``inputs_generator`` registers one for a
+third-party inputs class, ``example_inputs_for(cls)`` builds a batch).
 """
 
 from molting.testing.checks import (
@@ -31,7 +36,17 @@ from molting.testing.checks import (
     check,
     check_plugin,
     checks_for,
+)
+from molting.testing.inputs import (
+    GENERATORS,
+    Expectation,
+    InputsGenerator,
+    ZeroMargin,
     example_inputs,
+    example_inputs_for,
+    generator_for,
+    inputs_generator,
+    with_logps,
 )
 
 _CLASSES = ("ComponentTests", "DatasetTests", "JudgeTests", "LossTests", "PluginTests", "StageTests")
@@ -52,10 +67,18 @@ __all__ = [
     "CheckFailed",
     "CheckResult",
     "CheckSkipped",
+    "Expectation",
+    "GENERATORS",
+    "InputsGenerator",
     "Subject",
+    "ZeroMargin",
     "check",
     "check_plugin",
     "checks_for",
     "example_inputs",
+    "example_inputs_for",
+    "generator_for",
+    "inputs_generator",
+    "with_logps",
     *_CLASSES,
 ]

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import attrs
 
-from molting.components import COMPONENT_TYPES, KINDS, NAME_PATTERN, PreferenceInputs
+from molting.components import COMPONENT_TYPES, KINDS, NAME_PATTERN
 from molting.discovery import ENTRY_POINT_GROUP, PluginHost, Registered, load_plugins
+from molting.errors import PluginError
+from molting.testing.inputs import InputsGenerator, example_inputs, generator_for, with_logps  # noqa: F401 (public)
 
 
 class CheckFailed(AssertionError):
@@ -154,11 +157,20 @@ def check_params_defaults_validate(subject: Subject) -> None:
         raise CheckFailed(f"{params.__name__}() with defaults raised {exc!r}.", "give every field a valid default.")
 
 
+def _is_numeric(field: attrs.Attribute) -> bool:
+    """A number by its default, or an optional number (``float | None = None``, as trl's optional settings)."""
+    if isinstance(field.default, bool):
+        return False
+    if isinstance(field.default, (int, float)):
+        return True
+    return field.default is None and re.search(r"\b(float|int)\b", str(field.type or "")) is not None
+
+
 @check("any")
 def check_params_reject_bad_values(subject: Subject) -> None:
-    """Each numeric hyperparameter rejects NaN and a string with a message."""
+    """Each numeric hyperparameter (an optional one too) rejects NaN and a string with a message."""
     params = _params_class(subject)
-    numeric = [f for f in attrs.fields(params) if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)]
+    numeric = [f for f in attrs.fields(params) if _is_numeric(f)]
     if not numeric:
         raise CheckSkipped(f"{params.__name__} has no numeric hyperparameters")
     for field in numeric:
@@ -190,56 +202,51 @@ def check_params_round_trip(subject: Subject) -> None:
 # --------------------------------------------------------------------------- losses
 
 
-def example_inputs(batch: int = 6, dtype: Any = None, seed: int = 0, reference: bool = True) -> PreferenceInputs:
-    """Random but plausible inputs of the preference stage: log-probs in [-60, -1], 3-30 tokens."""
+def _loss_inputs(subject: Subject) -> tuple[Any, InputsGenerator]:
+    """The loss and the generator of its stage's inputs class, or :class:`CheckSkipped` saying why there is none."""
+    loss = subject.component
+    stage_name = loss.stage
+    if stage_name not in subject.host.components["stage"] and ("stage", stage_name) not in subject.host.conflicts:
+        raise CheckSkipped(
+            f"{subject.label} runs in stage {stage_name!r}, which is not installed, so the suite does not know "
+            "its inputs class"
+        )
+    try:
+        stage = subject.host.get("stage", stage_name)
+    except PluginError as exc:
+        raise CheckSkipped(f"{subject.label} runs in stage {stage_name!r}, which is not usable: {exc}") from exc
+    inputs_class = getattr(stage, "inputs", None)
+    if inputs_class is None:
+        raise CheckSkipped(
+            f"{subject.label} runs in stage {stage_name!r}, which declares no inputs class (Stage.inputs is None)"
+        )
+    generator = generator_for(inputs_class)
+    if generator is None:
+        raise CheckSkipped(
+            f"{subject.label} runs in stage {stage_name!r}, whose inputs class "
+            f"{inputs_class.__module__}.{inputs_class.__qualname__} has no example-input generator; register one "
+            f"with @molting.testing.inputs_generator({inputs_class.__name__}) (docs/conformance.md)"
+        )
+    return loss, generator
+
+
+def _compute(loss: Any, inputs: Any):
+    return loss.compute(inputs, loss.params())
+
+
+def _tensor_fields(inputs: Any) -> dict[str, Any]:
     import torch
 
-    dtype = dtype or torch.float32
-    g = torch.Generator().manual_seed(seed)
-    logps = -1 - 59 * torch.rand(4, batch, generator=g)
-    lengths = torch.randint(3, 31, (2, batch), generator=g)
-    width = int(lengths.max())
-    mask = (torch.arange(width)[None, :] < lengths[0][:, None]).float()
-    return PreferenceInputs(
-        chosen_logps=logps[0].to(dtype),
-        rejected_logps=logps[1].to(dtype),
-        ref_chosen_logps=logps[2].to(dtype) if reference else None,
-        ref_rejected_logps=logps[3].to(dtype) if reference else None,
-        chosen_lengths=lengths[0],
-        rejected_lengths=lengths[1],
-        chosen_token_logps=(mask * (logps[0] / lengths[0])[:, None]).to(dtype),
-        chosen_mask=mask.to(dtype),
-    )
-
-
-def with_logps(inputs: PreferenceInputs, chosen: Any, rejected: Any, **changes: Any) -> PreferenceInputs:
-    """``inputs`` with new summed log-probs; the per-token chosen log-probs are rebuilt from ``chosen``
-    (spread evenly over its tokens) so that gradients reach ``chosen`` either way."""
-    mask = inputs.chosen_mask
-    lengths = mask.sum(dim=1).clamp(min=1)
-    token_logps = mask * (chosen / lengths.to(chosen.dtype))[:, None].to(mask.dtype)
-    return attrs.evolve(inputs, chosen_logps=chosen, rejected_logps=rejected, chosen_token_logps=token_logps, **changes)
-
-
-def _preference_loss(subject: Subject):
-    loss = subject.component
-    if loss.stage != "preference":
-        raise CheckSkipped(
-            f"{subject.label} runs in stage {loss.stage!r}, whose inputs the suite does not generate; "
-            "its training check still applies"
-        )
-    return loss
-
-
-def _compute(loss: Any, inputs: PreferenceInputs):
-    return loss.compute(inputs, loss.params())
+    return {f.name: getattr(inputs, f.name) for f in attrs.fields(type(inputs))
+            if isinstance(getattr(inputs, f.name), torch.Tensor)}
 
 
 @check("loss")
 def check_output_shapes(subject: Subject) -> None:
-    """Per-example losses of shape (batch,), floating point, and rewards of the same shape."""
-    loss = _preference_loss(subject)
-    out = _compute(loss, example_inputs(batch=5, reference=loss.needs_reference))
+    """Per-example losses of shape (batch,), floating point, and rewards of the shape the stage expects."""
+    loss, generator = _loss_inputs(subject)
+    inputs = generator.example(batch=5, reference=loss.needs_reference)
+    out = _compute(loss, inputs)
     losses = getattr(out, "losses", None)
     if losses is None or tuple(losses.shape) != (5,):
         raise CheckFailed(
@@ -248,69 +255,77 @@ def check_output_shapes(subject: Subject) -> None:
         )
     if not losses.is_floating_point():
         raise CheckFailed(f"losses has dtype {losses.dtype}; expected a floating-point dtype.")
-    for name in ("chosen_rewards", "rejected_rewards"):
+    for name, (shape, note) in generator.reward_shapes(inputs).items():
         value = getattr(out, name)
-        if value is not None and tuple(value.shape) != (5,):
-            raise CheckFailed(f"{name} has shape {tuple(value.shape)}; expected (5,) or None.")
+        if value is not None and tuple(value.shape) != shape:
+            raise CheckFailed(f"{name} has shape {tuple(value.shape)}; expected {shape}{note} or None.")
 
 
 @check("loss")
 def check_finite_on_extreme_inputs(subject: Subject) -> None:
-    """Losses and gradients stay finite for log-probs of ±1e4, equal log-probs, and a batch of 1."""
+    """Losses and gradients stay finite for large log-probs, rewards or advantages, equal values, a batch of 1.
+
+    The cases come from the generator of the loss's inputs class
+    (:meth:`molting.testing.InputsGenerator.extreme_cases`).
+    """
     import torch
 
-    loss = _preference_loss(subject)
-    base = example_inputs(batch=4, reference=loss.needs_reference)
-    big = torch.tensor([-1e4, 1e4, -1e4, 0.0])
-    reference = loss.needs_reference
-    one = example_inputs(batch=1, reference=reference)
-    cases = {
-        "log-probs of ±1e4": (base, big, -big, {"ref_chosen_logps": -big, "ref_rejected_logps": big} if reference else {}),
-        "equal log-probs": (base, base.chosen_logps, base.chosen_logps.clone(),
-                            {"ref_rejected_logps": base.ref_chosen_logps} if reference else {}),
-        "a batch of 1": (one, one.chosen_logps, one.rejected_logps, {}),
-    }
-    for case, (inputs, chosen, rejected, changes) in cases.items():
-        chosen = chosen.clone().requires_grad_(True)
-        rejected = rejected.clone().requires_grad_(True)
-        out = _compute(loss, with_logps(inputs, chosen, rejected, **changes))
+    loss, generator = _loss_inputs(subject)
+    for case, example in generator.extreme_cases(reference=loss.needs_reference).items():
+        inputs, leaves = generator.with_gradient(example)
+        out = _compute(loss, inputs)
         if not torch.isfinite(out.losses).all():
             raise CheckFailed(f"losses are not finite for {case}: {out.losses.tolist()}.",
                               "use log-sigmoid / logsumexp forms instead of log(sigmoid(x)) or exp(x).")
         if not out.losses.requires_grad:
-            raise CheckFailed("the losses do not depend on the policy's log-probs (no gradient).")
+            raise CheckFailed(f"the losses do not depend on {' or '.join(leaves)} (no gradient).")
         out.losses.sum().backward()
-        grads = [g for g in (chosen.grad, rejected.grad) if g is not None]
-        if not all(torch.isfinite(g).all() for g in grads):
-            raise CheckFailed(f"gradients are not finite for {case}.")
+        for name, leaf in leaves.items():
+            if leaf.grad is not None and not torch.isfinite(leaf.grad).all():
+                raise CheckFailed(f"gradients are not finite for {case}: d loss / d {name} = {_show(leaf.grad)}.")
 
 
 @check("loss")
 def check_gradient_direction(subject: Subject) -> None:
-    """At zero margin the gradient raises the chosen response's log-prob and lowers the rejected one's."""
+    """At zero margin the gradient raises what the data prefers and lowers the rest (e.g. chosen vs rejected).
+
+    The case and the claims come from the generator of the loss's inputs class
+    (:meth:`molting.testing.InputsGenerator.zero_margin`): the chosen response
+    up and the rejected one down (preference; the chosen and rejected rewards
+    for a reward model), a desirable completion up and an undesirable one down
+    (unpaired), the tokens of a completion with a positive advantage up, with
+    a negative one down and the padding untouched (group).
+    """
     import torch
 
-    loss = _preference_loss(subject)
-    inputs = example_inputs(batch=4, reference=loss.needs_reference)
-    same = torch.full((4,), -10.0)
-    chosen, rejected = same.clone().requires_grad_(True), same.clone().requires_grad_(True)
-    inputs = with_logps(
-        inputs, chosen, rejected,
-        ref_chosen_logps=same.clone() if loss.needs_reference else None,
-        ref_rejected_logps=same.clone() if loss.needs_reference else None,
-        chosen_lengths=torch.full((4,), 10), rejected_lengths=torch.full((4,), 10),
-    )
-    _compute(loss, inputs).losses.sum().backward()
-    # descending the loss moves each log-prob by -grad: chosen must go up (grad < 0), rejected down (grad > 0)
-    if chosen.grad is None or not (chosen.grad < 0).all():
+    loss, generator = _loss_inputs(subject)
+    case = generator.zero_margin(reference=loss.needs_reference)
+    if case is None:
+        raise CheckSkipped(f"the generator of {type(generator).__name__} defines no zero-margin case")
+    inputs, leaves = generator.with_gradient(case.inputs)
+    out = _compute(loss, inputs)
+    if not out.losses.requires_grad:
+        raise CheckFailed(f"the losses do not depend on {' or '.join(leaves)} (no gradient).")
+    out.losses.sum().backward()
+    # descending the loss moves each value by -grad: a value to raise needs grad < 0, one to lower grad > 0
+    for claim in case.expectations:
+        grad = leaves[claim.field].grad
+        where = claim.where if claim.where is not None else torch.ones(leaves[claim.field].shape, dtype=torch.bool)
+        if not bool(where.any()):
+            continue
+        if grad is None:
+            if claim.sign == 0:
+                continue
+            values = None
+        else:
+            values = grad[where]
+            ok = values < 0 if claim.sign > 0 else values > 0 if claim.sign < 0 else values == 0
+            if bool(ok.all()):
+                continue
+        expected = {1: "< 0 so that training raises", -1: "> 0 so that training lowers", 0: "0 so that training leaves"}
         raise CheckFailed(
-            f"at zero margin, d loss / d chosen_logps = {_show(chosen.grad)}; expected < 0 so that training "
-            "raises the chosen response's probability."
-        )
-    if rejected.grad is None or not (rejected.grad > 0).all():
-        raise CheckFailed(
-            f"at zero margin, d loss / d rejected_logps = {_show(rejected.grad)}; expected > 0 so that training "
-            "lowers the rejected response's probability."
+            f"{case.condition}, d loss / d {claim.field}{claim.examples} = {_show(values)}; expected "
+            f"{expected[claim.sign]} {claim.what}{' alone' if claim.sign == 0 else ''}."
         )
 
 
@@ -319,29 +334,30 @@ def check_batch_independence(subject: Subject) -> None:
     """Shuffling the batch permutes the per-example losses the same way."""
     import torch
 
-    loss = _preference_loss(subject)
-    inputs = example_inputs(batch=6, reference=loss.needs_reference)
+    loss, generator = _loss_inputs(subject)
+    inputs = generator.example(batch=6, reference=loss.needs_reference)
     order = torch.tensor([3, 0, 5, 1, 4, 2])
-    shuffled = attrs.evolve(inputs, **{
-        f.name: getattr(inputs, f.name)[order] for f in attrs.fields(PreferenceInputs) if getattr(inputs, f.name) is not None
-    })
+    shuffled = generator.permute(inputs, order)
     expected, got = _compute(loss, inputs).losses[order], _compute(loss, shuffled).losses
-    if not torch.allclose(expected, got, atol=1e-6, rtol=1e-5):
+    if not torch.allclose(expected, got, atol=1e-6, rtol=1e-5, equal_nan=True):
         raise CheckFailed(
             f"example losses depend on the other examples in the batch: {_show(expected)} became {_show(got)} "
             "after shuffling.",
-            "compute each example's loss from its own inputs only (or declare this check an expected failure).",
+            "compute each example's loss from its own inputs and the batch-level values it is given only "
+            "(or declare this check an expected failure).",
         )
 
 
 @check("loss")
 def check_inputs_not_mutated(subject: Subject) -> None:
     """The loss does not change its input tensors in place."""
-    loss = _preference_loss(subject)
-    inputs = example_inputs(batch=4, reference=loss.needs_reference)
-    before = {f.name: getattr(inputs, f.name).clone() for f in attrs.fields(PreferenceInputs) if getattr(inputs, f.name) is not None}
+    import torch
+
+    loss, generator = _loss_inputs(subject)
+    inputs = generator.example(batch=4, reference=loss.needs_reference)
+    before = {name: value.clone() for name, value in _tensor_fields(inputs).items()}
     _compute(loss, inputs)
-    changed = [name for name, value in before.items() if not bool((getattr(inputs, name) == value).all())]
+    changed = [name for name, value in before.items() if not torch.equal(getattr(inputs, name), value)]
     if changed:
         raise CheckFailed(f"the loss changed its inputs in place: {', '.join(changed)}.",
                           "use out-of-place operations (x = x * 2, not x.mul_(2)).")
@@ -349,14 +365,31 @@ def check_inputs_not_mutated(subject: Subject) -> None:
 
 @check("loss")
 def check_deterministic(subject: Subject) -> None:
-    """Two calls on the same inputs give identical losses."""
+    """Two calls on the same inputs give identical, non-NaN losses."""
     import torch
 
-    loss = _preference_loss(subject)
-    inputs = example_inputs(batch=4, reference=loss.needs_reference)
+    loss, generator = _loss_inputs(subject)
+    inputs = generator.example(batch=4, reference=loss.needs_reference)
     first, second = _compute(loss, inputs).losses, _compute(loss, inputs).losses
-    if not torch.equal(first, second):
-        raise CheckFailed(f"two calls gave {_show(first)} and {_show(second)}.", "remove randomness from the loss.")
+    nan = torch.isnan(first)
+    same = (first.shape == second.shape and torch.equal(nan, torch.isnan(second))
+            and torch.equal(first.masked_fill(nan, 0), second.masked_fill(nan, 0)))
+    where_nan = ""
+    if bool(nan.any()) or bool(torch.isnan(second).any()):
+        where_nan = (f"the loss returned NaN for examples {_nan_examples(first)}"
+                     + (f" (and {_nan_examples(second)} the second time)" if not same else "") + " of plain inputs")
+    if not same:
+        raise CheckFailed(f"two calls gave {_show(first)} and {_show(second)}" + (f"; {where_nan}." if where_nan else "."),
+                          "remove randomness from the loss.")
+    if where_nan:
+        raise CheckFailed(f"{where_nan}, the same twice: {_show(first)}.",
+                          "guard divisions and logarithms (clamp denominators, use log-sigmoid / logsumexp forms).")
+
+
+def _nan_examples(losses: Any) -> list[int]:
+    import torch
+
+    return torch.isnan(losses.detach().reshape(-1)).nonzero().flatten().tolist()
 
 
 @check("loss")
@@ -364,9 +397,9 @@ def check_dtypes(subject: Subject) -> None:
     """The loss works on float32 and bfloat16 inputs, with finite floating-point results."""
     import torch
 
-    loss = _preference_loss(subject)
+    loss, generator = _loss_inputs(subject)
     for dtype in (torch.float32, torch.bfloat16):
-        out = _compute(loss, example_inputs(batch=4, dtype=dtype, reference=loss.needs_reference))
+        out = _compute(loss, generator.example(batch=4, dtype=dtype, reference=loss.needs_reference))
         if not out.losses.is_floating_point() or not torch.isfinite(out.losses.float()).all():
             raise CheckFailed(f"with {dtype} inputs the losses are {_show(out.losses)} ({out.losses.dtype}).")
 
@@ -437,7 +470,9 @@ def _check_declared_metrics(stage: Any, records: list[dict[str, Any]]) -> None:
 def _train(subject: Subject, stage_name: str, loss: Any, steps: int, rows: int) -> list[dict[str, Any]]:
     """Train ``steps`` steps on ``rows`` rows of the stage's default data; returns metrics.jsonl's records."""
     from molting.config import DEMO_DEFAULTS, RunConfig
-    from molting.run import Step, run
+
+    from molting.context import Step
+    from molting.pipeline import run
 
     host = subject.host
     try:
@@ -568,7 +603,9 @@ def check_bad_row_rejected(subject: Subject) -> None:
 def _show(tensor: Any) -> str:
     if tensor is None:
         return "None"
-    return "[" + ", ".join(f"{v:.4g}" for v in tensor.detach().float().reshape(-1).tolist()) + "]"
+    values = tensor.detach().float().reshape(-1).tolist()
+    shown = ", ".join(f"{v:.4g}" for v in values[:12])
+    return f"[{shown}, ... ({len(values)} values)]" if len(values) > 12 else f"[{shown}]"
 
 
 def subjects_for(target: Any, host: PluginHost, kind: str | None = None) -> list[Subject]:
@@ -579,6 +616,9 @@ def subjects_for(target: Any, host: PluginHost, kind: str | None = None) -> list
                 return [Subject(kind_name, target, host)]
         raise TypeError(f"cannot check {target!r}: expected a name or a molting.Stage/Loss/Judge/Dataset")
     kinds = [kind] if kind else list(KINDS)
+    conflicts = [(k, target) for k in kinds if (k, target) in host.conflicts]
+    if conflicts:
+        raise _conflict_error(host, conflicts)
     found = [Subject(k, host.components[k][target].component, host, host.components[k][target])
              for k in kinds if target in host.components[k]]
     if found:
@@ -586,12 +626,8 @@ def subjects_for(target: Any, host: PluginHost, kind: str | None = None) -> list
     plugin = host.plugins.get(target)
     if plugin is not None:
         if plugin.status != "ok":
-            from molting.errors import PluginError
-
             raise PluginError(f"plugin {target!r} ({plugin.source}) is {plugin.status}: {plugin.error}")
         return plugin_subjects(target, host)
-    from molting.errors import PluginError
-
     raise PluginError(
         f"no installed plugin or component named {target!r}. "
         + "; ".join(host.available(k) for k in KINDS)
@@ -599,12 +635,24 @@ def subjects_for(target: Any, host: PluginHost, kind: str | None = None) -> list
 
 
 def plugin_subjects(plugin: str, host: Any) -> list[Subject]:
-    """The components plugin ``plugin`` registered, as check subjects."""
-    subjects = []
-    for kind_name in host.plugins[plugin].components:
-        kind, name = kind_name.split(":", 1)
-        subjects.append(Subject(kind, host.components[kind][name].component, host, host.components[kind][name]))
-    return subjects
+    """The components plugin ``plugin`` registered, as check subjects (a conflicting name refuses)."""
+    names = [tuple(kind_name.split(":", 1)) for kind_name in host.plugins[plugin].components]
+    conflicts = [key for key in names if key in host.conflicts]
+    if conflicts:
+        raise _conflict_error(host, conflicts)
+    return [Subject(kind, host.components[kind][name].component, host, host.components[kind][name])
+            for kind, name in names]
+
+
+def _conflict_error(host: Any, conflicts: list[tuple[str, str]]) -> Exception:
+    """Two distributions provide one name: the registry holds only the first, so checking it would pass or fail
+    the wrong one."""
+    return PluginError("; ".join(
+        f"{kind} {name!r} is provided by both {' and '.join(p.source for p in plugins)} (plugins "
+        f"{', '.join(repr(p.name) for p in plugins)}): uninstall one of them, or disable one with "
+        f"MOLTING_DISABLE_PLUGINS={plugins[-1].name}, and check again"
+        for kind, name in conflicts for plugins in [host.conflicts[(kind, name)]]
+    ))
 
 
 def run_check(chk: Check, subject: Subject, expected_failures: Mapping[str, str] | None = None) -> CheckResult:

@@ -32,6 +32,7 @@ from typing import Any
 import attrs
 
 import molting
+from molting.context import StageContext
 from molting.components import Stage
 
 METRICS = (
@@ -129,7 +130,7 @@ def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong
     return [{"index": i, "row": row} for i, row in enumerate(rows) if i not in dropped]
 
 
-def run_grpo(context) -> dict[str, Any]:
+def run_grpo(context: StageContext) -> dict[str, Any]:
     from trl.trainer.utils import identity
 
     from molting.errors import ConfigError, DataError

@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 
 import molting
+from molting.context import StageContext
 from molting.components import Loss, LossOutput, RewardInputs, Stage
 
 SCHEMAS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
@@ -179,7 +180,7 @@ class RewardCollator:
 # --------------------------------------------------------------------------- the model
 
 
-def load_reward_model(context: Any) -> tuple[Any, Any]:
+def load_reward_model(context: StageContext) -> tuple[Any, Any]:
     """A one-output sequence classifier from the run's model directory, and its tokenizer.
 
     A causal LM gets a new, randomly initialised score head (seeded with the
@@ -291,7 +292,7 @@ def demo_held_out_accuracy(model: Any, tokenizer: Any, config: Any) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def run_reward_model(context) -> dict[str, Any]:
+def run_reward_model(context: StageContext) -> dict[str, Any]:
     from molting.errors import ConfigError
     from molting.training import announce, stage_callbacks, train_and_save
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from molting.components import RewardInputs
 from molting.training import MoltingTrainer
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import molting
+from molting.context import StageContext
 from molting.components import Stage
 
 SCHEMAS = (("prompt", "completion"), ("messages",))
@@ -173,7 +174,7 @@ def build_trainer(model, tokenizer, examples, config, output_dir, callbacks=()):
                                   config, None, None, output_dir, callbacks)
 
 
-def run_sft(context) -> dict[str, Any]:
+def run_sft(context: StageContext) -> dict[str, Any]:
     from molting.errors import ConfigError
     from molting.training import announce, load_policy, stage_callbacks, train_and_save
 

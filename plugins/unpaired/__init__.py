@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 import molting
+from molting.context import StageContext
 from molting.components import Stage
 
 SCHEMAS = (("prompt", "completion", "label"), ("prompt", "chosen", "rejected"), ("chosen", "rejected"))
@@ -201,7 +202,7 @@ def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_
                                   loss_params, output_dir, callbacks, ref_model, adapter_reference)
 
 
-def run_unpaired(context) -> dict[str, Any]:
+def run_unpaired(context: StageContext) -> dict[str, Any]:
     from molting.errors import ConfigError
     from molting.training import announce, load_policy, reference_for, stage_callbacks, train_and_save
 
