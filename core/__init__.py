@@ -44,6 +44,8 @@ from molting.hookspecs import hookimpl, hookspec  # noqa: E402
 
 TOOLKIT = (
     "components",  # the component classes and what losses exchange (also exported here)
+    "errors",  # the errors a user can act on (also exported here)
+    "config",  # RunConfig: a run's settings (also exported here)
     "context",  # StageContext, Step, DataSource: what a stage receives
     "data",  # reading rows, checking them against a schema, BOS handling
     "files",  # atomic writes

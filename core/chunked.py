@@ -204,28 +204,38 @@ def _normalize_(logits: torch.Tensor, labels: torch.Tensor, full: bool) -> tuple
 def _forward_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                     head: _Head, chunk: int, with_entropy: bool, with_top1: bool, with_dhidden: bool) -> _Forward:
     """Log-probs and logsumexps of all rows (and entropy, top-1 and ``d logp / d hidden`` when asked)."""
-    n, f32 = hidden.size(0), head.acc
-    logps, lse = hidden.new_empty(n, dtype=f32), hidden.new_empty(n, dtype=f32)
-    entropy = hidden.new_empty(n, dtype=f32) if with_entropy else None
-    top1 = hidden.new_empty(n, dtype=torch.bool) if with_top1 else None
-    dhidden = hidden.new_empty(hidden.shape, dtype=f32) if with_dhidden else None
+    n, acc = hidden.size(0), head.acc
+    out = _Forward(hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc),
+                   hidden.new_empty(n, dtype=acc) if with_entropy else None,
+                   hidden.new_empty(n, dtype=torch.bool) if with_top1 else None,
+                   hidden.new_empty(hidden.shape, dtype=acc) if with_dhidden else None)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(head.dtype)  # once per call, not per chunk
         b = None if bias is None else bias.to(head.dtype)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logits, tanh = _logits(hidden[rows], w, b, head)
-            row_labels = labels[rows]
-            row_lse, picked, top, log_probs, probs = _normalize_(logits, row_labels, entropy is not None
-                                                                 or dhidden is not None)
-            lse[rows], logps[rows] = row_lse, picked - row_lse
-            if top1 is not None:
-                top1[rows] = picked >= top
-            if entropy is not None:  # -sum(p log p), not lse - sum(p z): that cancels badly in float32
-                entropy[rows] = log_probs.mul_(probs).sum(dim=-1).neg_()
-            if dhidden is not None:
-                dhidden[rows] = _dlogits(probs, row_labels, tanh, head).to(head.dtype) @ w
-    return _Forward(logps, lse, entropy, top1, dhidden)
+            values = _forward_chunk(hidden[rows], w, b, labels[rows], head, with_entropy, with_top1, with_dhidden)
+            for result, value in zip(out, values):
+                if result is not None:
+                    result[rows] = value
+    return out
+
+
+def _forward_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                   head: _Head, with_entropy: bool, with_top1: bool, with_dhidden: bool) -> tuple:
+    """One chunk's values, in :class:`_Forward`'s order.
+
+    A function of its own so that the chunk's (rows x V) buffers are freed on
+    return: in a loop body they would live on while the next chunk's logits are
+    computed, doubling the peak.
+    """
+    logits, tanh = _logits(hidden, weight, bias, head)
+    lse, picked, top, log_probs, probs = _normalize_(logits, labels, with_entropy or with_dhidden)
+    # -sum(p log p), not lse - sum(p z), which cancels badly in float32
+    entropy = log_probs.mul_(probs).sum(dim=-1).neg_() if with_entropy else None
+    top1 = picked >= top if with_top1 else None
+    dhidden = _dlogits(probs, labels, tanh, head).to(head.dtype) @ weight if with_dhidden else None
+    return picked - lse, lse, entropy, top1, dhidden
 
 
 def _backward_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -233,7 +243,7 @@ def _backward_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                      needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """Gradients for hidden, weight and bias, recomputing each chunk's logits from the saved logsumexps."""
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    # float32 accumulators, updated in place: a per-chunk (V, H) product would be a second weight-sized buffer
+    # accumulated in float32 and in place: a per-chunk (V, H) product would be a second weight-sized buffer
     grad_weight = torch.zeros(weight.shape, dtype=head.acc, device=weight.device) if needs[1] else None
     grad_bias = torch.zeros(weight.size(0), dtype=head.acc, device=weight.device) if needs[2] else None
     upstream = upstream.to(head.acc)
@@ -242,18 +252,27 @@ def _backward_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         b = None if bias is None else bias.to(head.dtype)
         for start in range(0, hidden.size(0), chunk):
             rows = slice(start, start + chunk)
-            logits, tanh = _logits(hidden[rows], w, b, head)
-            probs = logits.sub_(lse[rows, None]).exp_()
-            grad = _dlogits(probs, labels[rows], tanh, head, upstream[rows])
-            if grad_hidden is not None:  # in the logits' dtype, as autograd's matmul backward would be
-                grad_hidden[rows] = grad.to(head.dtype) @ w
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.T, hidden[rows].to(head.acc))
-            if grad_bias is not None:
-                grad_bias += grad.sum(dim=0)
+            grad_rows = _backward_chunk(hidden[rows], w, b, labels[rows], lse[rows], upstream[rows], head,
+                                        grad_weight, grad_bias, needs[0])
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_rows
     return (grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def _backward_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                    lse: torch.Tensor, upstream: torch.Tensor, head: _Head, grad_weight: torch.Tensor | None,
+                    grad_bias: torch.Tensor | None, with_hidden: bool) -> torch.Tensor | None:
+    """One chunk's hidden gradient; adds the chunk's share to ``grad_weight`` and ``grad_bias`` in place."""
+    logits, tanh = _logits(hidden, weight, bias, head)
+    grad = _dlogits(logits.sub_(lse[:, None]).exp_(), labels, tanh, head, upstream)  # all in one buffer
+    if grad_weight is not None:
+        grad_weight.addmm_(grad.T, hidden.to(head.acc))
+    if grad_bias is not None:
+        grad_bias += grad.sum(dim=0)
+    # in the logits' dtype, as autograd's matmul backward would be
+    return grad.to(head.dtype) @ weight if with_hidden else None
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):

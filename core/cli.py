@@ -105,10 +105,14 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--data", help="Data file, saved dataset directory, or dataset name. Default: the stage's demo data.")
 @click.option("--output-dir", help="Where to write the trained model and logs.  [default: molting-output]")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
-@click.option("--epochs", type=float, help="Passes over the data.  [default: 1]")
+@click.option("--epochs", type=float,
+              help="Passes over the data.  [default: 1; 3 on the demo model (1 for sft, reward-model and ppo)]")
 @click.option("--learning-rate", type=float, help="Peak learning rate.  [default: 5e-6; 5e-5 on the demo model]")
-@click.option("--beta", type=float, help="The loss's β (KL strength to the reference).  [default: 0.1; 0.3 on the demo model]")
-@click.option("--batch-size", type=int, help="Pairs per device per step.  [default: 8]")
+@click.option("--beta", type=float,
+              help="The loss's β (KL strength to the reference).  [default: the loss's own (0.1 for dpo); 0.3 for "
+                   "molting's own losses on the demo model]")
+@click.option("--batch-size", type=int,
+              help="Examples (pairs; completions in grpo, prompts in ppo) per device per step.  [default: 8]")
 @click.option("--gradient-accumulation-steps", type=int, help="Batches per optimizer step.  [default: 1]")
 @click.option("--max-length", type=int, help="Max tokens of prompt + completion.  [default: 512]")
 @click.option("--overlong", type=click.Choice(["truncate", "drop"]),

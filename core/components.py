@@ -8,9 +8,12 @@ plugin module stays cheap to load; its callables import torch when they run.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import attrs
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from molting.context import StageContext
 
 KINDS = ("stage", "loss", "judge", "dataset")
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
@@ -83,7 +86,7 @@ class Stage:
     """
 
     name: str = attrs.field(validator=_check_name)
-    run: Callable[[Any], Mapping[str, Any]]
+    run: Callable[[StageContext], Mapping[str, Any]]
     description: str = attrs.field(validator=_check_description)
     columns: tuple[str, ...] = ()
     default_loss: str | None = None

@@ -83,7 +83,7 @@ def completion_token_stats(model: Any, input_ids: Any, attention_mask: Any, labe
 
     Shapes ``(batch, k)``: the output layer runs only on the last ``k``
     positions, the ones that can predict a labelled token (as
-    ``molting.training.completion_logps`` does), and everything is zero
+    :func:`completion_logps` does), and everything is zero
     outside the mask.
     """
     import torch

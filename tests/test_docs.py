@@ -50,3 +50,23 @@ def test_every_conformance_check_is_documented():
     page = (ROOT / "docs" / "conformance.md").read_text()
     for chk in CHECKS:
         assert f"| `{chk.name}` | {chk.kind} |" in page, f"docs/conformance.md lacks the check {chk.name}"
+
+
+def test_every_stage_context_field_is_documented():
+    import attrs
+
+    from molting.context import StageContext
+
+    page = (ROOT / "docs" / "stages.md").read_text()
+    missing = [f.name for f in attrs.fields(StageContext) if f"| `{f.name}` |" not in page]
+    assert not missing, f"docs/stages.md does not document the StageContext fields {missing}"
+
+
+def test_every_stage_field_is_documented():
+    import attrs
+
+    from molting.components import Stage
+
+    page = (ROOT / "docs" / "stages.md").read_text()
+    missing = [f.name for f in attrs.fields(Stage) if f"| `{f.name}` |" not in page]
+    assert not missing, f"docs/stages.md does not document the Stage fields {missing}"
