@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,10 +50,10 @@ def as64(*tensors):
 
 
 HEADS = {
-    "plain": dict(),
-    "temperature": dict(temperature=0.7),
-    "softcap": dict(softcap=2.0, temperature=1.3),
-    "scale": dict(scale=0.6),
+    "plain": {},
+    "temperature": {"temperature": 0.7},
+    "softcap": {"softcap": 2.0, "temperature": 1.3},
+    "scale": {"scale": 0.6},
 }
 
 
@@ -191,7 +193,7 @@ def test_saves_only_small_tensors(frozen_weight):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = token_logps(hidden, weight, labels, bias=bias, chunk_size=5, with_entropy=True, with_top1=True)
     assert not out.entropy.requires_grad and not out.top1.requires_grad
-    assert sum(t.numel() for t in saved) <= N * H + (0 if frozen_weight else V * H + V + 2 * N)
+    assert saved and sum(t.numel() for t in saved) <= N * H + (0 if frozen_weight else V * H + V + 2 * N)
 
 
 @pytest.mark.parametrize("frozen_weight", [False, True], ids=["recompute", "frozen-weight"])
@@ -231,6 +233,51 @@ def test_never_creates_a_positions_by_vocabulary_tensor(frozen_weight):
     assert run_forward_backward(False, hidden, weight, bias, labels, chunk).largest >= n * v  # the test can see it
 
 
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes alive at once among the storages that ops inside create (one dies with its last tensor).
+
+    Tensors kept only by C++ (autograd's saved tensors) keep their Python object
+    alive too, so the count includes them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.tensors, self.size, self.live, self.peak = {}, {}, 0, 0
+
+    def _release(self, ptr):
+        self.tensors[ptr] -= 1
+        if not self.tensors[ptr]:
+            del self.tensors[ptr]
+            self.live -= self.size.pop(ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.tensors:
+                    self.tensors[ptr], self.size[ptr] = 0, t.untyped_storage().nbytes()
+                    self.live += self.size[ptr]
+                    self.peak = max(self.peak, self.live)
+                self.tensors[ptr] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True], ids=["recompute", "frozen-weight"])
+def test_peak_memory_is_a_few_chunks(frozen_weight):
+    """At most ~2 chunks of float32 logits alive at once (not one per chunk, nor the last chunk's kept around)."""
+    n, h, v, chunk = 256, 2, 2048, 16  # chunk x V x 4 = 128 KiB dominates V x H and N x H
+    hidden, weight, _, labels = make(n=n, h=h, v=v, bias=False)
+    weight.requires_grad_(not frozen_weight)
+    with LiveBytes() as mem:
+        token_logps(hidden, weight, labels, chunk_size=chunk, with_entropy=True, with_top1=True).logps.sum().backward()
+    assert mem.peak <= 3 * chunk * v * 4, f"peak {mem.peak / (chunk * v * 4):.2f} chunks of logits"
+    with LiveBytes() as mem:
+        reference(hidden, weight, labels, dtype=torch.float32)[0].sum().backward()
+    assert mem.peak >= n * v * 4
+
+
 def test_default_chunk_size():
     assert default_chunk_size(151_936) == LOGITS_BUDGET_BYTES // (4 * 151_936)
     assert 4 * 151_936 * default_chunk_size(151_936) <= LOGITS_BUDGET_BYTES
@@ -257,7 +304,7 @@ def test_empty_input():
 @pytest.mark.parametrize("bad", ["hidden-3d", "labels-shape", "chunk-0", "temperature-0", "width"])
 def test_rejects_bad_arguments(bad):
     hidden, weight, _, labels = make()
-    kwargs = dict(chunk_size=0) if bad == "chunk-0" else dict(temperature=0.0) if bad == "temperature-0" else {}
+    kwargs = {"chunk_size": 0} if bad == "chunk-0" else {"temperature": 0.0} if bad == "temperature-0" else {}
     if bad == "hidden-3d":
         hidden = hidden[None]
     elif bad == "labels-shape":
