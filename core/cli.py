@@ -136,6 +136,9 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
               help="bf16 autocast or fp32 (auto: bf16 where it is native, on GPUs and on CPUs with avx512_bf16 or AMX; fp32 elsewhere).  [default: auto]")
 @click.option("--padding-free", is_flag=True, default=None,
               help="Pack each batch into one row without pad tokens (varlen attention); attention never crosses examples.")
+@click.option("--logits-chunk-size", type=int, metavar="N",
+              help="Turn N positions at a time into log-probs (memory: never all tokens x vocabulary); 0: full logits.  "
+                   "[default: by vocabulary, ~128 MiB of logits]")
 @click.option("--group-by-length", is_flag=True, default=None,
               help="Batch rows of similar length together: less padding on mixed-length data.")
 @click.option("--save-steps", type=int, help="Write a checkpoint every N steps (atomically).  [default: 0, none]")

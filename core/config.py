@@ -121,6 +121,10 @@ class RunConfig:
     """Pack each batch's sequences into one row without padding (position ids restart, attention stays within each)."""
     group_by_length: bool = False
     """Batch rows of similar length together (less padding on mixed-length data)."""
+    logits_chunk_size: int | None = attrs.field(default=None, converter=_number(int),
+                                                validator=attrs.validators.optional(attrs.validators.ge(0)))
+    """Positions the output layer turns into log-probs at a time (never all tokens x vocabulary at once); None picks
+    by vocabulary (about 128 MiB of float32 logits), 0 computes full logits."""
     # reference model
     precompute_ref: bool = False
     """Compute the reference log-probs once before training (cached on disk) and hold no reference model."""

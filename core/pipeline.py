@@ -194,18 +194,21 @@ def _run_step(planned: _Planned) -> dict[str, Any]:
         + f", model {context.model_path}, data {context.data} ({len(context.rows)} rows) -> {output_dir}",
         file=sys.stderr,
     )
-    try:
-        host.hook.molting_before_stage(stage=step.stage, config=config)
-        metrics = dict(step.stage.run(context))
-    except BaseException as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    from molting.logps import logits_chunk_size
+
+    with logits_chunk_size(config.logits_chunk_size):  # every log-prob of the stage and of its evaluation
+        try:
+            host.hook.molting_before_stage(stage=step.stage, config=config)
+            metrics = dict(step.stage.run(context))
+        except BaseException as exc:
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            write_json_atomic(output_dir / "molting_run.json", record)
+            raise
+        record.update(status="completed", metrics=metrics)
         write_json_atomic(output_dir / "molting_run.json", record)
-        raise
-    record.update(status="completed", metrics=metrics)
-    write_json_atomic(output_dir / "molting_run.json", record)
-    if _should_evaluate(context):
-        record["eval"] = _evaluate(context.model_path, output_dir, config)
-        write_json_atomic(output_dir / "molting_run.json", record)
+        if _should_evaluate(context):
+            record["eval"] = _evaluate(context.model_path, output_dir, config)
+            write_json_atomic(output_dir / "molting_run.json", record)
     write_model_card(output_dir, record)
     host.hook.molting_after_stage(stage=step.stage, config=config, output_dir=str(output_dir), metrics=metrics)
     return metrics

@@ -344,6 +344,9 @@ def load_policy(context: StageContext) -> tuple[Any, Any]:
             )
         model = model.merge_and_unload()  # train every weight of base + adapter
     if config.lora_r:
+        from transformers import set_seed
+
+        set_seed(config.seed)  # the adapters' random initialisation is --seed's, whatever ran before in the process
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     return model, tokenizer
 

@@ -377,3 +377,25 @@ def test_cpu_runs_keep_freed_memory_unless_malloc_is_tuned_already():
     tuned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**env, "MALLOC_ARENA_MAX": "2"})
     assert plain.stdout.strip() == "True" and tuned.stdout.strip() == "False"
+
+
+def test_lora_adapters_start_from_the_runs_seed(tmp_path, demo_model):
+    """--seed decides the adapters' random start, not whatever used the random state before in the process."""
+    import torch
+
+    from molting.config import RunConfig
+    from molting.context import DataSource, StageContext, Step
+    from molting.training import load_policy
+
+    host = load_plugins(disabled=[])
+    step = Step("dpo", host.get("stage", "preference"), host.get("loss", "dpo"))
+
+    def adapters(noise_seed):
+        torch.manual_seed(noise_seed)
+        torch.rand(100)  # some earlier work drew from the global generator
+        config = RunConfig(plugins=["dpo"], lora_r=4, seed=7)
+        context = StageContext(config, step, None, demo_model, [], DataSource("rows"), tmp_path, host)
+        model, _ = load_policy(context)
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+
+    assert torch.equal(adapters(1), adapters(2))
