@@ -18,6 +18,7 @@ from molting.testing import (Expectation, InputsGenerator, PluginTests, ZeroMarg
                              generator_for)
 from molting.testing import checks, inputs as testing_inputs
 from broken_losses import BROKEN
+from broken_stages import BROKEN as BROKEN_STAGES
 from conftest import run_molting
 from plugin_dists import HINGE_LOSS, make_distribution
 
@@ -44,6 +45,55 @@ def test_a_broken_loss_fails_the_named_check_with_a_useful_message(name):
     assert results[failing_check].status == "failed"
     assert phrase in results[failing_check].message
     assert results["description"].status == "passed"  # the rest of the report still runs
+
+
+# --------------------------------------------------------------------------- stages
+
+
+STAGE_RUN_CHECKS = ("refuses-bad-rows", "writes-what-it-produces", "reloads-with-transformers", "calls-the-hooks")
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_STAGES))
+def test_a_broken_stage_fails_the_named_check_with_a_useful_message(name):
+    component, failing_check, phrase = BROKEN_STAGES[name]
+    results = {r.check: r for r in check_plugin(component)}
+    assert results[failing_check].status == "failed", results[failing_check]
+    assert phrase in results[failing_check].message
+    assert results["description"].status == "passed"  # the rest of the report still runs
+
+
+def test_the_stage_checks_share_one_short_run(monkeypatch):
+    """refuses-bad-rows makes its two runs on bad rows; the other three checks share one run, then it is dropped."""
+    runs = []
+    real = checks._run_stage
+
+    def counting(subject, rows, where):
+        runs.append(where.name)
+        return real(subject, rows, where)
+
+    monkeypatch.setattr(checks, "_run_stage", counting)
+    before = set(checks._SHORT_RUNS)  # the test classes' runs stay cached for the session
+    results = check_plugin("preference", kind="stage", checks=STAGE_RUN_CHECKS)
+    assert [(r.check, r.status) for r in results] == [(name, "passed") for name in STAGE_RUN_CHECKS]
+    assert sorted(runs) == ["bad-0", "bad-1", "short-run"]
+    assert set(checks._SHORT_RUNS) == before  # check_plugin drops its runs with its scratch directory
+
+
+def test_a_stage_without_default_data_or_columns_is_skipped_with_the_reason():
+    bare = molting.Stage(name="bare", run=lambda context: {}, description="Runs nothing.")
+    results = {r.check: r for r in check_plugin(bare, kind="stage")}
+    assert results["refuses-bad-rows"].status == "skipped"
+    assert results["refuses-bad-rows"].message == "stage:bare declares no columns (Stage.columns)"
+    for name in STAGE_RUN_CHECKS[1:]:
+        assert results[name].status == "skipped"
+        assert results[name].message == "stage:bare has no default data (Stage.default_data) to run on"
+
+
+def test_the_quick_settings_cap_sampling_and_keep_the_rest():
+    grpo = load_plugins(disabled=[]).get("stage", "grpo")
+    assert grpo.demo_defaults["num_generations"] == 8 and grpo.demo_defaults["max_new_tokens"] == 20
+    params = checks._quick_params(grpo)  # the stage's hyperparameters among its demo defaults, sampling capped
+    assert params == {"num_generations": 4, "max_new_tokens": 12, "beta": 0.0}
 
 
 NUMERIC_LOSS_CHECKS = ("output-shapes", "finite-on-extreme-inputs", "gradient-direction", "batch-independence",
@@ -91,6 +141,41 @@ def test_the_base_class_turns_checks_into_failing_tests(pytester):
     assert outcomes.get("failed") == 1, result.stdout.str()[-3000:]
     assert outcomes.get("xfailed") == 2
     result.stdout.fnmatch_lines(["*loss:wrong-sign gradient-direction: at zero margin*"])
+
+
+def test_the_stage_base_class_shares_one_run_across_its_tests(pytester):
+    pytester.makepyfile(
+        test_stage=textwrap.dedent(
+            """
+            import sys
+            sys.path.insert(0, %r)
+            from broken_stages import BROKEN
+            from molting.testing import StageTests, checks
+
+            RUNS = []
+            real = checks._run_stage
+            def counting(subject, rows, where, **settings):
+                RUNS.append(where.name)
+                return real(subject, rows, where, **settings)
+
+            checks._run_stage = counting
+
+            class TestNoCallbacks(StageTests):
+                component = BROKEN["no-callbacks"][0]
+
+            def test_zz_one_short_run():
+                assert sorted(RUNS) == ["bad-0", "bad-1", "short-run"]
+
+            def teardown_module():
+                checks._run_stage = real  # pytester runs in this process
+            """ % str(__import__("pathlib").Path(__file__).parent)
+        )
+    )
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed") == 1 and outcomes.get("passed") == 6, result.stdout.str()[-3000:]
+    line = "*stage:no-callbacks calls-the-hooks: stage:no-callbacks never called the molting_trainer_callbacks hook*"
+    result.stdout.fnmatch_lines([line])
 
 
 # --------------------------------------------------------------------------- the third-party path

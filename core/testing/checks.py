@@ -9,6 +9,7 @@ checks run for every component.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -21,6 +22,7 @@ import attrs
 from molting.components import COMPONENT_TYPES, KINDS, NAME_PATTERN
 from molting.discovery import ENTRY_POINT_GROUP, PluginHost, Registered, load_plugins
 from molting.errors import PluginError
+from molting.hookspecs import hookimpl
 from molting.testing.inputs import InputsGenerator, example_inputs, generator_for, with_logps  # noqa: F401 (public)
 
 
@@ -433,30 +435,310 @@ def check_training_lowers_loss(subject: Subject) -> None:
 
 
 # --------------------------------------------------------------------------- stages
+#
+# The stage checks run the stage through molting.pipeline.run, as `molting run` does, on a few rows of its default
+# data with the built-in tiny model. `refuses-bad-rows` makes two runs of its own on bad rows (each should stop
+# before any training); the other three share ONE short run per stage and check_plugin call (_short_run).
+
+QUICK_STAGE_PARAMS: dict[str, int] = {"max_new_tokens": 12, "num_generations": 4, "num_samples": 4,
+                                      "generation_batch_size": 16, "num_ppo_epochs": 1, "eval_prompts": 0}
+"""Caps on stage hyperparameters of these names (trl's and molting's), so an online stage's short run samples
+little: 4 completions per prompt of at most 12 tokens."""
+
+_ROWS, _BATCH, _STEPS = 8, 4, 1  # the short run: one optimizer step of 4 rows (of 8 written)
+_BAD_ROWS, _BAD_ROW = 5, 2  # refuses-bad-rows: 5 rows, row 2 broken
 
 
-@check("stage", slow=True)
-def check_two_step_run(subject: Subject) -> None:
-    """A two-step run on the built-in model writes a loadable model and every metric the stage declares."""
-    import transformers
+@attrs.define
+class StageRun:
+    """What one run of a stage left: its output directory, what the hooks saw, and how it ended."""
+
+    output_dir: Path
+    recorder: HookRecorder
+    error: BaseException | None = None
+    log: str = ""  # the run's stdout and stderr (progress bars, molting's lines)
+    seconds: float = 0.0
+
+    def records(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's records ([] when there is none)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def raise_if_failed(self, what: str) -> None:
+        if self.error is not None:
+            raise CheckFailed(
+                f"{what} raised {type(self.error).__name__}: {self.error}. Output:\n{self.log[-1500:]}"
+            ) from self.error
+
+
+class HookRecorder:
+    """A plugin that records the lifecycle hooks of one run, and a trainer callback's events."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []  # (hook, stage name)
+        self.logs: list[tuple[int, dict[str, Any]]] = []  # molting_on_log's (step, metrics)
+        self.events: list[str] = []  # the callback's on_train_begin, on_step_end, on_log, on_train_end
+
+    @hookimpl
+    def molting_before_stage(self, stage: Any, config: Any) -> None:
+        self.calls.append(("molting_before_stage", stage.name))
+
+    @hookimpl
+    def molting_after_stage(self, stage: Any, config: Any, output_dir: str, metrics: dict[str, Any]) -> None:
+        self.calls.append(("molting_after_stage", stage.name))
+
+    @hookimpl
+    def molting_on_log(self, metrics: dict[str, Any], step: int) -> None:
+        self.logs.append((step, dict(metrics)))
+
+    @hookimpl
+    def molting_trainer_callbacks(self, stage: Any, config: Any) -> list[Any]:
+        from transformers import TrainerCallback
+
+        self.calls.append(("molting_trainer_callbacks", stage.name))
+        events = self.events
+
+        class Recording(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                events.append("on_train_begin")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                events.append("on_step_end")
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                events.append("on_log")
+
+            def on_train_end(self, args, state, control, **kwargs):
+                events.append("on_train_end")
+
+        return [Recording()]
+
+    def called(self, hook: str, stage: str) -> bool:
+        return (hook, stage) in self.calls
+
+
+def _stage_rows(subject: Subject, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` rows of the stage's default data (copies), or :class:`CheckSkipped`."""
+    stage = subject.component
+    if stage.default_data is None:
+        raise CheckSkipped(f"{subject.label} has no default data (Stage.default_data) to run on")
+    try:
+        dataset = subject.host.get("dataset", stage.default_data)
+    except PluginError as exc:
+        raise CheckFailed(f"the default data of {subject.label}, dataset {stage.default_data!r}, is not available: "
+                          f"{exc}") from exc
+    return [dict(row) for row in dataset.load("train")[:count]]
+
+
+def _quick_params(stage: Any) -> dict[str, Any]:
+    """The stage's demo hyperparameters, with the sampling ones capped (:data:`QUICK_STAGE_PARAMS`)."""
+    fields = {f.name: f for f in attrs.fields(stage.params)}
+    params = {k: v for k, v in stage.demo_defaults.items() if k in fields}
+    for name, cap in QUICK_STAGE_PARAMS.items():
+        if name in fields:
+            value = params.get(name, fields[name].default)
+            if isinstance(value, int) and not isinstance(value, bool):
+                params[name] = min(value, cap)
+    return params
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread while the tiny model runs: its ops are too small to share, and on 2 busy cores two
+    threads made a stage's checks 10-15 times slower (0.6 s against 6-15 s for preference, grpo, ppo)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_stage(subject: Subject, rows: list[dict[str, Any]], where: Path, loss: Any = None, steps: int = _STEPS,
+               batch_size: int = _BATCH, quick: bool = True) -> StageRun:
+    """Run the stage alone through molting.pipeline.run on ``rows`` (written to ``where/data.jsonl``) into
+    ``where/run``, with a :class:`HookRecorder` on the host; the run's error is kept, not raised.
+
+    ``loss`` defaults to the stage's ``default_loss``; ``quick`` caps the sampling hyperparameters
+    (:data:`QUICK_STAGE_PARAMS`), else the stage's demo hyperparameters apply as they are.
+    """
+    import io
+    import time
+
+    from molting.config import DEMO_DEFAULTS, RunConfig
+    from molting.context import Step
+    from molting.pipeline import run
+
+    stage, host = subject.component, subject.host
+    if loss is None and stage.default_loss:
+        loss = host.get("loss", stage.default_loss)
+    where.mkdir(parents=True, exist_ok=True)
+    data = where / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # a file, not the dataset: no demo evaluation
+    config = RunConfig(
+        plugins=[loss.name if loss else stage.name], data=str(data), output_dir=str(where / "run"),
+        max_steps=steps, batch_size=batch_size, logging_steps=1, learning_rate=DEMO_DEFAULTS["learning_rate"],
+        lr_scheduler_type="constant", eval="off",
+        # an online stage scores its samples with the demo's rule judge: its default judge may need a model
+        judges={"demo-rule": 1.0} if stage.default_judges else {},
+        loss_params=_quick_params(stage) if quick else {k: v for k, v in stage.demo_defaults.items()
+                                                        if k in {f.name for f in attrs.fields(stage.params)}},
+    )
+    recorder = HookRecorder()
+    name = f"molting-check-recorder-{id(recorder)}"
+    log = io.StringIO()
+    started = time.perf_counter()
+    outcome = StageRun(where / "run", recorder)
+    host.pm.register(recorder, name=name)
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _one_thread():
+            run(config, [Step(config.plugins[0], stage, loss)], host)
+    except Exception as exc:
+        outcome.error = exc
+    finally:
+        host.pm.unregister(name=name)
+        outcome.log, outcome.seconds = log.getvalue(), time.perf_counter() - started
+    return outcome
+
+
+_SHORT_RUNS: dict[tuple[int, int, str], tuple[Any, StageRun | CheckSkipped]] = {}
+
+
+def _short_run(subject: Subject) -> StageRun:
+    """The stage's one short run (one optimizer step of 4 rows), shared by the checks of one check_plugin call.
+
+    Keyed by the component and the scratch root: check_plugin gives all its checks workdirs under one scratch
+    directory (pytest's tmp_path dirs share the session's base temp), so the run happens once per stage.
+    """
+    stage, root = subject.component, subject.workdir.parent
+    key = (id(stage), id(subject.host), str(root))
+    cached = _SHORT_RUNS.get(key)
+    if cached is None or cached[0] is not stage:
+        result: StageRun | CheckSkipped
+        try:
+            result = _run_stage(subject, _stage_rows(subject, _ROWS), subject.workdir / "short-run")
+        except CheckSkipped as exc:
+            result = exc
+        cached = _SHORT_RUNS[key] = (stage, result)
+    if isinstance(cached[1], CheckSkipped):
+        raise cached[1]
+    return cached[1]
+
+
+def _forget_short_runs(root: Path) -> None:
+    for key in [k for k in _SHORT_RUNS if k[2] == str(root)]:
+        del _SHORT_RUNS[key]
+
+
+def _short_run_ok(subject: Subject) -> StageRun:
+    run = _short_run(subject)
+    run.raise_if_failed(f"a one-step run of {subject.label} on {_ROWS} rows of {subject.component.default_data!r}")
+    return run
+
+
+@check("stage")
+def check_refuses_bad_rows(subject: Subject) -> None:
+    """A row lacking a declared column, or with a number for a text field, stops the run with a DataError naming it."""
+    from molting.errors import DataError
 
     stage = subject.component
-    records = _train(subject, stage.name, None, steps=2, rows=8)
-    out = subject.workdir / "run"
+    if not stage.columns:
+        raise CheckSkipped(f"{subject.label} declares no columns (Stage.columns)")
+    rows = _stage_rows(subject, _BAD_ROWS)
+    if len(rows) <= _BAD_ROW:
+        raise CheckSkipped(f"the default data {stage.default_data!r} has fewer than {_BAD_ROW + 1} rows")
+    row = rows[_BAD_ROW]
+    cases = []
+    missing = stage.columns[-1]
+    if missing in row:
+        cases.append((f"row {_BAD_ROW} without column {missing!r}", {k: v for k, v in row.items() if k != missing}))
+    texts = [c for c in stage.columns if isinstance(row.get(c), (str, list))]
+    if texts:
+        cases.append((f"row {_BAD_ROW} with {texts[-1]}=7 (a number for a text field)", {**row, texts[-1]: 7}))
+    if not cases:
+        raise CheckSkipped(f"row {_BAD_ROW} of {stage.default_data!r} has none of the declared columns {stage.columns}")
+    fix = ("check the rows before training, e.g. with molting.data.check_columns and check_text_fields, which raise "
+           "a molting.DataError naming the row and the field.")
+    for number, (case, bad) in enumerate(cases):
+        result = _run_stage(subject, rows[:_BAD_ROW] + [bad] + rows[_BAD_ROW + 1:], subject.workdir / f"bad-{number}")
+        started = "on_train_begin" in result.recorder.events
+        if result.error is None:
+            raise CheckFailed(f"a run on {case} completed without complaint"
+                              f"{' and trained on it' if started else ''}.", fix)
+        if not isinstance(result.error, DataError):
+            raise CheckFailed(f"a run on {case} raised {type(result.error).__name__}: {result.error} "
+                              "rather than a molting.DataError.", fix)
+        if f"row {_BAD_ROW}" not in str(result.error):
+            raise CheckFailed(f"the DataError for {case} does not name row {_BAD_ROW}: {result.error}",
+                              "say which row is wrong: f\"{context.data_source}, row {index}: ...\".")
+        if started:
+            raise CheckFailed(f"{case} was refused only after training had started: {result.error}",
+                              "check the rows before training (before or right after loading the model).")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _architecture(out: Path) -> str | None:
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (config.get("architectures") or [None])[0]
+
+
+@check("stage")
+def check_writes_what_it_produces(subject: Subject) -> None:
+    """After a one-step run OUTPUT holds what Stage.produces declares, and metrics.jsonl every declared metric."""
+    stage = subject.component
+    run = _short_run_ok(subject)
+    out = run.output_dir
+    files = sorted(p.name for p in out.iterdir()) if out.exists() else []
     if stage.produces == "dataset":
         data = out / "data.jsonl"
-        if not data.exists() or not data.read_text().strip():
-            raise CheckFailed(f"stage {stage.name!r} produces a dataset but wrote no rows to {data}.",
+        lines = [line for line in data.read_text().splitlines() if line.strip()] if data.exists() else []
+        if not lines:
+            raise CheckFailed(f"{subject.label} produces a dataset but wrote no rows to OUTPUT/data.jsonl "
+                              f"(OUTPUT holds {files}).",
                               "write the rows the next step trains on to OUTPUT/data.jsonl.")
-        records = records or []
-        _check_declared_metrics(stage, records)
-        return
-    config = transformers.AutoConfig.from_pretrained(out)
-    architecture = (config.architectures or [None])[0]
-    model_class = getattr(transformers, architecture or "", None)
-    if model_class is None:
-        raise CheckFailed(f"the saved config.json names architecture {architecture!r}, which transformers lacks.")
-    model_class.from_pretrained(out)
+        for number, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise CheckFailed(f"OUTPUT/data.jsonl, line {number}, is not JSON: {exc}.") from exc
+            if not isinstance(row, dict):
+                raise CheckFailed(f"OUTPUT/data.jsonl, line {number}, is a {type(row).__name__}, not a JSON object.")
+    elif (out / "adapter_config.json").exists() and not (out / "config.json").exists():
+        if stage.produces != "policy":
+            raise CheckFailed(f"{subject.label} produces a {stage.produces} but wrote only a LoRA adapter.")
+        if not any(out.glob("adapter_model.*")):
+            raise CheckFailed(f"OUTPUT has adapter_config.json but no adapter weights (OUTPUT holds {files}).")
+    else:
+        want = "ForCausalLM" if stage.produces == "policy" else "ForSequenceClassification"
+        architecture = _architecture(out)
+        if architecture is None:
+            raise CheckFailed(
+                f"{subject.label} produces a {stage.produces} but OUTPUT has no config.json naming an architecture "
+                f"(OUTPUT holds {files}).",
+                "save the model with model.save_pretrained(context.output_dir) (or molting.training.train_and_save).",
+            )
+        if not architecture.endswith(want):
+            raise CheckFailed(f"{subject.label} produces a {stage.produces}, but config.json names {architecture!r}, "
+                              f"not a *{want} model.")
+        if not any(out.glob("*.safetensors")):
+            raise CheckFailed(f"OUTPUT has no .safetensors weights (OUTPUT holds {files}).",
+                              "save with safe_serialization=True.")
+    if stage.produces != "dataset" and not any((out / name).exists() for name in _TOKENIZER_FILES):
+        raise CheckFailed(f"OUTPUT has no tokenizer files (OUTPUT holds {files}).",
+                          "save the tokenizer beside the model: tokenizer.save_pretrained(context.output_dir).")
+    records = run.records()
+    if not records:
+        raise CheckFailed("OUTPUT/metrics.jsonl is missing or empty.",
+                          "log with context.log(metrics, step) or molting.training.stage_callbacks(context).")
     _check_declared_metrics(stage, records)
 
 
@@ -467,13 +749,113 @@ def _check_declared_metrics(stage: Any, records: list[dict[str, Any]]) -> None:
         raise CheckFailed(f"metrics.jsonl lacks the declared metrics {missing}.", "log them or drop them from Stage.metrics.")
 
 
+@check("stage")
+def check_reloads_with_transformers(subject: Subject) -> None:
+    """OUTPUT loads with plain transformers (Auto classes) and gives finite logits; a dataset loads with datasets."""
+    import io
+
+    stage = subject.component
+    run = _short_run_ok(subject)
+    out = run.output_dir
+    if stage.produces == "dataset":
+        import datasets
+
+        data = out / "data.jsonl"
+        if not data.exists():
+            raise CheckFailed("OUTPUT/data.jsonl does not exist.")
+        expected = sum(1 for line in data.read_text().splitlines() if line.strip())
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                loaded = datasets.load_dataset("json", data_files=str(data), split="train",
+                                               cache_dir=str(subject.workdir / "datasets-cache"))
+        except Exception as exc:
+            raise CheckFailed(f'datasets.load_dataset("json", data_files=OUTPUT/data.jsonl) raised '
+                              f"{type(exc).__name__}: {exc}", "give every row the same columns and types.") from exc
+        if loaded.num_rows != expected or expected == 0:
+            raise CheckFailed(f"datasets loaded {loaded.num_rows} rows from OUTPUT/data.jsonl, which has {expected}.")
+        return
+    import torch
+    import transformers
+
+    auto = (transformers.AutoModelForCausalLM if stage.produces == "policy"
+            else transformers.AutoModelForSequenceClassification)
+    if not (out / "config.json").exists() and not (out / "adapter_config.json").exists():
+        raise CheckFailed("OUTPUT has neither config.json nor adapter_config.json: transformers has nothing to load.",
+                          "save the model with save_pretrained into context.output_dir.")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the load report: the missing keys are checked below
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            model, info = auto.from_pretrained(out, output_loading_info=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckFailed(f"transformers.{auto.__name__}.from_pretrained(OUTPUT) or AutoTokenizer failed: "
+                          f"{type(exc).__name__}: {first}",
+                          "save with save_pretrained (model and tokenizer) into context.output_dir.") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise CheckFailed(f"{auto.__name__}.from_pretrained(OUTPUT) had to initialise weights the directory lacks: "
+                          f"{missing[:5]}{' ...' if len(missing) > 5 else ''}.",
+                          f"save the whole trained model (a {stage.produces}: "
+                          f"{'a causal LM' if stage.produces == 'policy' else 'a sequence classifier with its head'}).")
+    ids = tokenizer("What is 2 + 3?", return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id or 0]])
+    with torch.no_grad(), _one_thread():
+        logits = model.eval()(input_ids=ids).logits
+    if not torch.isfinite(logits).all():
+        raise CheckFailed(f"the reloaded {type(model).__name__} gives non-finite logits on a short input: "
+                          f"{_show(logits)}.", "check the saved weights (a NaN step, a wrong dtype).")
+
+
+def _record_key(step: Any, metrics: Mapping[str, Any]) -> str:
+    return json.dumps({"step": step, **metrics}, sort_keys=True, default=str)
+
+
+@check("stage")
+def check_calls_the_hooks(subject: Subject) -> None:
+    """The run calls molting_before/after_stage, the molting_trainer_callbacks callbacks, and on_log as it logs."""
+    stage = subject.component
+    run = _short_run_ok(subject)
+    recorder = run.recorder
+    for hook in ("molting_before_stage", "molting_after_stage"):
+        if not recorder.called(hook, stage.name):
+            raise CheckFailed(f"{hook} was not called for {subject.label} (molting.pipeline.run calls it).")
+    if not recorder.called("molting_trainer_callbacks", stage.name):
+        raise CheckFailed(
+            f"{subject.label} never called the molting_trainer_callbacks hook, so plugins' callbacks never see it.",
+            "pass molting.training.stage_callbacks(context) (or context.callbacks()) to the Trainer; a stage with "
+            "its own loop sends their events with molting.training.LoopEvents.",
+        )
+    events = recorder.events
+    if not events or events[0] != "on_train_begin" or events[-1] != "on_train_end" or "on_step_end" not in events:
+        raise CheckFailed(
+            "the callbacks from molting_trainer_callbacks should see on_train_begin first, at least one on_step_end "
+            f"and on_train_end last; they saw {events[:6]}{' ...' if len(events) > 6 else ''}.",
+            "hand them to the Trainer (callbacks=...), or send the events with molting.training.LoopEvents.",
+        )
+    records = run.records()
+    if not recorder.logs:
+        raise CheckFailed(
+            f"molting_on_log was never called (metrics.jsonl has {len(records)} records).",
+            "log with context.log(metrics, step) or molting.training.stage_callbacks(context), which call it.",
+        )
+    written = [_record_key(r.get("step"), {k: v for k, v in r.items() if k != "step"}) for r in records]
+    seen = [_record_key(step, metrics) for step, metrics in recorder.logs]
+    if written != seen:
+        first = next((f"{a} (on_log) vs {b} (metrics.jsonl)" for a, b in zip(seen, written) if a != b), "in number")
+        raise CheckFailed(
+            f"molting_on_log got {len(seen)} logs and metrics.jsonl {len(written)} records, which differ: first "
+            f"{first[:400]}.",
+            "write metrics.jsonl and call the hook in one place: context.log(metrics, step).",
+        )
+
+
 def _train(subject: Subject, stage_name: str, loss: Any, steps: int, rows: int) -> list[dict[str, Any]]:
     """Train ``steps`` steps on ``rows`` rows of the stage's default data; returns metrics.jsonl's records."""
-    from molting.config import DEMO_DEFAULTS, RunConfig
-
-    from molting.context import Step
-    from molting.pipeline import run
-
     host = subject.host
     try:
         stage = host.get("stage", stage_name)
@@ -481,30 +863,13 @@ def _train(subject: Subject, stage_name: str, loss: Any, steps: int, rows: int) 
         raise CheckFailed(f"stage {stage_name!r} of {subject.label} is not available: {exc}") from exc
     if stage.default_data is None:
         raise CheckSkipped(f"stage {stage_name!r} has no built-in data to train on")
-    data = subject.workdir / "data.jsonl"
     sample = host.get("dataset", stage.default_data).load("train")[:rows]
-    data.write_text("".join(json.dumps(r) + "\n" for r in sample))
-    if loss is None and stage.default_loss:
-        loss = host.get("loss", stage.default_loss)
-    config = RunConfig(
-        plugins=[loss.name if loss else stage.name], data=str(data), output_dir=str(subject.workdir / "run"),
-        max_steps=steps, batch_size=rows, logging_steps=1, learning_rate=DEMO_DEFAULTS["learning_rate"],
-        lr_scheduler_type="constant",
-        # an online stage scores its samples with the demo's rule judge: its default judge may need a model
-        judges={"demo-rule": 1.0} if stage.default_judges else {},
-        loss_params={k: v for k, v in stage.demo_defaults.items() if k in {f.name for f in attrs.fields(stage.params)}},
-    )
-    import contextlib
-    import io
-
-    log = io.StringIO()  # the trainer's progress bars and log lines, shown only if the run fails
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            run(config, [Step(config.plugins[0], stage, loss)], host)
-    except Exception as exc:
-        raise CheckFailed(f"training raised {type(exc).__name__}: {exc}. Output:\n{log.getvalue()[-2000:]}") from exc
-    lines = (subject.workdir / "run" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    result = _run_stage(attrs.evolve(subject, kind="stage", component=stage), sample, subject.workdir, loss=loss,
+                        steps=steps, batch_size=rows, quick=False)
+    if result.error is not None:
+        raise CheckFailed(f"training raised {type(result.error).__name__}: {result.error}. "
+                          f"Output:\n{result.log[-2000:]}") from result.error
+    return result.records()
 
 
 # --------------------------------------------------------------------------- judges
@@ -695,10 +1060,13 @@ def check_plugin(
     host = host or load_plugins()
     results = []
     with tempfile.TemporaryDirectory(prefix="molting-check-") as scratch:
-        for number, subject in enumerate(subjects_for(target, host, kind)):
-            for chk in checks_for(subject.kind, skip_slow):
-                if checks is None or chk.name in checks:
-                    workdir = Path(scratch) / f"{number}-{chk.name}"
-                    workdir.mkdir()
-                    results.append(run_check(chk, attrs.evolve(subject, workdir=workdir), expected_failures))
+        try:
+            for number, subject in enumerate(subjects_for(target, host, kind)):
+                for chk in checks_for(subject.kind, skip_slow):
+                    if checks is None or chk.name in checks:
+                        workdir = Path(scratch) / f"{number}-{chk.name}"
+                        workdir.mkdir()
+                        results.append(run_check(chk, attrs.evolve(subject, workdir=workdir), expected_failures))
+        finally:
+            _forget_short_runs(Path(scratch))  # the stage checks' shared runs (_short_run) lived in scratch
     return results
