@@ -283,7 +283,7 @@ _MARKS = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP", "xfailed": "XFA
 
 @cli.command("check")
 @click.argument("name")
-@click.option("--skip-slow", is_flag=True, help="Leave out the checks that train the tiny model.")
+@click.option("--skip-slow", is_flag=True, help="Leave out the slow checks (a loss's eight training steps on the tiny model).")
 @click.option("--expect-fail", "expect", multiple=True, metavar="CHECK=REASON",
               help="Declare a check as an expected failure, e.g. --expect-fail batch-independence='sorts the batch'.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")

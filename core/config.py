@@ -114,6 +114,14 @@ class RunConfig:
     """QLoRA: load the base model in 4-bit NF4 (bitsandbytes) and train LoRA adapters on it."""
     merge: bool = False
     """With LoRA: also write the base model with the adapter merged in."""
+    dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(("float32", "bfloat16", "float16")))
+    """The dtype the weights load in (half the memory in bfloat16); with LoRA the adapters stay float32."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input and recompute its activations in backward (non-reentrant): less memory, ~30%
+    more compute."""
+    optim: str = attrs.field(default="adamw_torch",
+                             validator=attrs.validators.in_(("adamw_torch", "adamw_8bit", "paged_adamw_8bit")))
+    """The optimizer: AdamW, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer state), paged on CUDA."""
     precision: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp32", "bf16")))
     """auto: bf16 autocast where bf16 is native (GPUs that support it, CPUs with avx512_bf16 or AMX), fp32
     elsewhere. The weights stay fp32 either way."""

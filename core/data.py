@@ -136,18 +136,21 @@ def is_messages(value: Any) -> bool:
 
 
 def check_columns(rows: list[dict[str, Any]], schemas: Iterable[tuple[str, ...]], source: str, stage: str) -> tuple[str, ...]:
-    """The first schema (a tuple of column names) every row satisfies, or a :class:`DataError`."""
+    """The first schema (a tuple of column names) row 0 satisfies, checked on every row, or a :class:`DataError`.
+
+    Every row must have the schema's columns, and no row may have the
+    columns of a schema listed before it that row 0 lacks (a file whose first
+    row has no ``prompt`` while others have one would otherwise be read
+    without prompts).
+    """
     if not rows:
         raise DataError(f"{source} has no rows; the {stage} stage needs at least one")
     schemas = list(schemas)
     found = sorted(rows[0])
     for position, schema in enumerate(schemas):
         if all(column in rows[0] for column in schema):
-            for index, row in enumerate(rows):
-                missing = [c for c in schema if c not in row]
-                if missing:
-                    raise DataError(f"{source}, row {index}: missing column(s) {', '.join(missing)}")
-            unused = [c for c in found if c not in schema]
+            _check_rows_have(rows, schema, schemas[:position], source)
+            unused = sorted({c for row in rows for c in row} - set(schema))
             if position > 0 and unused:  # e.g. a misspelt "promt" column: say so rather than train on the wrong thing
                 import sys
 
@@ -164,10 +167,28 @@ def check_columns(rows: list[dict[str, Any]], schemas: Iterable[tuple[str, ...]]
     )
 
 
-def check_text_fields(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str) -> bool:
+def _check_rows_have(rows: list[dict[str, Any]], schema: tuple[str, ...], preferred: list[tuple[str, ...]],
+                     source: str) -> None:
+    """Every row has ``schema``'s columns, and none has a column of a ``preferred`` schema row 0 lacks."""
+    extra = sorted({c for s in preferred for c in s} - set(schema) - set(rows[0]))
+    for index, row in enumerate(rows):
+        missing = [c for c in schema if c not in row]
+        if missing:
+            raise DataError(f"{source}, row {index}: missing column(s) {', '.join(missing)}")
+        present = [c for c in extra if c in row]
+        if present:
+            raise DataError(
+                f"{source}, row {index}: has the column(s) {', '.join(present)} that row 0 lacks; every row needs "
+                "the same columns (add them to row 0, or drop them everywhere)"
+            )
+
+
+def check_text_fields(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str,
+                      allow_empty: tuple[str, ...] = ("prompt",)) -> bool:
     """Check each field is a non-empty string or a message list, all rows in one format.
 
-    Returns ``True`` for conversational data.
+    Fields in ``allow_empty`` may be empty strings (an offline stage trains
+    on a completion with no prompt). Returns ``True`` for conversational data.
     """
     conversational = is_messages(rows[0][columns[-1]])
     for index, row in enumerate(rows):
@@ -177,13 +198,20 @@ def check_text_fields(rows: list[dict[str, Any]], columns: tuple[str, ...], sour
                 ok = is_messages(value)
                 expected = "a list of {role, content} messages, as in row 0"
             else:
-                ok = isinstance(value, str) and (value != "" or column == "prompt")
+                ok = isinstance(value, str) and (value != "" or column in allow_empty)
                 expected = "a non-empty string, as in row 0"
             if not ok:
                 shown = repr(value)
                 shown = shown if len(shown) < 80 else shown[:77] + "..."
                 raise DataError(f"{source}, row {index}, field {column!r}: expected {expected}; got {shown}")
     return conversational
+
+
+def check_prompts(rows: list[dict[str, Any]], source: str, stage: str) -> bool:
+    """The rows of an online stage: each has a ``prompt`` (a non-empty string, or a message list) to sample
+    answers to. Returns ``True`` for conversational prompts."""
+    check_columns(rows, [("prompt",)], source, stage)
+    return check_text_fields(rows, ("prompt",), source, allow_empty=())
 
 
 def with_bos(text: str, tokenizer: Any) -> str:

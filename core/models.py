@@ -78,6 +78,34 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any
     return model, tokenizer
 
 
+def torch_dtype(name: str) -> Any:
+    """``"bfloat16"`` → ``torch.bfloat16`` (``--dtype``)."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_optimizer(name: str) -> None:
+    """A clear error, before any model loads, where ``--optim`` cannot run: bitsandbytes' 8-bit AdamW is tried
+    on a test parameter on this device."""
+    if name == "adamw_torch":
+        return
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        weight = torch.nn.Parameter(torch.zeros(4096, device=device))  # 8-bit states start at 4096 elements
+        weight.grad = torch.ones_like(weight)
+        bnb.optim.AdamW8bit([weight], lr=1e-3).step()
+    except Exception as exc:
+        raise ModelError(
+            f"--optim {name} needs bitsandbytes' 8-bit optimizers working on this device, and a test step failed: "
+            f"{_first_line(exc)}. Use --optim adamw_torch"
+        ) from exc
+
+
 def _four_bit_config():
     """NF4 quantisation (QLoRA); a clear error, before any training, where bitsandbytes cannot run."""
     import torch

@@ -162,6 +162,10 @@ def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) ->
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
         save_total_limit=config.save_total_limit,
+        optim=config.optim,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # non-reentrant: works with LoRA (no input that requires grad needed) and with frozen parts of the graph
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -327,14 +331,13 @@ def load_policy(context: StageContext) -> tuple[Any, Any]:
     """The model to train and its tokenizer: full weights, LoRA adapters, or QLoRA (4-bit base + LoRA)."""
     from molting.models import apply_lora, load_causal_lm
 
+    from molting.models import check_optimizer, torch_dtype
+
     config = context.config
-    if config.load_in_4bit and not config.lora_r:
-        raise ConfigError("--load-in-4bit freezes the base model in 4 bits: give --lora-r to train LoRA adapters on it")
-    if config.merge and not config.lora_r:
-        raise ConfigError("--merge merges a LoRA adapter: give --lora-r")
-    model, tokenizer = load_causal_lm(
-        context.model_path, trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit
-    )
+    check_memory_settings(config)
+    check_optimizer(config.optim)
+    model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code,
+                                      dtype=torch_dtype(config.dtype), load_in_4bit=config.load_in_4bit)
     if hasattr(model, "peft_config"):  # the starting model is a LoRA adapter on a base model
         if config.lora_r:
             raise ConfigError(
@@ -349,6 +352,36 @@ def load_policy(context: StageContext) -> tuple[Any, Any]:
         set_seed(config.seed)  # the adapters' random initialisation is --seed's, whatever ran before in the process
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     return model, tokenizer
+
+
+def check_memory_settings(config: RunConfig) -> None:
+    """The memory settings that cannot go together, refused before any model loads."""
+    if config.load_in_4bit and not config.lora_r:
+        raise ConfigError("--load-in-4bit freezes the base model in 4 bits: give --lora-r to train LoRA adapters on it")
+    if config.merge and not config.lora_r:
+        raise ConfigError("--merge merges a LoRA adapter: give --lora-r")
+    if config.dtype == "float16" and not config.lora_r and not torch.cuda.is_available():
+        raise ConfigError("--dtype float16 trains every weight in float16, which needs a GPU's loss scaling: use "
+                          "--dtype bfloat16 here, or LoRA (--lora-r), whose adapters stay float32")
+
+
+def make_optimizer(parameters: Any, config: RunConfig, **kwargs: Any) -> Any:
+    """The ``--optim`` optimizer over ``parameters``, for a stage with its own loop (the Trainer builds its own)."""
+    from molting.models import check_optimizer
+
+    check_optimizer(config.optim)
+    if config.optim == "adamw_torch":
+        return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, **kwargs)
+    import bitsandbytes as bnb
+
+    kind = bnb.optim.PagedAdamW8bit if config.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return kind(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, **kwargs)
+
+
+def enable_gradient_checkpointing(*models: Any) -> None:
+    """``--gradient-checkpointing`` for a stage with its own loop: non-reentrant, as the Trainer sets it."""
+    for model in models:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def reference_for(model: Any, context: StageContext, needed: bool | None = None) -> tuple[Any, bool, str]:

@@ -187,7 +187,7 @@ def token_values(critic, prompt_ids, prompt_mask, completion_ids, completion_mas
     return critic.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()
 
 
-def load_critic(path, trust_remote_code: bool):
+def load_critic(path, trust_remote_code: bool, dtype: Any = None):
     """A sequence classifier with one output, from a reward-model dir or the policy's causal LM dir."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -206,7 +206,7 @@ def load_critic(path, trust_remote_code: bool):
         path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])  # its base
     try:
         critic = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+            path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
         )
     except Exception as exc:
         raise ModelError(f"cannot load {path} as the PPO critic (a sequence classifier): {exc}") from exc
@@ -313,7 +313,7 @@ def _trainable(*models):
 
 
 def run_ppo(context: StageContext) -> dict[str, Any]:
-    from molting.data import check_columns, check_text_fields
+    from molting.data import check_prompts
     from molting.judging import Scorer, resolve_judges
     from molting.training import save_final_model
 
@@ -321,8 +321,7 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
 
     config, params = context.config, context.stage_params
     _refuse_unsupported(config)
-    check_columns(context.rows, [("prompt",)], context.data_source, "ppo")
-    check_text_fields(context.rows, ("prompt",), context.data_source)
+    check_prompts(context.rows, context.data_source, "ppo")
     scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"))
     total = _total_steps(config, len(context.rows))
     events = LoopEvents(context, total)  # before the Accelerator, which building the events' arguments would reset
@@ -411,7 +410,8 @@ def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Mod
     from transformers import get_scheduler
     from trl.trainer.utils import disable_dropout_in_model
 
-    from molting.training import load_policy, reference_for
+    from molting.models import torch_dtype
+    from molting.training import enable_gradient_checkpointing, load_policy, make_optimizer, reference_for
 
     config = context.config
     torch.manual_seed(config.seed)
@@ -420,9 +420,10 @@ def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Mod
     if reference is not None:
         reference.eval().requires_grad_(False)
     critic_source = context.artifacts.get("reward-model") or context.model_path
-    critic = load_critic(critic_source, config.trust_remote_code)
-    optimizer = torch.optim.AdamW(_trainable(policy, critic), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  eps=1e-5)
+    critic = load_critic(critic_source, config.trust_remote_code, torch_dtype(config.dtype))
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(policy, critic)
+    optimizer = make_optimizer(_trainable(policy, critic), config, eps=1e-5)
     warmup = int(config.warmup_steps * total) if config.warmup_steps < 1 else int(config.warmup_steps)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     for model in (policy, critic):  # as trl: dropout off, so a rollout's log-probs and values are what training sees

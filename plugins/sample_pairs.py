@@ -86,14 +86,13 @@ def run_sample_pairs(context: StageContext) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    from molting.data import check_columns, check_text_fields
+    from molting.data import check_prompts
     from molting.files import write_jsonl_atomic
     from molting.models import load_causal_lm
     from molting.training import LoopEvents
 
     config, params, rows = context.config, context.stage_params, context.rows
-    check_columns(rows, [("prompt",)], context.data_source, "sample-pairs")
-    conversational = check_text_fields(rows, ("prompt",), context.data_source)
+    conversational = check_prompts(rows, context.data_source, "sample-pairs")
     scorer = _scorer(context)
     torch.manual_seed(config.seed)
     model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)

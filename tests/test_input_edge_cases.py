@@ -158,3 +158,33 @@ def test_a_completion_ending_with_the_eos_text_gets_one_eos(demo_model):
     [example] = tokenize_completions([{"prompt": "Q:", "chosen": " yes" + eos, "rejected": " no"}], ("chosen", "rejected"),
                                      tokenizer, 64, "truncate")
     assert example["chosen_ids"].count(tokenizer.eos_token_id) == 1 and example["chosen_ids"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("plugin", ["grpo", "ppo", "sample-pairs"])
+def test_an_online_stage_refuses_an_empty_prompt_before_loading_a_model(tmp_path, plugin):
+    from molting.demo import prompt_rows
+    from molting.discovery import load_plugins
+    from molting.errors import DataError
+    from molting.pipeline import run
+
+    rows = prompt_rows("train", 5)
+    rows[3]["prompt"] = ""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    host = load_plugins(disabled=[])
+    config, steps = resolve_config(host, [plugin], flags={"data": str(data), "output_dir": str(tmp_path / "o"),
+                                                          "judges": {"demo-rule": 1.0}})
+    with pytest.raises(DataError, match=r"prompts.jsonl, row 3, field 'prompt': expected a non-empty string"):
+        run(config, steps, host)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_a_row_with_a_column_row_0_lacks_is_refused(tmp_path):
+    """Row 0 without a prompt would otherwise make every row's prompt the common prefix, silently."""
+    from molting.data import check_columns
+    from molting.errors import DataError
+    from molting.pairs import SCHEMAS
+
+    rows = [{"chosen": "a b", "rejected": "a c"}, {"prompt": "p", "chosen": "b", "rejected": "c"}]
+    with pytest.raises(DataError, match=r"pairs, row 1: has the column\(s\) prompt that row 0 lacks"):
+        check_columns(rows, SCHEMAS, "pairs", "preference")

@@ -16,6 +16,7 @@ import math
 
 import pytest
 
+import molting
 from molting.discovery import load_plugins
 from molting.pipeline import run
 from molting.resolve import resolve_config
@@ -26,7 +27,8 @@ STAGES = {
     "dpo-precomputed-reference": ("dpo", {"batch_size": 4, "precompute_ref": True}),
     "dpo-padding-free": ("dpo", {"batch_size": 4, "padding_free": True}),
     "dpo-lora": ("dpo", {"batch_size": 4, "lora_r": 4}),
-    "simpo-like-reference-free": ("sigmoid_norm", {"batch_size": 4}),
+    "dpo-length-normalised": ("sigmoid_norm", {"batch_size": 4}),
+    "reference-free-nll": ("preference", {"batch_size": 4, "losses": {"sft": 1.0}}),
     "kto": ("kto", {"batch_size": 4}),
     "sft": ("sft", {"batch_size": 4}),
     "grpo": ("grpo", {"batch_size": 8, "judges": {"demo-rule": 1.0}, "num_generations": 4, "max_new_tokens": 8,
@@ -187,3 +189,124 @@ def test_a_head_the_formula_does_not_match_falls_back_to_full_logits(capsys):
         full, _, _ = completion_logps(model, ids, attention, completion)
     assert "does not match the chunked log-prob formula" in capsys.readouterr().err
     assert torch.allclose(chunked, full)
+
+
+# --------------------------------------------------------------------------- the other memory levers
+
+
+def short_run(tmp_path, plugin="dpo", recorder=None, **flags):
+    host = load_plugins(disabled=[])
+    if recorder is not None:
+        host.register(recorder, "recorder")
+    settings = {"max_steps": 2, "logging_steps": 1, "eval": "off", "output_dir": str(tmp_path / "out"),
+                "batch_size": 4, "precision": "fp32", "seed": 3, **flags}
+    config, steps = resolve_config(host, [plugin], flags=settings)
+    run(config, steps, host)
+    return [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+
+
+class SeesTheTrainer:
+    """Records the model and optimizer the Trainer trains, and how many causal LMs are alive when it starts."""
+
+    def __init__(self):
+        self.seen = {}
+
+    @molting.hookimpl
+    def molting_trainer_callbacks(self, stage, config):
+        from transformers import TrainerCallback
+
+        seen = self.seen
+
+        class Look(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+                import gc
+
+                from transformers import PreTrainedModel
+
+                gc.collect()
+                seen["model"], seen["optimizer"] = model, optimizer
+                seen["causal_lms"] = sum(isinstance(o, PreTrainedModel) and o.__class__.__name__.endswith("ForCausalLM")
+                                         for o in gc.get_objects())
+
+        return [Look()]
+
+
+@pytest.mark.parametrize("flags", [{}, {"lora_r": 4}, {"losses": {"sft": 1.0}}],
+                         ids=["full", "lora", "reference-free"])
+def test_gradient_checkpointing_trains_as_without(tmp_path, flags):
+    plugin = "preference" if "losses" in flags else "dpo"
+    without = short_run(tmp_path / "a", plugin, **flags)
+    recorder = SeesTheTrainer()
+    with_checkpointing = short_run(tmp_path / "b", plugin, recorder=recorder, gradient_checkpointing=True, **flags)
+    model = recorder.seen["model"]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert base.is_gradient_checkpointing
+    steps = [(a, b) for a, b in zip(without, with_checkpointing) if "loss" in a]
+    assert len(steps) == 2
+    for a, b in steps:
+        assert close(a["loss"], b["loss"], 1e-5) and close(a["grad_norm"], b["grad_norm"], 1e-5)
+
+
+def test_bfloat16_weights_train_and_lora_adapters_stay_float32(tmp_path):
+    import torch
+
+    recorder = SeesTheTrainer()
+    records = short_run(tmp_path, recorder=recorder, dtype="bfloat16", lora_r=4)
+    dtypes = {name: p.dtype for name, p in recorder.seen["model"].named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+def test_bfloat16_full_weights_train_and_save_in_bfloat16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    records = short_run(tmp_path, dtype="bfloat16")
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    import torch
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert next(saved.parameters()).dtype == torch.bfloat16
+
+
+def test_float16_full_weights_without_a_gpu_are_refused(tmp_path):
+    from molting.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--dtype float16 trains every weight in float16"):
+        short_run(tmp_path, dtype="float16")
+
+
+@pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizers_hold_8bit_state(tmp_path, optim):
+    import torch
+
+    recorder = SeesTheTrainer()
+    records = short_run(tmp_path, recorder=recorder, optim=optim)
+    optimizer = recorder.seen["optimizer"]
+    assert "bitsandbytes" in type(getattr(optimizer, "optimizer", optimizer)).__module__
+    states = [s for s in getattr(optimizer, "optimizer", optimizer).state.values() if "state1" in s]
+    assert states and any(s["state1"].dtype == torch.uint8 for s in states)
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+def test_an_8bit_optimizer_that_cannot_run_is_a_clear_error_before_loading(tmp_path, monkeypatch):
+    import bitsandbytes
+
+    from molting.errors import ModelError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no 8-bit kernels for this device")
+
+    monkeypatch.setattr(bitsandbytes.optim, "AdamW8bit", broken)
+    with pytest.raises(ModelError, match="--optim adamw_8bit needs bitsandbytes' 8-bit optimizers working on this "
+                                         "device, and a test step failed: no 8-bit kernels for this device"):
+        short_run(tmp_path, optim="adamw_8bit")
+
+
+def test_a_precomputed_reference_never_copies_the_model(tmp_path):
+    held, precomputed = SeesTheTrainer(), SeesTheTrainer()
+    short_run(tmp_path / "a", recorder=held)
+    held.seen.pop("model"), held.seen.pop("optimizer")  # let the first run's models go
+    short_run(tmp_path / "b", recorder=precomputed, precompute_ref=True)
+    assert held.seen["causal_lms"] == 2  # the policy and its frozen copy
+    assert precomputed.seen["causal_lms"] == 1  # the policy alone

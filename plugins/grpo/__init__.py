@@ -112,12 +112,11 @@ def molting_register_stages(register):
 def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong: str, source: str) -> list[dict[str, Any]]:
     """``{"index": data row, "row": row}`` for each usable row (a ``prompt`` string or message list), overlong
     prompts dropped or counted."""
-    from molting.data import check_columns, check_text_fields, with_bos
+    from molting.data import check_prompts, with_bos
     from molting.errors import DataError
     from molting.sampling import prompt_texts
 
-    check_columns(rows, [("prompt",)], source, "grpo")
-    if check_text_fields(rows, ("prompt",), source) and not getattr(tokenizer, "chat_template", None):
+    if check_prompts(rows, source, "grpo") and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
     texts = [with_bos(text, tokenizer) for text in prompt_texts([r["prompt"] for r in rows], tokenizer)]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # as sample() counts them
@@ -133,6 +132,7 @@ def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong
 def run_grpo(context: StageContext) -> dict[str, Any]:
     from trl.trainer.utils import identity
 
+    from molting.data import check_prompts
     from molting.errors import ConfigError, DataError
     from molting.judging import Scorer, resolve_judges
     from molting.training import (announce, load_policy, reference_for, stage_callbacks, train_and_save,
@@ -146,6 +146,7 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
     if limit < 1:
         raise ConfigError(f"max_length ({config.max_length}) must exceed max_new_tokens ({params.max_new_tokens}): "
                           "it bounds prompt and completion together")
+    check_prompts(context.rows, context.data_source, "grpo")  # before any model loads
     scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'grpo'"))
     model, tokenizer = load_policy(context)
     args = training_arguments(config, context.output_dir)

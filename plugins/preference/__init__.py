@@ -58,13 +58,15 @@ def run_preference(context: StageContext) -> dict[str, Any]:
         use_varlen_attention(model)
     pairs = format_pairs(context.rows, tokenizer, context.data_source)
     examples = tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source)
-    ref_model, adapter_reference, reference = reference_for(model, context)
-    if config.precompute_ref and (ref_model is not None or adapter_reference):
+    if config.precompute_ref and context.loss.needs_reference:
         from molting.refcache import precomputed_reference
 
-        examples = precomputed_reference(ref_model if ref_model is not None else model, adapter_reference, examples,
-                                         tokenizer, context, PairCollator(tokenizer.pad_token_id))
+        # the policy has not trained yet: it is the reference (its base, with LoRA), so no copy is ever made
+        examples = precomputed_reference(model, bool(config.lora_r), examples, tokenizer, context,
+                                         PairCollator(tokenizer.pad_token_id))
         ref_model, adapter_reference, reference = None, False, "precomputed (none held while training)"
+    else:
+        ref_model, adapter_reference, reference = reference_for(model, context)
     trainer = build_trainer(model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir,
                             stage_callbacks(context), ref_model, adapter_reference)
     announce(trainer, f"{len(examples)} pairs", reference)

@@ -194,13 +194,14 @@ def load_reward_model(context: StageContext) -> tuple[Any, Any]:
     from trl.trainer.utils import disable_dropout_in_model
 
     from molting.errors import ConfigError, ModelError
-    from molting.models import apply_lora, load_tokenizer
+    from molting.models import apply_lora, check_optimizer, load_tokenizer, torch_dtype
+    from molting.training import check_memory_settings
 
     config, path = context.config, context.model_path
     if config.load_in_4bit:
         raise ConfigError("--load-in-4bit (QLoRA) is not supported by the reward-model stage: drop it")
-    if config.merge and not config.lora_r:
-        raise ConfigError("--merge merges a LoRA adapter: give --lora-r")
+    check_memory_settings(config)
+    check_optimizer(config.optim)
     if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         raise ModelError(
             f"{path} holds a LoRA adapter; the reward-model stage starts from full weights: "
@@ -214,7 +215,8 @@ def load_reward_model(context: StageContext) -> tuple[Any, Any]:
     try:
         with suppress_seqcls_warning():
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, use_safetensors=True, trust_remote_code=config.trust_remote_code, dtype=torch.float32
+                path, num_labels=1, use_safetensors=True, trust_remote_code=config.trust_remote_code,
+                dtype=torch_dtype(config.dtype),
             )
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
