@@ -130,6 +130,14 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--lora-target-modules", help="Comma-separated module names, or all-linear.  [default: all-linear]")
 @click.option("--load-in-4bit", is_flag=True, default=None, help="QLoRA: 4-bit NF4 base (bitsandbytes) + LoRA.")
 @click.option("--merge", is_flag=True, default=None, help="With LoRA: write the merged model, adapter in OUTPUT/adapter.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="The dtype the weights load in (bfloat16: half the memory); LoRA adapters stay float32.  "
+                   "[default: float32]")
+@click.option("--gradient-checkpointing", is_flag=True, default=None,
+              help="Recompute each layer's activations in backward instead of keeping them (less memory, ~30% more "
+                   "compute).")
+@click.option("--optim", type=click.Choice(["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]),
+              help="AdamW, or bitsandbytes' 8-bit AdamW (a quarter of its state; paged on CUDA).  [default: adamw_torch]")
 @click.option("--precompute-ref", is_flag=True, default=None,
               help="Compute reference log-probs once (cached on disk); hold no reference model while training.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
