@@ -151,11 +151,17 @@ def _head_input(module: torch.nn.Module, positions: int) -> Iterator[_Captured]:
         captured.autocast = (device, enabled, torch.get_autocast_dtype(device) if enabled else hidden.dtype)
         return (hidden[..., :positions, :], *args[1:]), kwargs
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    def detach(layer: Any, args: tuple, output: Any) -> Any:
+        # the layer ran on no position: cut it from the graph, or backward would add a (vocabulary x hidden) zero
+        # gradient to its weight (the chunked path gives the weight its real gradient)
+        return output.detach() if positions == 0 and isinstance(output, torch.Tensor) else output
+
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True), module.register_forward_hook(detach)]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _chunked(head: Head, captured: _Captured, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
