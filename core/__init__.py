@@ -58,6 +58,7 @@ TOOLKIT = (
     "refcache",  # precomputed reference log-probs, cached on disk
     "sampling",  # sampling completions from a policy
     "judging",  # judges: resolution, weights, caching, errors
+    "ranking",  # sampled completions into chosen/rejected pairs (pointwise best vs worst, pairwise wins)
     "losses",  # helpers of the preference losses, weighted sums
     "evaluation",  # the demo task's held-out evaluation, generation with a fixed seed
     "demo",  # the demo task's data, grading and model

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 
@@ -122,28 +122,35 @@ def kept_token_stats(model: Any, inputs: Mapping[str, Any], keep: int | torch.Te
         return _from_logits(logits[:, :-1] if isinstance(keep, int) else logits, labels, mask, temperature,
                             with_entropy, with_top1)
     check = not hasattr(head.module, "_molting_chunks")
-    with _head_input(head.module, positions=1 if check else 0) as captured:
+
+    def stats_of(captured: _Captured) -> TokenStats:
+        hidden = captured.hidden[:, :-1] if isinstance(keep, int) else captured.hidden
+        return _chunked(head, captured, hidden, labels, mask, size, temperature, with_entropy, with_top1)
+
+    with _head_input(head.module, positions=1 if check else 0, compute=stats_of) as captured:
         out = model(**inputs, use_cache=False, logits_to_keep=keep)
-    hidden = captured.hidden[:, :-1] if isinstance(keep, int) else captured.hidden
-    if check and not _matches(head, captured, out.logits, hidden, labels):
+    if check and not _matches(head, captured, out.logits, labels):
         head.module._molting_chunks = False
         return kept_token_stats(model, inputs, keep, labels, mask, temperature, with_entropy, with_top1)
     head.module._molting_chunks = True
-    return _chunked(head, captured, hidden, labels, mask, size, temperature, with_entropy, with_top1)
+    return captured.stats
 
 
 class _Captured:
     hidden: torch.Tensor
     autocast: tuple[str, bool, torch.dtype]
+    stats: TokenStats
 
 
 @contextlib.contextmanager
-def _head_input(module: torch.nn.Module, positions: int) -> Iterator[_Captured]:
-    """Capture what the model feeds its output layer, and the autocast state it runs in; the layer itself then
-    runs on ``positions`` positions (0, or 1 to check the chunked formula against it)."""
+def _head_input(module: torch.nn.Module, positions: int,
+                compute: Callable[[_Captured], TokenStats]) -> Iterator[_Captured]:
+    """Inside the model's forward, capture what it feeds its output layer (and the autocast state it runs in) and
+    ``compute`` the chunked stats from it; the layer itself then runs on ``positions`` positions (0, or 1 to check
+    the chunked formula against it)."""
     captured = _Captured()
 
-    def hook(layer: Any, args: tuple, kwargs: dict) -> tuple:
+    def take_input(layer: Any, args: tuple, kwargs: dict) -> tuple:
         hidden = args[0]
         device = hidden.device.type
         enabled = torch.is_autocast_enabled(device)
@@ -151,12 +158,16 @@ def _head_input(module: torch.nn.Module, positions: int) -> Iterator[_Captured]:
         captured.autocast = (device, enabled, torch.get_autocast_dtype(device) if enabled else hidden.dtype)
         return (hidden[..., :positions, :], *args[1:]), kwargs
 
-    def detach(layer: Any, args: tuple, output: Any) -> Any:
-        # the layer ran on no position: cut it from the graph, or backward would add a (vocabulary x hidden) zero
-        # gradient to its weight (the chunked path gives the weight its real gradient)
-        return output.detach() if positions == 0 and isinstance(output, torch.Tensor) else output
+    def attach(layer: Any, args: tuple, output: Any) -> Any:
+        captured.stats = compute(captured)
+        if not isinstance(output, torch.Tensor):
+            return output
+        # The model's output carries the chunked stats' graph, not the layer's own: backward then gives the layer's
+        # weight no (vocabulary x hidden) zero gradient, and DDP's search for unused parameters, which walks the
+        # graph from the model's output, finds every parameter the loss will reach (adding an empty sum: exactly 0)
+        return output.detach() + captured.stats.logps[..., :0].sum().to(output.dtype)
 
-    handles = [module.register_forward_pre_hook(hook, with_kwargs=True), module.register_forward_hook(detach)]
+    handles = [module.register_forward_pre_hook(take_input, with_kwargs=True), module.register_forward_hook(attach)]
     try:
         yield captured
     finally:
@@ -180,8 +191,7 @@ def _chunked(head: Head, captured: _Captured, hidden: torch.Tensor, labels: torc
     return TokenStats(scattered(stats.logps), scattered(stats.entropy), scattered(stats.top1))
 
 
-def _matches(head: Head, captured: _Captured, logits: torch.Tensor, hidden: torch.Tensor,
-             labels: torch.Tensor) -> bool:
+def _matches(head: Head, captured: _Captured, logits: torch.Tensor, labels: torch.Tensor) -> bool:
     """Whether the chunked formula gives the model's own log-probs at the first kept position (once per model)."""
     from molting.chunked import token_logps
 

@@ -52,6 +52,36 @@ def prompt_texts(prompts: Sequence[Any], tokenizer: Any) -> list[str]:
     return texts
 
 
+def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong: str, source: str,
+                stage: str) -> list[dict[str, Any]]:
+    """An online stage's dataset: ``{"index": data row, "row": row}`` for each usable row.
+
+    The rows are checked (:func:`molting.data.check_prompts`: a ``prompt``,
+    a non-empty string or a message list, which needs the tokenizer's chat
+    template). Prompts longer than ``limit`` tokens, counted as :func:`sample`
+    counts them, are dropped (``overlong="drop"``) or kept to be cut to their
+    last ``limit`` tokens when sampled, and counted either way.
+    """
+    import sys
+
+    from molting.data import check_prompts, with_bos
+
+    if check_prompts(rows, source, stage) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
+    texts = [with_bos(text, tokenizer) for text in prompt_texts([r["prompt"] for r in rows], tokenizer)]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if long:
+        action = "dropped" if overlong == "drop" else f"cut to their last {limit} tokens"
+        print(f"molting: {len(long)} of {len(rows)} prompts (e.g. row {long[0]}) are longer than max_length - "
+              f"max_new_tokens = {limit} tokens: {action}", file=sys.stderr)
+    dropped = set(long) if overlong == "drop" else set()
+    items = [{"index": i, "row": row} for i, row in enumerate(rows) if i not in dropped]
+    if not items:
+        raise DataError(f"every prompt of {source} is longer than {limit} tokens; raise --max-length")
+    return items
+
+
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,

@@ -104,6 +104,28 @@ class MoltingTrainer(Trainer):
                 value = self.accelerator.gather_for_metrics(value).mean().item()
             self._metrics[mode][name].append(float(value))
 
+    def record_masked(self, metrics: Mapping[str, Any], mask: torch.Tensor, skip_empty: bool = False) -> None:
+        """Record ``metrics``; those shaped like ``mask`` as their mean over the masked entries of every process.
+
+        Per-token maps of an online stage (trl's ``entropy``, ``clip_ratio/*``)
+        or per-pair values of the pairs a loss kept: processes hold different
+        numbers of entries, and a gather needs equal shapes, so each sends its
+        sums and its count, in one reduction for all the metrics. With no
+        entry on any process the masked ones are recorded as 0, or not at all
+        (``skip_empty``). Other values are recorded as :meth:`record` does.
+        """
+        recorded = {name: value.detach() if isinstance(value, torch.Tensor) else value
+                    for name, value in metrics.items()}
+        masked = [name for name, value in recorded.items()
+                  if isinstance(value, torch.Tensor) and value.shape == mask.shape]
+        if masked:
+            weights = mask.float()
+            sums = torch.stack([(recorded.pop(name).float() * weights).sum() for name in masked] + [weights.sum()])
+            total = self.accelerator.reduce(sums, reduction="sum")
+            if total[-1] > 0 or not skip_empty:
+                recorded.update(zip(masked, (total[:-1] / total[-1].clamp(min=1.0)).tolist()))
+        self.record(recorded)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         averaged = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}

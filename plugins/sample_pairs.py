@@ -4,11 +4,12 @@ For each prompt it samples ``num_samples`` completions from the run's model
 (the policy so far: the SFT model in ``--plugin sft --plugin sample-pairs
 --plugin dpo``), scores them with the run's judges, and writes the best as
 ``chosen`` and the worst as ``rejected`` to ``OUTPUT/data.jsonl``: the next
-step's data. A prompt whose completions all score the same is skipped (a
-tie teaches nothing), and so is one whose best and worst answers are the
-same text. With a pairwise judge (``llm-pairwise``) every two distinct
-completions are compared; the one with the most wins is chosen, the one
-with the fewest rejected (an undecided comparison is half a win each).
+step's data (:mod:`molting.ranking`). A prompt whose completions all score
+the same is skipped (a tie teaches nothing), and so is one whose best and
+worst answers are the same text. With a pairwise judge (``llm-pairwise``)
+every two distinct completions are compared; the one with the most wins is
+chosen, the one with the fewest rejected (an undecided comparison is half a
+win each).
 
 The stage trains nothing; its output directory holds the data, the counts
 (in ``molting_run.json``) and no model, so the next step starts from the
@@ -17,7 +18,6 @@ same model as this one.
 
 from __future__ import annotations
 
-import itertools
 import sys
 from typing import Any
 
@@ -57,29 +57,6 @@ def molting_register_stages(register):
             demo_defaults={"max_new_tokens": 20},
         )
     )
-
-
-def best_and_worst(scores: list[float]) -> tuple[int, int] | None:
-    """Indices of the highest and the lowest score (first of equals), or ``None`` when all are equal."""
-    best = max(range(len(scores)), key=lambda i: scores[i])
-    worst = min(range(len(scores)), key=lambda i: scores[i])
-    return None if scores[best] == scores[worst] else (best, worst)
-
-
-def pairwise_wins(scorer, spec, prompt: Any, texts: list[str], row: int) -> list[float]:
-    """Wins of each completion over the others by a pairwise judge (undecided: half a win each)."""
-    pairs = [(i, j) for i, j in itertools.combinations(range(len(texts)), 2) if texts[i] != texts[j]]
-    wins = [0.0] * len(texts)
-    if not pairs:
-        return wins
-    verdicts = scorer.score(spec, [prompt] * len(pairs), [(texts[i], texts[j]) for i, j in pairs], rows=[row] * len(pairs))
-    for (i, j), verdict in zip(pairs, verdicts):
-        if verdict == -1:
-            wins[i] += 0.5
-            wins[j] += 0.5
-        else:
-            wins[(i, j)[verdict]] += 1
-    return wins
 
 
 def run_sample_pairs(context: StageContext) -> dict[str, Any]:
@@ -156,19 +133,17 @@ class _Ranked:
     ties: int = 0
     lengths: list[int] = attrs.field(factory=list)
 
-    def add(self, prompt: Any, texts: list[str], scores: list[float]) -> None:
-        """Best against worst of one prompt's completions, unless they all tie (or say the same)."""
-        picked = best_and_worst(scores)
-        if picked is None or texts[picked[0]] == texts[picked[1]]:
+    def add(self, prompt: Any, texts: list[str], scores: list[float], pair: Any) -> None:
+        """One prompt's best against worst completion, unless the judge could not tell them apart."""
+        if pair.tie:
             self.ties += 1
             return
-        best, worst = picked
-        chosen, rejected = texts[best], texts[worst]
+        chosen, rejected = texts[pair.chosen], texts[pair.rejected]
         if self.conversational:
             chosen = [{"role": "assistant", "content": chosen.strip()}]
             rejected = [{"role": "assistant", "content": rejected.strip()}]
         self.written.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                             "score_chosen": scores[best], "score_rejected": scores[worst]})
+                             "score_chosen": scores[pair.chosen], "score_rejected": scores[pair.rejected]})
 
     def metrics(self) -> dict[str, float]:
         def mean(values: list[float]) -> float:
@@ -183,23 +158,20 @@ class _Ranked:
 
 def _sample_and_rank(model: Any, tokenizer: Any, scorer: Any, rows: list[dict[str, Any]], chunk: range,
                      params: SamplePairsParams, ranked: _Ranked) -> None:
-    """``num_samples`` completions for each prompt of ``chunk``, judged and ranked into ``ranked``."""
+    """``num_samples`` completions for each prompt of ``chunk``, judged and ranked into ``ranked``
+    (:func:`molting.ranking.rank`: pointwise judges' best against worst, or a pairwise judge's wins)."""
     from molting.judging import data_columns
+    from molting.ranking import rank
     from molting.sampling import sample
 
     n = params.num_samples
     samples = sample(model, tokenizer, [rows[i]["prompt"] for i in chunk], n=n, max_new_tokens=params.max_new_tokens,
                      temperature=params.temperature, top_p=params.top_p, batch_size=params.generation_batch_size)
     ranked.lengths += samples.lengths.tolist()
-    pairwise = [spec for spec in scorer.specs if spec.judge.kind == "pairwise"]
-    if not pairwise:
-        sampled_rows = [chunk[r] for r in samples.rows]
-        totals, _ = scorer(samples.prompts, samples.texts, data_columns([rows[i] for i in sampled_rows]),
-                           rows=sampled_rows)
-    for position, index in enumerate(chunk):
-        texts = samples.texts[position * n : (position + 1) * n]
-        if pairwise:
-            scores = pairwise_wins(scorer, pairwise[0], rows[index]["prompt"], texts, index)
-        else:
-            scores = totals[position * n : (position + 1) * n]
-        ranked.add(rows[index]["prompt"], texts, scores)
+    sampled_rows = [chunk[r] for r in samples.rows]
+    ranking = rank(scorer, samples.prompts, samples.texts, samples.texts, n,
+                   data_columns([rows[i] for i in sampled_rows]), sampled_rows, [False] * len(samples.texts))
+    scores = ranking.scores or ranking.wins
+    for position, (index, pair) in enumerate(zip(chunk, ranking.pairs)):
+        group = slice(position * n, (position + 1) * n)
+        ranked.add(rows[index]["prompt"], samples.texts[group], scores[group], pair)

@@ -205,28 +205,34 @@ def short_run(tmp_path, plugin="dpo", recorder=None, **flags):
     return [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
 
 
+def causal_lms():
+    import gc
+
+    from transformers import PreTrainedModel
+
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, PreTrainedModel) and type(o).__name__.endswith("ForCausalLM")]
+
+
 class SeesTheTrainer:
-    """Records the model and optimizer the Trainer trains, and how many causal LMs are alive when it starts."""
+    """Records the model and optimizer the Trainer trains, and how many causal LMs the run has made that are alive
+    when it starts (a model an earlier test left for the collector does not count)."""
 
     def __init__(self):
-        self.seen = {}
+        import weakref
+
+        self.seen, self.before = {}, weakref.WeakSet(causal_lms())
 
     @molting.hookimpl
     def molting_trainer_callbacks(self, stage, config):
         from transformers import TrainerCallback
 
-        seen = self.seen
+        seen, before = self.seen, self.before
 
         class Look(TrainerCallback):
             def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-                import gc
-
-                from transformers import PreTrainedModel
-
-                gc.collect()
                 seen["model"], seen["optimizer"] = model, optimizer
-                seen["causal_lms"] = sum(isinstance(o, PreTrainedModel) and o.__class__.__name__.endswith("ForCausalLM")
-                                         for o in gc.get_objects())
+                seen["causal_lms"] = sum(o not in before for o in causal_lms())
 
         return [Look()]
 

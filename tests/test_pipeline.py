@@ -194,7 +194,7 @@ def test_the_run_wide_data_is_the_first_steps_and_a_steps_own_data_beats_it(tmp_
     # run() gives step 2 (same data as the run-wide flag) its stage default, demo-preference: checked end to end in
     # test_sft_then_on_policy_pairs_then_dpo_is_one_pipeline; here, the rule the loader applies
     rows, source = load_rows(host, steps[1], None)
-    assert source == "dataset 'demo-preference' (train split)"
+    assert source.description == "dataset 'demo-preference' (train split)" and source.demo
 
 
 def test_a_recipe_written_for_combined_losses_runs_again():

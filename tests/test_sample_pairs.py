@@ -1,4 +1,4 @@
-"""The sample-pairs stage: ranking, ties, pairwise judges, chat prompts and judge errors."""
+"""The sample-pairs stage: ties, pairwise judges, chat prompts and judge errors (ranking itself: test_ranking.py)."""
 
 from __future__ import annotations
 
@@ -10,30 +10,8 @@ import molting
 from molting.components import Judge
 from molting.discovery import load_plugins
 from molting.errors import DataError, JudgeError
-from molting.judging import JudgeSpec, Scorer
-from molting.plugins.sample_pairs import best_and_worst, pairwise_wins
 from molting.pipeline import run
 from molting.resolve import resolve_config
-
-
-def test_best_and_worst_pick_the_extremes_and_skip_ties():
-    assert best_and_worst([0.5, 1.0, 0.0, 1.0]) == (1, 2)
-    assert best_and_worst([0.3, 0.3, 0.3]) is None
-
-
-def test_pairwise_wins_count_each_comparison_once_and_split_undecided():
-    calls = []
-
-    def prefer_longer(prompts, pairs, params):
-        calls.extend(pairs)
-        return [-1 if len(a) == len(b) else int(len(b) > len(a)) for a, b in pairs]
-
-    judge = Judge(name="longer", score=prefer_longer, description="Prefers the longer answer.", kind="pairwise")
-    scorer = Scorer([JudgeSpec("longer", judge, 1.0, judge.params())], pairwise=True)
-    wins = pairwise_wins(scorer, scorer.specs[0], "q", ["a", "bbb", "cc", "dd"], row=0)
-    assert wins == [0.0, 3.0, 1.5, 1.5]  # cc and dd: one undecided comparison, half a win each
-    assert len(calls) == 6
-    assert pairwise_wins(scorer, scorer.specs[0], "q", ["same", "same"], row=0) == [0.0, 0.0]  # nothing to compare
 
 
 class Judges:

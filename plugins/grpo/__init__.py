@@ -26,7 +26,6 @@ and ``/std``, ``frac_reward_zero_std``, ``completions/*``, ``entropy``,
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import attrs
@@ -109,32 +108,13 @@ def molting_register_stages(register):
 # --------------------------------------------------------------------------- the stage
 
 
-def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong: str, source: str) -> list[dict[str, Any]]:
-    """``{"index": data row, "row": row}`` for each usable row (a ``prompt`` string or message list), overlong
-    prompts dropped or counted."""
-    from molting.data import check_prompts, with_bos
-    from molting.errors import DataError
-    from molting.sampling import prompt_texts
-
-    if check_prompts(rows, source, "grpo") and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
-    texts = [with_bos(text, tokenizer) for text in prompt_texts([r["prompt"] for r in rows], tokenizer)]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # as sample() counts them
-    long = [i for i, n in enumerate(lengths) if n > limit]
-    if long:
-        action = "dropped" if overlong == "drop" else f"cut to their last {limit} tokens"
-        print(f"molting: {len(long)} of {len(rows)} prompts (e.g. row {long[0]}) are longer than max_length - "
-              f"max_new_tokens = {limit} tokens: {action}", file=sys.stderr)
-    dropped = set(long) if overlong == "drop" else set()
-    return [{"index": i, "row": row} for i, row in enumerate(rows) if i not in dropped]
-
-
 def run_grpo(context: StageContext) -> dict[str, Any]:
     from trl.trainer.utils import identity
 
     from molting.data import check_prompts
     from molting.errors import ConfigError, DataError
     from molting.judging import Scorer, resolve_judges
+    from molting.sampling import prompt_rows
     from molting.training import (announce, load_policy, reference_for, stage_callbacks, train_and_save,
                                   training_arguments)
 
@@ -158,7 +138,7 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
             f"gradient_accumulation_steps x processes ({completions}) must be a multiple of num_generations ({g}), "
             f"e.g. --batch-size {g * max(1, round(config.batch_size / g))}"
         )
-    rows = prompt_rows(context.rows, tokenizer, limit, config.overlong, context.data_source)
+    rows = prompt_rows(context.rows, tokenizer, limit, config.overlong, context.data_source, "grpo")
     if len(rows) < completions // g:
         raise DataError(f"{context.data_source} has {len(rows)} usable prompts; one generation batch needs "
                         f"{completions // g} ({completions} completions / {g} per prompt)")

@@ -154,17 +154,6 @@ class GRPOTrainer(MoltingTrainer):
             num_processes=self.accelerator.num_processes, steps_per_generation=self.steps_per_generation,
         )
         out = self.loss_plugin.compute(group, self.loss_params)
-        self.record_token_means({"entropy": entropy, **out.metrics}, mask)
+        self.record_masked({"entropy": entropy, **out.metrics}, mask)  # trl: over every process's tokens
         loss = out.losses.mean()
         return (loss, {"losses": out.losses}) if return_outputs else loss
-
-    def record_token_means(self, metrics: dict[str, Any], mask: Any) -> None:
-        """(batch, tokens) maps: mean over the completion tokens of every process, as trl; others as given."""
-        recorded = {name: value.detach() if isinstance(value, torch.Tensor) else value
-                    for name, value in metrics.items()}
-        maps = [name for name, value in recorded.items() if isinstance(value, torch.Tensor) and value.dim() == 2]
-        if maps:  # one reduction (and one host sync) for all of them
-            sums = [(recorded[name].float() * mask).sum() for name in maps]
-            total = self.accelerator.reduce(torch.stack([*sums, mask.sum().float()]), reduction="sum")
-            recorded.update(zip(maps, (total[:-1] / total[-1].clamp(min=1.0)).tolist()))
-        self.record(recorded)

@@ -188,7 +188,6 @@ def load_reward_model(context: StageContext) -> tuple[Any, Any]:
     so that batched scoring finds each sequence's last token, and dropout is
     switched off, as trl's ``RewardTrainer`` does by default.
     """
-    import torch
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
     from trl.trainer.utils import disable_dropout_in_model
