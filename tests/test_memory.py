@@ -147,6 +147,40 @@ def test_each_batch_shape_matches_full_logits(family):
         assert relative < 1e-5, f"{name}: gradients differ by {relative:.3g} (relative)"
 
 
+def parameters_reached(output):
+    """The parameters autograd reaches from ``output``: what DDP's search for unused parameters finds."""
+    seen, stack, found = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            found.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi"], ids=["tied-head", "untied-head"])
+def test_the_models_own_output_reaches_every_parameter_the_chunked_loss_does(family):
+    """Two-process training (DDP) walks the graph from the model's output to find the parameters a step uses;
+    the chunked log-probs are computed inside the forward so that walk finds the output layer and the body."""
+    from molting import logps
+
+    model = tiny_model(family).train()
+    outputs = []
+    handle = model.register_forward_hook(lambda module, args, output: outputs.append(output.logits))
+    ids, attention, completion = batch(model.config.vocab_size)
+    for step in range(2):  # the first call also checks the formula against the model's own output layer
+        outputs.clear()
+        total = logps.completion_logps(model, ids, attention, completion)[0].sum()
+    handle.remove()
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert parameters_reached(total) == trained
+    assert parameters_reached(outputs[0]) == trained
+    assert outputs[0].shape[1] == 0  # and the output layer itself ran on no position
+
+
 def test_a_lora_model_uses_the_frozen_head_path_and_matches(tmp_path):
     import torch
 
