@@ -28,6 +28,8 @@ CONFIGS = {
     "dpo gradient checkpointing": ("dpo", {"gradient_checkpointing": True}),
     "dpo full logits": ("dpo", {"logits_chunk_size": 0, "batch_size": 4}),
     "sft long answers": ("sft", {}),
+    "sft bfloat16": ("sft", {"dtype": "bfloat16"}),
+    "sft 8-bit adamw": ("sft", {"optim": "adamw_8bit"}),
     "sft bfloat16 8-bit adamw": ("sft", {"dtype": "bfloat16", "optim": "adamw_8bit"}),
 }
 BASE = {"max_steps": 3, "logging_steps": 1, "eval": "off", "batch_size": 8, "max_length": 512, "precision": "fp32",

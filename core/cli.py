@@ -160,8 +160,15 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
               help="Train on a weighted sum of losses of one stage; repeat, e.g. --loss dpo=0.8 --loss sft=1.0.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other config key or loss hyperparameter, e.g. --set label_smoothing=0.1.")
+@click.option("--dry-run", is_flag=True,
+              help="Print each step's expected peak memory per process (weights, gradients, optimizer, reference, "
+                   "activations, logits) from the model's config.json and the data, without loading weights or "
+                   "training (as `molting estimate`).")
+@click.option("--memory-budget", metavar="SIZE", callback=lambda ctx, param, value: _size(value),
+              help="Memory per process (e.g. 24GB): with --dry-run, say whether each step fits and which settings "
+                   "would make it; for a run, refuse one that would not fit before loading anything.")
 def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[str, ...], judge_weights: tuple[str, ...],
-        settings: tuple[str, ...], **flags: Any) -> None:
+        settings: tuple[str, ...], dry_run: bool, memory_budget: int | None, **flags: Any) -> None:
     """Train a model with one plugin, or several in a row."""
     from molting.config import read_recipe
     from molting.resolve import resolve_config
@@ -178,6 +185,10 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
                                      param_hint="--judge") from None
     flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges, **_parse_set(settings)}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
+    if dry_run or memory_budget is not None:
+        _check_memory(config, steps, host, memory_budget, dry_run)
+        if dry_run:
+            return
     if not _has_gpu():
         from molting.cpu import keep_freed_memory
 
@@ -186,6 +197,41 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
     final = results[-1]
     shown = {k: final[k] for k in HEADLINE_METRICS if isinstance(final.get(k), (int, float))}
     click.echo(f"molting: done. Output in {config.output_dir}. " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+
+def _size(value: str | None) -> int | None:
+    from molting.estimate import parse_size
+
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory-budget") from None
+
+
+def _check_memory(config: Any, steps: list[Any], host: PluginHost, budget: int | None, dry_run: bool) -> None:
+    from molting.estimate import dry_run as estimate_steps
+
+    report, fits = estimate_steps(config, steps, host, budget)
+    if dry_run:
+        click.echo("molting: dry run: expected peak memory per process (no weights loaded, nothing trained)\n")
+        click.echo(report)
+    elif not fits:
+        raise click.ClickException("the run would not fit --memory-budget (estimated before loading anything; "
+                                   "--dry-run prints this):\n" + report)
+
+
+estimate_command = click.Command(
+    "estimate", params=[p for p in run.params if p.name != "dry_run"],
+    callback=lambda **kwargs: click.get_current_context().invoke(run, dry_run=True, **kwargs),
+    help="Print the expected peak memory of `molting run` with the same options (weights, gradients, optimizer, "
+         "reference, activations, logits) without loading weights, and with --memory-budget the settings that "
+         "would fit it.",
+    epilog="""\b
+Examples:
+  molting estimate --plugin dpo --model ./qwen2.5-0.5b --data pairs.jsonl --max-length 1024
+  molting estimate --plugin sft --model ./llama --memory-budget 24GB   # what fits a 24 GB GPU
+""")
+cli.add_command(estimate_command)
 
 
 def _has_gpu() -> bool:

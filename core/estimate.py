@@ -31,6 +31,7 @@ peak RSS on CPU for several configurations.
 
 from __future__ import annotations
 
+import heapq
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -125,10 +126,14 @@ def model_shape(path: str | Path, lora_targets: str = "all-linear", trust_remote
 
 
 def estimate(shape: Shape, config: RunConfig, lengths: Lengths, stage: str, needs_reference: bool,
-             stage_params: Any = None, device: str = "cpu") -> Estimate:
-    """The peak memory of one process of a run of ``stage`` (see the module docstring for each part)."""
+             stage_params: Any = None, device: str = "cpu", trains: bool = True) -> Estimate:
+    """The peak memory of one process of a run of ``stage`` (see the module docstring for each part).
+
+    ``trains=False``: a stage that only samples and scores (one that
+    produces a dataset): no gradients, optimizer or kept activations.
+    """
     weight_bytes = _weights(shape, config)
-    trainable = shape.lora_per_rank * config.lora_r if config.lora_r else shape.parameters
+    trainable = (shape.lora_per_rank * config.lora_r if config.lora_r else shape.parameters) if trains else 0
     trained_bytes = 4 if config.lora_r else BYTES[config.dtype]
     state_bytes = 1 if config.optim != "adamw_torch" else trained_bytes
     reference = 0
@@ -142,14 +147,24 @@ def estimate(shape: Shape, config: RunConfig, lengths: Lengths, stage: str, need
         "runtime": RUNTIME_BYTES[device],
         "weights": weight_bytes,
         "gradients": trainable * trained_bytes,
-        "optimizer": 2 * trainable * state_bytes,
+        "optimizer": 2 * trainable * state_bytes + _eight_bit_on_cpu(shape, config, device, trains),
         "reference": reference + critic,
-        "activations": _activations(shape, config, tokens),
-        "logits": _logits(shape, config, tokens, lengths, trainable_head=not config.lora_r),
+        "activations": _activations(shape, config, tokens if trains else tokens // shape.layers),
+        "logits": 0 if stage == "reward-model" else _logits(shape, config, tokens, lengths,
+                                                            trains and not config.lora_r),
         "generation": _kv_cache(shape, config, lengths, stage, stage_params),
     }
     notes = () if device == "cpu" else ("(GPU: the caching allocator adds ~10% over this)",)
     return Estimate(parts, device, notes)
+
+
+def _eight_bit_on_cpu(shape: Shape, config: RunConfig, device: str, trains: bool) -> int:
+    """bitsandbytes' 8-bit AdamW on CPU (no fused kernel) updates a parameter through float32 copies of its two
+    moments, and of its weight and gradient when those are 16-bit: measured, 8 and 20 bytes a value of the largest
+    parameter (the embedding)."""
+    if device != "cpu" or config.optim == "adamw_torch" or not trains or config.lora_r:
+        return 0
+    return shape.vocabulary * shape.hidden * (8 if config.dtype == "float32" else 20)
 
 
 def _weights(shape: Shape, config: RunConfig) -> int:
@@ -199,68 +214,48 @@ def _kv_cache(shape: Shape, config: RunConfig, lengths: Lengths, stage: str, sta
 
 
 def data_lengths(rows: list[dict[str, Any]], tokenizer: Any, config: RunConfig, stage: str) -> Lengths:
-    """The longest micro-batch of ``rows``: the ``batch_size`` longest rows' longest sequence and completion."""
+    """The longest micro-batch of ``rows``: the ``batch_size`` longest rows' longest sequence and completion.
+
+    Only the rows longest in characters are tokenized (the longest in tokens
+    are among them; a million rows would take minutes). No rows (an earlier
+    step makes them): ``--max-length``, half of it completion.
+    """
     keys = [k for k in ("chosen", "rejected", "completion") if rows and k in rows[0]]
     pairs = 2 if {"chosen", "rejected"} <= set(keys) and stage in ("preference", "reward-model") else 1
+    if not rows:
+        pairs = 2 if stage in ("preference", "reward-model") else 1
+        return Lengths(config.max_length, config.max_length // 2, pairs)
+
+    def text(value: Any) -> str:  # a message list: its contents, as a bound
+        return " ".join(str(m.get("content", "")) for m in value) if isinstance(value, list) else str(value)
 
     def count(value: Any) -> int:
-        if not isinstance(value, str):  # a message list: its contents, as a bound
-            value = " ".join(str(m.get("content", "")) for m in value) if isinstance(value, list) else str(value)
-        return len(tokenizer(value, add_special_tokens=False)["input_ids"]) + 1
+        return len(tokenizer(text(value), add_special_tokens=False)["input_ids"]) + 1
 
-    if "messages" in (rows[0] if rows else {}):
-        sizes = [(count(r["messages"]), count(r["messages"][-1:])) for r in rows]
-    else:
-        sizes = [(count(r.get("prompt", "")) + max([count(r[k]) for k in keys] or [0]),
-                  max([count(r[k]) for k in keys] or [0])) for r in rows]
-    longest = sorted(sizes, reverse=True)[: config.batch_size] or [(config.max_length, config.max_length // 2)]
+    def sizes(row: dict[str, Any]) -> tuple[int, int]:
+        if "messages" in row:
+            return count(row["messages"]), count(row["messages"][-1:])
+        completion = max([count(row[k]) for k in keys] or [0])
+        return count(row.get("prompt", "")) + completion, completion
+
+    def characters(row: dict[str, Any]) -> int:
+        return sum(len(text(value)) for value in row.values())
+
+    candidates = heapq.nlargest(max(64, 8 * config.batch_size), rows, key=characters)
+    longest = sorted(map(sizes, candidates), reverse=True)[: config.batch_size]
     sequence = min(config.max_length, max(s for s, _ in longest))
     return Lengths(sequence, min(sequence, max(c for _, c in longest)), pairs)
-
-
-def fits(budget: int, shape: Shape, config: RunConfig, lengths: Lengths, stage: str, needs_reference: bool,
-         stage_params: Any = None, device: str = "cpu") -> list[tuple[str, Estimate]]:
-    """Settings that bring the estimate under ``budget`` bytes, cheapest change first (at most three)."""
-    levers = [
-        ("--dtype bfloat16", {"dtype": "bfloat16"}),
-        ("--gradient-checkpointing", {"gradient_checkpointing": True}),
-        ("--optim adamw_8bit", {"optim": "adamw_8bit"}),
-        ("--precompute-ref", {"precompute_ref": True}),
-        ("--lora-r 16", {"lora_r": 16}),
-        ("--lora-r 16 --load-in-4bit", {"lora_r": 16, "load_in_4bit": True}),
-    ]
-    found, changes = [], {}
-    for label, change in levers:
-        changes.update(change)
-        tried = attrs.evolve(config, **changes)
-        result = estimate(shape, tried, lengths, stage, needs_reference, stage_params, device)
-        labels = " ".join(name for name, _ in levers[: levers.index((label, change)) + 1])
-        if result.total <= budget:
-            found.append((labels, result))
-            break
-    if not found:
-        batch = max(1, config.batch_size)
-        while batch > 1:
-            batch //= 2
-            tried = attrs.evolve(config, **changes, batch_size=batch,
-                                 gradient_accumulation_steps=config.gradient_accumulation_steps * config.batch_size // batch)
-            result = estimate(shape, tried, lengths, stage, needs_reference, stage_params, device)
-            if result.total <= budget:
-                found.append((f"all of the above and --batch-size {batch} --gradient-accumulation-steps "
-                              f"{tried.gradient_accumulation_steps}", result))
-                break
-    return found
 
 
 def parse_size(text: str) -> int:
     """``24GB``, ``512MB``, ``1.5 GiB`` → bytes."""
     import re
 
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text.upper().replace("IB", "IB"))
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
     if not match:
         raise ValueError(f"expected a size such as 24GB or 512MB, got {text!r}")
     number, unit, binary = match.groups()
-    power = " KMGT".index(unit or " ")
+    power = " KMGT".index(unit.upper() or " ")
     return int(float(number) * (1024 if binary else 1000) ** power)
 
 
@@ -268,10 +263,36 @@ def gigabytes(value: int) -> str:
     return f"{value / 1e9:.2f} GB" if not math.isnan(value) else "?"
 
 
-def estimate_run(config: RunConfig, step: Any, host: Any, device: str | None = None) -> Estimate:
-    """The estimate of one resolved step of ``molting run``: its model's config, its data's lengths, its settings.
+@attrs.frozen
+class StepFacts:
+    """What the estimate of a step reads once: its model's shape, its data's lengths, what the stage needs."""
 
-    Reads config.json and the tokenizer, never the weights.
+    shape: Shape
+    lengths: Lengths
+    stage: str
+    needs_reference: bool
+    stage_params: Any
+    device: str
+    trains: bool = True
+
+    def estimate(self, config: RunConfig) -> Estimate:
+        """The estimate under ``config`` (the step's settings, or changed ones: the same model and data)."""
+        result = estimate(self.shape, config, self.lengths, self.stage, self.needs_reference, self.stage_params,
+                          self.device, self.trains)
+        size = f"{self.shape.parameters / 1e6:,.0f}M parameters, vocabulary {self.shape.vocabulary:,}"
+        batch = (f"micro-batch {config.batch_size} x {self.lengths.rows_per_sequence} x {self.lengths.sequence} "
+                 f"tokens, {self.lengths.completion} of them completion")
+        return attrs.evolve(result, notes=(f"({size}; {batch})", *result.notes))
+
+
+def step_facts(config: RunConfig, step: Any, host: Any, device: str | None = None,
+               rows: list[dict[str, Any]] | None = None) -> StepFacts:
+    """Read what the estimate of one resolved step of ``molting run`` needs: the model's config.json and
+    tokenizer (never its weights) and the data's lengths.
+
+    ``rows`` are the step's data (read from ``config.data`` when not given;
+    ``[]`` when an earlier step makes them: then the lengths are
+    ``--max-length``'s).
     """
     import torch
 
@@ -281,10 +302,96 @@ def estimate_run(config: RunConfig, step: Any, host: Any, device: str | None = N
 
     path = resolve_model_path(config.model)
     shape = model_shape(path, config.lora_target_modules, config.trust_remote_code)
-    rows, _ = load_rows(host, step, config.data)
+    if rows is None:
+        rows, _ = load_rows(host, step, config.data)
     lengths = data_lengths(rows, load_tokenizer(path, config.trust_remote_code), config, step.stage.name)
+    stage_params = make_stage_params(step, config)
     needs_reference = step.loss is not None and step.loss.needs_reference
     if step.stage.name == "grpo":
-        needs_reference = getattr(make_stage_params(step, config), "beta", 0) > 0
+        needs_reference = getattr(stage_params, "beta", 0) > 0
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return estimate(shape, config, lengths, step.stage.name, needs_reference, make_stage_params(step, config), device)
+    trains = step.stage.produces != "dataset"
+    return StepFacts(shape, lengths, step.stage.name, needs_reference, stage_params, device, trains)
+
+
+def estimate_run(config: RunConfig, step: Any, host: Any, device: str | None = None) -> Estimate:
+    """The estimate of one resolved step of ``molting run`` (see :func:`step_facts`)."""
+    return step_facts(config, step, host, device).estimate(config)
+
+
+def dry_run(config: RunConfig, steps: list[Any], host: Any, budget: int | None = None,
+            device: str | None = None) -> tuple[str, bool]:
+    """What ``molting run --dry-run`` prints for each step, and whether every step fits ``budget`` bytes.
+
+    A later step's data is read as the run would (its own ``data:``, else its
+    stage's default); data an earlier step makes is not there yet, so its
+    lengths are ``--max-length``'s. Every step is estimated on the run's
+    model: a pipeline's steps keep its architecture.
+    """
+    from molting.pipeline import load_rows
+
+    blocks, all_fit = [], True
+    makes_data = False
+    for index, step in enumerate(steps):
+        step_config = attrs.evolve(step.config or config, model=config.model)
+        own = step_config.data if step_config.data != config.data or index == 0 else None
+        rows = [] if own is None and makes_data else load_rows(host, step, own)[0]
+        facts = step_facts(step_config, step, host, device, rows=rows)
+        result = facts.estimate(step_config)
+        lines = [f"step {index + 1}: {step.name} (stage {step.stage.name})", result.table()]
+        if not rows:
+            lines.append("(its data is made by an earlier step: every row taken as --max-length tokens)")
+        if budget is not None:
+            verdict, fit = _verdict(budget, result, step_config, facts)
+            all_fit &= fit
+            lines.append(verdict)
+        blocks.append("\n".join(lines))
+        makes_data = makes_data or step.stage.produces == "dataset"
+    return "\n\n".join(blocks), all_fit
+
+
+def _verdict(budget: int, result: Estimate, config: RunConfig, facts: StepFacts) -> tuple[str, bool]:
+    if result.total <= budget:
+        return f"fits in {gigabytes(budget)} ({gigabytes(budget - result.total)} to spare)", True
+    found = _fitting(budget, config, facts)
+    if not found:
+        return (f"does not fit in {gigabytes(budget)}, and no setting molting knows brings it under; "
+                "a smaller --max-length or model would"), False
+    labels, fitted = found
+    return f"does not fit in {gigabytes(budget)}; with {labels}: {gigabytes(fitted.total)}", False
+
+
+def _fitting(budget: int, config: RunConfig, facts: StepFacts) -> tuple[str, Estimate] | None:
+    """The :data:`LEVERS` that bring the estimate under ``budget``, taken in order and each kept only where it
+    lowers the estimate; then smaller micro-batches at the same effective batch."""
+    changes: dict[str, Any] = {}
+    labels: list[str] = []
+    best = facts.estimate(config)
+    for label, change in LEVERS:
+        result = facts.estimate(attrs.evolve(config, **{**changes, **change}))
+        if result.total < best.total:
+            changes, best = {**changes, **change}, result
+            labels.append(label)
+            if result.total <= budget:
+                return " ".join(labels), result
+    batch = config.batch_size
+    while batch > 1:
+        batch //= 2
+        accumulation = config.gradient_accumulation_steps * config.batch_size // batch
+        result = facts.estimate(attrs.evolve(config, **{**changes, "batch_size": batch,
+                                                        "gradient_accumulation_steps": accumulation}))
+        if result.total <= budget:
+            return " ".join([*labels, f"--batch-size {batch} --gradient-accumulation-steps {accumulation}"]), result
+    return None
+
+
+LEVERS = (
+    ("--dtype bfloat16", {"dtype": "bfloat16"}),
+    ("--gradient-checkpointing", {"gradient_checkpointing": True}),
+    ("--optim adamw_8bit", {"optim": "adamw_8bit"}),
+    ("--precompute-ref", {"precompute_ref": True}),
+    ("--lora-r 16", {"lora_r": 16}),
+    ("--load-in-4bit", {"lora_r": 16, "load_in_4bit": True}),
+)
+"""The settings that cut memory, cheapest to the result first: ``molting run --dry-run --memory-budget`` tries them
+in this order, each on top of the ones before."""
