@@ -167,8 +167,10 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--memory-budget", metavar="SIZE", callback=lambda ctx, param, value: _size(value),
               help="Memory per process (e.g. 24GB): with --dry-run, say whether each step fits and which settings "
                    "would make it; for a run, refuse one that would not fit before loading anything.")
+@click.option("--estimate-device", type=click.Choice(["cpu", "cuda"]), hidden=True)
 def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[str, ...], judge_weights: tuple[str, ...],
-        settings: tuple[str, ...], dry_run: bool, memory_budget: int | None, **flags: Any) -> None:
+        settings: tuple[str, ...], dry_run: bool, memory_budget: int | None, estimate_device: str | None,
+        **flags: Any) -> None:
     """Train a model with one plugin, or several in a row."""
     from molting.config import read_recipe
     from molting.resolve import resolve_config
@@ -186,7 +188,7 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
     flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges, **_parse_set(settings)}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     if dry_run or memory_budget is not None:
-        _check_memory(config, steps, host, memory_budget, dry_run)
+        _check_memory(config, steps, host, memory_budget, dry_run, estimate_device)
         if dry_run:
             return
     if not _has_gpu():
@@ -208,10 +210,11 @@ def _size(value: str | None) -> int | None:
         raise click.BadParameter(str(exc), param_hint="--memory-budget") from None
 
 
-def _check_memory(config: Any, steps: list[Any], host: PluginHost, budget: int | None, dry_run: bool) -> None:
+def _check_memory(config: Any, steps: list[Any], host: PluginHost, budget: int | None, dry_run: bool,
+                  device: str | None) -> None:
     from molting.estimate import dry_run as estimate_steps
 
-    report, fits = estimate_steps(config, steps, host, budget)
+    report, fits = estimate_steps(config, steps, host, budget, device)
     if dry_run:
         click.echo("molting: dry run: expected peak memory per process (no weights loaded, nothing trained)\n")
         click.echo(report)
@@ -221,7 +224,10 @@ def _check_memory(config: Any, steps: list[Any], host: PluginHost, budget: int |
 
 
 estimate_command = click.Command(
-    "estimate", params=[p for p in run.params if p.name != "dry_run"],
+    "estimate",
+    params=[p for p in run.params if p.name not in ("dry_run", "estimate_device")] + [
+        click.Option(["--device", "estimate_device"], type=click.Choice(["cpu", "cuda"]),
+                     help="Estimate for a CPU process or a CUDA GPU.  [default: this machine's]")],
     callback=lambda **kwargs: click.get_current_context().invoke(run, dry_run=True, **kwargs),
     help="Print the expected peak memory of `molting run` with the same options (weights, gradients, optimizer, "
          "reference, activations, logits) without loading weights, and with --memory-budget the settings that "
@@ -229,7 +235,7 @@ estimate_command = click.Command(
     epilog="""\b
 Examples:
   molting estimate --plugin dpo --model ./qwen2.5-0.5b --data pairs.jsonl --max-length 1024
-  molting estimate --plugin sft --model ./llama --memory-budget 24GB   # what fits a 24 GB GPU
+  molting estimate --plugin sft --model ./llama --memory-budget 24GB --device cuda   # what fits a 24 GB GPU
 """)
 cli.add_command(estimate_command)
 

@@ -149,7 +149,7 @@ def estimate(shape: Shape, config: RunConfig, lengths: Lengths, stage: str, need
         "gradients": trainable * trained_bytes,
         "optimizer": 2 * trainable * state_bytes + _eight_bit_on_cpu(shape, config, device, trains),
         "reference": reference + critic,
-        "activations": _activations(shape, config, tokens if trains else tokens // shape.layers),
+        "activations": _activations(shape, config, tokens if trains else tokens // shape.layers, device),
         "logits": 0 if stage == "reward-model" else _logits(shape, config, tokens, lengths,
                                                             trains and not config.lora_r),
         "generation": _kv_cache(shape, config, lengths, stage, stage_params),
@@ -183,8 +183,10 @@ def _tokens(config: RunConfig, lengths: Lengths, stage: str, stage_params: Any) 
     return config.batch_size * lengths.sequence * lengths.rows_per_sequence
 
 
-def _activations(shape: Shape, config: RunConfig, tokens: int) -> int:
-    size = 2 if config.dtype != "float32" or config.precision == "bf16" else 4
+def _activations(shape: Shape, config: RunConfig, tokens: int, device: str) -> int:
+    # bf16 autocast: asked for, or what --precision auto picks on a GPU
+    autocast = config.precision == "bf16" or (config.precision == "auto" and device == "cuda")
+    size = 2 if config.dtype != "float32" or autocast else 4
     per_layer = ACTIVATION_PER_TOKEN["hidden"] * shape.hidden + ACTIVATION_PER_TOKEN["intermediate"] * shape.intermediate
     if config.gradient_checkpointing:  # each layer's input kept, one layer recomputed at a time
         return int(tokens * size * (shape.layers * shape.hidden + per_layer))
@@ -230,7 +232,7 @@ def data_lengths(rows: list[dict[str, Any]], tokenizer: Any, config: RunConfig, 
         return " ".join(str(m.get("content", "")) for m in value) if isinstance(value, list) else str(value)
 
     def count(value: Any) -> int:
-        return len(tokenizer(text(value), add_special_tokens=False)["input_ids"]) + 1
+        return len(tokenizer(text(value), add_special_tokens=False, verbose=False)["input_ids"]) + 1
 
     def sizes(row: dict[str, Any]) -> tuple[int, int]:
         if "messages" in row:
