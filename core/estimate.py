@@ -183,10 +183,20 @@ def _tokens(config: RunConfig, lengths: Lengths, stage: str, stage_params: Any) 
     return config.batch_size * lengths.sequence * lengths.rows_per_sequence
 
 
+def _autocast(config: RunConfig, device: str) -> bool:
+    """Whether the run trains under bf16 autocast: on this machine, the run's own choice
+    (:func:`molting.training.uses_bf16`); for a GPU estimated from elsewhere, ``auto`` means bf16."""
+    import torch
+
+    from molting.training import uses_bf16
+
+    if config.precision != "auto" or device == ("cuda" if torch.cuda.is_available() else "cpu"):
+        return uses_bf16(config.precision)
+    return device == "cuda"
+
+
 def _activations(shape: Shape, config: RunConfig, tokens: int, device: str) -> int:
-    # bf16 autocast: asked for, or what --precision auto picks on a GPU
-    autocast = config.precision == "bf16" or (config.precision == "auto" and device == "cuda")
-    size = 2 if config.dtype != "float32" or autocast else 4
+    size = 2 if config.dtype != "float32" or _autocast(config, device) else 4
     per_layer = ACTIVATION_PER_TOKEN["hidden"] * shape.hidden + ACTIVATION_PER_TOKEN["intermediate"] * shape.intermediate
     if config.gradient_checkpointing:  # each layer's input kept, one layer recomputed at a time
         return int(tokens * size * (shape.layers * shape.hidden + per_layer))

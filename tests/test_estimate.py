@@ -185,6 +185,25 @@ def test_each_lever_lowers_the_part_it_should():
     assert parts(lora_r=16, load_in_4bit=True)["weights"] < lora["weights"] / 2
 
 
+def test_precision_auto_is_counted_as_the_run_would_pick_it():
+    from molting.config import RunConfig
+    from molting.estimate import Lengths, Shape, estimate
+    from molting.training import uses_bf16
+
+    shape = Shape(parameters=42_000_000, linear=3_000_000, lora_per_rank=40_000, vocabulary=151_936,
+                  hidden=256, intermediate=704, layers=4, kv_width=128, tied=True)
+    lengths = Lengths(sequence=200, completion=190, rows_per_sequence=2)
+
+    def activations(precision, device):
+        return estimate(shape, RunConfig(plugins=("dpo",), precision=precision), lengths, "preference",
+                        needs_reference=True, device=device).parts["activations"]
+
+    fp32, bf16 = activations("fp32", "cpu"), activations("bf16", "cpu")
+    assert bf16 == fp32 // 2
+    assert activations("auto", "cpu") == (bf16 if uses_bf16("auto") else fp32)  # this machine: the run's choice
+    assert activations("auto", "cuda") == bf16
+
+
 @pytest.mark.parametrize("text, expected", [("24GB", 24 * 10**9), ("512MB", 512 * 10**6), ("1.5GiB", 1.5 * 2**30),
                                             ("80 GB", 80 * 10**9)])
 def test_sizes_read_as_people_write_them(text, expected):
