@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from molting.card import HEADLINE_METRICS
+from molting.config import OPTIMIZERS
 from molting.errors import MoltingError
 from molting.discovery import PluginHost, load_plugins
 
@@ -136,8 +137,9 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--gradient-checkpointing", is_flag=True, default=None,
               help="Recompute each layer's activations in backward instead of keeping them (less memory, ~30% more "
                    "compute).")
-@click.option("--optim", type=click.Choice(["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]),
-              help="AdamW, or bitsandbytes' 8-bit AdamW (a quarter of its state; paged on CUDA).  [default: adamw_torch]")
+@click.option("--optim", type=click.Choice(list(OPTIMIZERS)),
+              help="PyTorch's AdamW, fused (no parameter-sized temporaries) or foreach; or bitsandbytes' 8-bit AdamW "
+                   "(a quarter of its state; paged on CUDA).  [default: adamw_torch_fused]")
 @click.option("--precompute-ref", is_flag=True, default=None,
               help="Compute reference log-probs once (cached on disk); hold no reference model while training.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),

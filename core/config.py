@@ -61,6 +61,12 @@ def _weights(value: Any, key: str) -> dict[str, float]:
     return weights
 
 
+#: ``--optim`` values: PyTorch's AdamW (fused kernels, the default as in transformers, or foreach), bitsandbytes'
+#: 8-bit AdamW, plain or paged.
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+TORCH_OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
+
+
 def _max_steps(instance: Any, attribute: attrs.Attribute, value: int) -> None:
     if value != -1 and value <= 0:
         raise ValueError(f"max_steps must be -1 (train for --epochs) or > 0, got {value!r}")
@@ -119,9 +125,10 @@ class RunConfig:
     gradient_checkpointing: bool = False
     """Keep only each layer's input and recompute its activations in backward (non-reentrant): less memory, ~30%
     more compute."""
-    optim: str = attrs.field(default="adamw_torch",
-                             validator=attrs.validators.in_(("adamw_torch", "adamw_8bit", "paged_adamw_8bit")))
-    """The optimizer: AdamW, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer state), paged on CUDA."""
+    optim: str = attrs.field(default="adamw_torch_fused", validator=attrs.validators.in_(OPTIMIZERS))
+    """The optimizer: PyTorch's AdamW, fused (one kernel per parameter, no parameter-sized temporaries; the default,
+    as in transformers) or foreach; or bitsandbytes' 8-bit AdamW (a quarter of the optimizer state), paged on
+    CUDA."""
     precision: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp32", "bf16")))
     """auto: bf16 autocast where bf16 is native (GPUs that support it, CPUs with avx512_bf16 or AMX), fp32
     elsewhere. The weights stay fp32 either way."""

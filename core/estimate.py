@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from molting.config import RunConfig
+from molting.config import TORCH_OPTIMIZERS, RunConfig
 
 RUNTIME_BYTES = {"cpu": 560 * 2**20, "cuda": 600 * 2**20}
 """The process before any model: Python, torch, transformers, trl and datasets imported (CPU RSS), or the CUDA
@@ -135,7 +135,7 @@ def estimate(shape: Shape, config: RunConfig, lengths: Lengths, stage: str, need
     weight_bytes = _weights(shape, config)
     trainable = (shape.lora_per_rank * config.lora_r if config.lora_r else shape.parameters) if trains else 0
     trained_bytes = 4 if config.lora_r else BYTES[config.dtype]
-    state_bytes = 1 if config.optim != "adamw_torch" else trained_bytes
+    state_bytes = trained_bytes if config.optim in TORCH_OPTIMIZERS else 1
     reference = 0
     if stage == "ppo" or (needs_reference and not config.lora_r and not config.precompute_ref):
         reference = shape.parameters * BYTES[config.dtype]
@@ -162,7 +162,7 @@ def _eight_bit_on_cpu(shape: Shape, config: RunConfig, device: str, trains: bool
     """bitsandbytes' 8-bit AdamW on CPU (no fused kernel) updates a parameter through float32 copies of its two
     moments, and of its weight and gradient when those are 16-bit: measured, 8 and 20 bytes a value of the largest
     parameter (the embedding)."""
-    if device != "cpu" or config.optim == "adamw_torch" or not trains or config.lora_r:
+    if device != "cpu" or config.optim in TORCH_OPTIMIZERS or not trains or config.lora_r:
         return 0
     return shape.vocabulary * shape.hidden * (8 if config.dtype == "float32" else 20)
 

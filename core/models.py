@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from molting.config import TORCH_OPTIMIZERS
 from molting.errors import ModelError
 
 
@@ -88,7 +89,7 @@ def torch_dtype(name: str) -> Any:
 def check_optimizer(name: str) -> None:
     """A clear error, before any model loads, where ``--optim`` cannot run: bitsandbytes' 8-bit AdamW is tried
     on a test parameter on this device."""
-    if name == "adamw_torch":
+    if name in TORCH_OPTIMIZERS:
         return
     import torch
 
@@ -102,7 +103,7 @@ def check_optimizer(name: str) -> None:
     except Exception as exc:
         raise ModelError(
             f"--optim {name} needs bitsandbytes' 8-bit optimizers working on this device, and a test step failed: "
-            f"{_first_line(exc)}. Use --optim adamw_torch"
+            f"{_first_line(exc)}. Use --optim adamw_torch_fused"
         ) from exc
 
 

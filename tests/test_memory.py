@@ -316,6 +316,32 @@ def test_float16_full_weights_without_a_gpu_are_refused(tmp_path):
         short_run(tmp_path, dtype="float16")
 
 
+@pytest.mark.parametrize("optim, fused", [(None, True), ("adamw_torch", False)])
+def test_adamw_is_fused_by_default_and_foreach_where_asked(tmp_path, optim, fused):
+    recorder = SeesTheTrainer()
+    records = short_run(tmp_path, recorder=recorder, **({"optim": optim} if optim else {}))
+    optimizer = recorder.seen["optimizer"]
+    inner = getattr(optimizer, "optimizer", optimizer)
+    assert type(inner).__name__ == "AdamW"
+    assert bool(inner.defaults.get("fused")) is fused
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+@pytest.mark.parametrize("optim, fused", [("adamw_torch_fused", True), ("adamw_torch", False)])
+def test_a_stage_with_its_own_loop_builds_the_asked_adamw(optim, fused):
+    import torch
+
+    from molting.config import RunConfig
+    from molting.training import make_optimizer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = make_optimizer([weight], RunConfig(plugins=("ppo",), optim=optim))
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert optimizer.defaults["fused"] is fused
+    assert torch.all(weight < 1)
+
+
 @pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit"])
 def test_8bit_optimizers_hold_8bit_state(tmp_path, optim):
     import torch

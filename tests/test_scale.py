@@ -227,6 +227,33 @@ def test_resume_from_a_path_that_is_not_a_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- non-finite guard
 
 
+@pytest.mark.parametrize("bad, finite", [(None, True), (float("nan"), False), (float("inf"), False),
+                                         (float("-inf"), False), ("inf-inf", False)])
+def test_gradients_are_finite_sees_any_bad_value(bad, finite):
+    import torch
+
+    from molting.training import gradients_are_finite
+
+    params = [torch.nn.Parameter(torch.ones(3, 5)), torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))]
+    params[0].grad, params[1].grad = torch.ones(3, 5), torch.ones(4)  # params[2] has no gradient
+    if bad == "inf-inf":  # a sum that cancels to NaN, not to a finite number
+        params[0].grad[1, 2], params[0].grad[2, 4] = float("inf"), float("-inf")
+    elif bad is not None:
+        params[0].grad[2, 3] = bad
+    assert gradients_are_finite(params) is finite
+
+
+def test_gradients_are_finite_sums_half_precision_in_float32():
+    import torch
+
+    from molting.training import gradients_are_finite
+
+    weight = torch.nn.Parameter(torch.ones(1000, dtype=torch.float16))
+    weight.grad = torch.full((1000,), 60000.0, dtype=torch.float16)  # each finite; their float16 sum is not
+    assert gradients_are_finite([weight])
+    assert gradients_are_finite([torch.nn.Parameter(torch.ones(2))])  # no gradients at all
+
+
 class NaNLoss:
     """A dpo variant whose loss is NaN on the listed calls (0-based)."""
 
