@@ -17,9 +17,12 @@ def model_card(record: Mapping[str, Any], output_dir: str | Path | None = None) 
     config = record["config"]
     where = str(output_dir or config["output_dir"])
     method = record["plugin"] + (f" (stage {record['stage']}, loss {record['loss']})" if record.get("loss") else f" (stage {record['stage']})")
+    hub = record.get("model_hub")
+    base = f"`{hub['id']}` (hub revision `{hub['revision']}`)" if hub else f"`{record['model']}`"
     lines = [
         "---",
         "library_name: transformers",
+        *([f"base_model: {hub['id']}"] if hub else []),
         "tags: [molting, " + record["stage"] + (f", {record['loss']}" if record.get("loss") else "") + "]",
         "---",
         "",
@@ -29,7 +32,7 @@ def model_card(record: Mapping[str, Any], output_dir: str | Path | None = None) 
         "",
         "| | |",
         "| --- | --- |",
-        f"| base model | `{record['model']}` |",
+        f"| base model | {base} |",
         f"| data | {record['data']} |",
         f"| status | {record['status']} |",
     ]

@@ -102,7 +102,9 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME",
               help="Loss or stage to run (e.g. dpo). Repeat for a pipeline: each output is the next one's model.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe; flags override it.")
-@click.option("--model", help="Local model directory to start from. Default: the built-in tiny model.")
+@click.option("--model", help="Model to start from: a local directory or a Hugging Face hub id (ORG/NAME, fetched into "
+                              "the hub cache; HF_HUB_OFFLINE=1 reads the cache only). Default: the built-in tiny model.")
+@click.option("--model-revision", metavar="REV", help="Hub branch, tag or commit of --model (or ORG/NAME@REV).")
 @click.option("--data", help="Data file, saved dataset directory, or dataset name. Default: the stage's demo data.")
 @click.option("--output-dir", help="Where to write the trained model and logs.  [default: molting-output]")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")

@@ -78,6 +78,9 @@ class RunConfig:
 
     plugins: tuple[str, ...] = attrs.field(converter=tuple)
     model: str | None = None
+    """A local model directory or a Hugging Face hub id (``ORG/NAME``, ``ORG/NAME@REVISION``)."""
+    model_revision: str | None = None
+    """The hub revision of ``model``: a branch, tag or commit hash (default: the hub's main branch)."""
     data: str | None = None
     output_dir: str = "molting-output"
     max_steps: int = attrs.field(default=-1, converter=_number(int), validator=_max_steps)

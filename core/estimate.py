@@ -312,7 +312,8 @@ def step_facts(config: RunConfig, step: Any, host: Any, device: str | None = Non
     from molting.pipeline import load_rows
     from molting.resolve import make_stage_params
 
-    path = resolve_model_path(config.model)
+    path = resolve_model_path(config.model, config.model_revision, trust_remote_code=config.trust_remote_code,
+                              weights=False)  # config.json and the tokenizer are enough
     shape = model_shape(path, config.lora_target_modules, config.trust_remote_code)
     if rows is None:
         rows, _ = load_rows(host, step, config.data)

@@ -11,21 +11,55 @@ from typing import Any
 
 from molting.config import TORCH_OPTIMIZERS
 from molting.errors import ModelError
+from molting.hub import hub_origin, is_hub_id, snapshot
+
+#: What a hub model's snapshot needs: config, safetensors weights, tokenizer files and chat templates (never
+#: pickled ``*.bin``/``*.pt`` weights); ``*.py`` only with ``--trust-remote-code``.
+HUB_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*")
 
 
-def resolve_model_path(model: str | None) -> Path:
-    """``None`` is the built-in demo model (built on first use); otherwise a local directory."""
+def split_revision(model: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``("ORG/NAME", REV)`` from ``ORG/NAME@REV`` or ``ORG/NAME`` and ``--model-revision``; both at once must agree."""
+    name, at, pinned = model.partition("@")
+    if not at:
+        return model, revision
+    if revision is not None and revision != pinned:
+        raise ModelError(f"model {model!r} pins revision {pinned!r} but --model-revision is {revision!r}: give one")
+    return name, pinned
+
+
+def resolve_model_path(model: str | None, revision: str | None = None, *, trust_remote_code: bool = False,
+                       weights: bool = True, what: str = "model") -> Path:
+    """The local directory of ``model``: the built-in demo model for ``None``, a local directory, or a Hugging Face
+    hub id (``ORG/NAME``, ``ORG/NAME@REV`` or ``revision``) fetched into, or found in, huggingface_hub's cache.
+
+    Hub snapshots hold safetensors weights and tokenizer files only (code
+    files with ``trust_remote_code``; no weights with ``weights=False``,
+    enough for ``molting estimate``). ``HF_HUB_OFFLINE=1`` resolves from the
+    cache alone. Errors name the id and the fix; ``what`` names the setting
+    (``"model"``, ``"judge 'reward-model': model"``).
+    """
     if model is None:
         from molting.demo import demo_model_dir
 
         return demo_model_dir()
-    path = Path(model).resolve()  # recorded in molting_run.json and adapter configs: must work from anywhere
-    if not path.is_dir():
-        raise ModelError(
-            f"model {model!r} is not a local directory; molting loads models from disk only "
-            "(a directory with config.json, model.safetensors and the tokenizer files)"
-        )
-    return path
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()  # recorded in molting_run.json and adapter configs: must work from anywhere
+    repo_id, revision = split_revision(model, revision)
+    if path.exists() or not is_hub_id(repo_id):
+        raise ModelError(f"{what} {model!r} is not a local directory (one with config.json, *.safetensors and the "
+                         "tokenizer files), nor a Hugging Face hub id (ORG/NAME)")
+    patterns = [*HUB_MODEL_FILES, *(["*.py"] if trust_remote_code else [])]
+    if not weights:
+        patterns.remove("*.safetensors")
+    return Path(snapshot(repo_id, revision, patterns, what, "model", ModelError))
+
+
+def describe_model(path: str | Path) -> str:
+    """How a model directory is named to users: its hub id and commit when it is a hub snapshot, else its path."""
+    origin = hub_origin(path)
+    return str(path) if origin is None else str(origin)
 
 
 def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any = None, load_in_4bit: bool = False):
@@ -152,8 +186,10 @@ def _load_adapter(path: Path, trust_remote_code: bool):
     from peft import PeftModel
 
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise ModelError(f"the LoRA adapter in {path} names base model {base!r}, which is not a local directory")
+    if not base:
+        raise ModelError(f"the LoRA adapter in {path} names no base model (base_model_name_or_path)")
+    base = resolve_model_path(base, trust_remote_code=trust_remote_code,
+                              what=f"the LoRA adapter in {path}: base model")
     model, tokenizer = load_causal_lm(base, trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(model, path), tokenizer
 

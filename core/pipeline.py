@@ -23,6 +23,7 @@ from molting.context import DataSource, StageContext, Step, is_main_process
 from molting.discovery import PluginHost
 from molting.errors import DataError
 from molting.files import write_json_atomic, write_text_atomic
+from molting.hub import hub_origin
 from molting.resolve import make_loss_params, make_stage_params
 
 __all__ = ["load_rows", "run"]
@@ -73,6 +74,7 @@ def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path
         "loss_params": attrs.asdict(loss_params) if loss_params is not None else {},
         "stage_params": attrs.asdict(stage_params) if stage_params is not None else {},
         "model": str(model_path),
+        "model_hub": _hub_record(model_path),
         "data": data.description,
         "demo_data": data.demo,
         "config": config.to_dict(),
@@ -82,6 +84,12 @@ def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path
         },
         "status": "running",
     }
+
+
+def _hub_record(path: Path) -> dict[str, str] | None:
+    """``{"id", "revision"}`` (the resolved commit) of a model that is a hub snapshot, else ``None``."""
+    origin = hub_origin(path)
+    return None if origin is None else {"id": origin.repo_id, "revision": origin.commit}
 
 
 @attrs.frozen
@@ -105,7 +113,8 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
     """
     from molting.models import resolve_model_path
 
-    artifacts: dict[str, Path] = {"policy": resolve_model_path(config.model)}
+    artifacts: dict[str, Path] = {"policy": resolve_model_path(config.model, config.model_revision,
+                                                               trust_remote_code=config.trust_remote_code)}
     made: DataSource | None = None  # the source of the dataset the step before made
     rerun = False  # once a step runs, the steps after it run too: their inputs may have changed
     results = []

@@ -10,8 +10,8 @@ to cancel the model's preference for a position: the verdict is 0 (the
 first completion) or 1 (the second) when both orders agree, and -1
 (undecided) when they do not.
 
-The model is any causal LM directory (``model``, required), loaded once per
-directory and process. With ``chat`` (the default) the filled template is
+The model is any causal LM, a directory or hub id (``model``, required),
+loaded once per directory and process. With ``chat`` (the default) the filled template is
 sent as a user message through the tokenizer's chat template, when it has
 one. ``template`` must contain ``{question}``, ``{answer_a}`` and
 ``{answer_b}``; other braces are left as they are. A judging prompt longer
@@ -62,7 +62,7 @@ class LLMJudgeParams:
     """Settings of the ``llm-pairwise`` judge (``judge_args: {llm-pairwise: {...}}``)."""
 
     model: str | None = attrs.field(default=None, validator=_check_model)
-    """The judging model's directory (a causal LM and its tokenizer); required."""
+    """The judging model: a causal LM's directory or hub id (``ORG/NAME[@REV]``); required."""
     template: str = attrs.field(default=TEMPLATE, validator=_check_template)
     """The judging prompt, with {question}, {answer_a} and {answer_b}."""
     label_a: str = attrs.field(default=" A", validator=_check_text)
@@ -81,14 +81,14 @@ def load_judge_model(model: str | None) -> tuple[Any, Any]:
     """The judging model and tokenizer in directory ``model``, loaded once per process, in evaluation mode."""
     import torch
 
-    from molting.models import load_causal_lm
+    from molting.models import load_causal_lm, resolve_model_path
 
     if model is None:
         raise ConfigError(
-            f"judge {NAME!r} needs the judging model: judge_args: {{{NAME}: {{model: DIR}}}} (a local causal LM "
-            "directory, e.g. an instruction-tuned model saved with save_pretrained)"
+            f"judge {NAME!r} needs the judging model: judge_args: {{{NAME}: {{model: DIR}}}} (a causal LM's "
+            "directory or hub id, e.g. an instruction-tuned model)"
         )
-    key = str(Path(model).expanduser().resolve())
+    key = str(resolve_model_path(model, what=f"judge {NAME!r}: model"))
     if key not in _MODELS:
         cuda = torch.cuda.is_available()
         dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32

@@ -38,7 +38,7 @@ _MODELS: dict[str, tuple[Any, Any]] = {}  # resolved directory → (model, token
 
 def _check_model(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"judge {NAME!r}: setting model must be a directory (a string), got {value!r}")
+        raise ValueError(f"judge {NAME!r}: setting model must be a directory or hub id (a string), got {value!r}")
 
 
 @attrs.frozen
@@ -46,7 +46,7 @@ class RewardJudgeParams:
     """Settings of the ``reward-model`` judge (``judge_args: {reward-model: {...}}``)."""
 
     model: str | None = attrs.field(default=None, validator=_check_model, metadata={ARTIFACT: "reward-model"})
-    """The reward model's directory; in a pipeline, the reward model an earlier step trained."""
+    """The reward model's directory or hub id (``ORG/NAME[@REV]``); in a pipeline, the one an earlier step trained."""
     batch_size: int = attrs.field(default=16, validator=number_setting(NAME, 0, strict=True, integer=True))
     """Texts scored per forward pass."""
     max_length: int = attrs.field(default=1024, validator=number_setting(NAME, 1, integer=True))
@@ -54,14 +54,16 @@ class RewardJudgeParams:
 
 
 def load_reward_model(model: str | None) -> tuple[Any, Any]:
-    """The reward model and tokenizer in directory ``model``, loaded once per process."""
+    """The reward model and tokenizer in directory (or hub id) ``model``, loaded once per process."""
     if model is None:
         raise ConfigError(
             f"judge {NAME!r} needs a reward model: give its directory with judge_args: {{{NAME}: {{model: DIR}}}} "
             "(in a recipe, or --set judge_args=...), or train one earlier in the run (--plugin reward-model before "
             "this stage)"
         )
-    path = Path(model).expanduser().resolve()
+    from molting.models import resolve_model_path
+
+    path = resolve_model_path(model, what=f"judge {NAME!r}: model")
     key = str(path)
     if key not in _MODELS:
         _MODELS[key] = _load(path, model)
