@@ -53,7 +53,8 @@ TOOLKIT = (
     "pairs",  # preference pairs: formatting, collators, inputs, trl's metrics
     "logps",  # completion log-probs of every batch shape
     "packing",  # padding-free batches and varlen attention
-    "models",  # loading causal LMs and tokenizers safely, LoRA, merging
+    "hub",  # Hugging Face hub ids: snapshots in huggingface_hub's cache, the id and commit of one
+    "models",  # loading causal LMs (local or by hub id) and tokenizers safely, LoRA, merging
     "training",  # MoltingTrainer, the policy and its reference, callbacks, train_and_save
     "refcache",  # precomputed reference log-probs, cached on disk
     "sampling",  # sampling completions from a policy
