@@ -63,7 +63,8 @@ def snapshot(repo_id: str, revision: str | None, patterns: list[str] | None, wha
     except errors.RevisionNotFoundError as exc:
         raise error(f"{where}: the {kind} has no such revision (give a branch, tag or commit hash)") from exc
     except errors.LocalEntryNotFoundError as exc:
-        fetch = f"hf download {'--repo-type dataset ' if kind == 'dataset' else ''}{repo_id}" + (f" --revision {revision}" if revision else "")
+        fetch = (f"hf download {'--repo-type dataset ' if kind == 'dataset' else ''}{repo_id}"
+                 + (f" --revision {revision}" if revision else ""))
         raise error(f"{where} is not in the Hugging Face cache ({_cache_dir()}) and the hub cannot be reached "
                     f"(HF_HUB_OFFLINE=1, or no network): fetch it once online ({fetch}), or unset HF_HUB_OFFLINE"
                     ) from exc

@@ -6,6 +6,7 @@ runs only when the user passes ``--trust-remote-code``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,13 @@ def resolve_model_path(model: str | None, revision: str | None = None, *, trust_
     patterns = [*HUB_MODEL_FILES, *(["*.py"] if trust_remote_code else [])]
     if not weights:
         patterns.remove("*.safetensors")
-    return Path(snapshot(repo_id, revision, patterns, what, "model", ModelError))
+    return _hub_snapshot(repo_id, revision, tuple(patterns), what)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_snapshot(repo_id: str, revision: str | None, patterns: tuple[str, ...], what: str) -> Path:
+    """A hub model's snapshot, asked of the hub once per process: judges resolve their model on every call."""
+    return Path(snapshot(repo_id, revision, list(patterns), what, "model", ModelError))
 
 
 def describe_model(path: str | Path) -> str:

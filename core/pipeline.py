@@ -24,6 +24,7 @@ from molting.discovery import PluginHost
 from molting.errors import DataError
 from molting.files import write_json_atomic, write_text_atomic
 from molting.hub import hub_origin
+from molting.models import describe_model
 from molting.resolve import make_loss_params, make_stage_params
 
 __all__ = ["load_rows", "run"]
@@ -200,7 +201,7 @@ def _run_step(planned: _Planned) -> dict[str, Any]:
     print(
         f"molting: {step.name}: stage {step.stage.name}"
         + (f", loss {step.loss.name}" if step.loss else "")
-        + f", model {context.model_path}, data {context.data} ({len(context.rows)} rows) -> {output_dir}",
+        + f", model {describe_model(context.model_path)}, data {context.data} ({len(context.rows)} rows) -> {output_dir}",
         file=sys.stderr,
     )
     from molting.logps import logits_chunk_size

@@ -11,9 +11,9 @@ first completion) or 1 (the second) when both orders agree, and -1
 (undecided) when they do not.
 
 The model is any causal LM, a directory or hub id (``model``, required),
-loaded once per directory and process. With ``chat`` (the default) the filled template is
-sent as a user message through the tokenizer's chat template, when it has
-one. ``template`` must contain ``{question}``, ``{answer_a}`` and
+loaded once per directory and process. With ``chat`` (the default) the
+filled template is sent as a user message through the tokenizer's chat
+template, when it has one. ``template`` must contain ``{question}``, ``{answer_a}`` and
 ``{answer_b}``; other braces are left as they are. A judging prompt longer
 than ``max_length`` tokens keeps its end (the answers and the request).
 """

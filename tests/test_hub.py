@@ -19,7 +19,7 @@ import pytest
 
 from hubcache import add_to_cache
 from molting.errors import ModelError
-from molting.models import describe_model, load_causal_lm, resolve_model_path
+from molting.models import _hub_snapshot, describe_model, load_causal_lm, resolve_model_path
 
 
 @pytest.fixture
@@ -38,6 +38,7 @@ def hub_cache(tmp_path, monkeypatch, demo_model):
     v1 = add_to_cache(cache, "acme/tiny", other, branch="v1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _hub_snapshot.cache_clear()  # a process asks the hub once per id; each test has a cache of its own
     return {"cache": cache, "main": main, "v1": v1}
 
 
@@ -138,6 +139,13 @@ def test_hub_refusals_are_one_line_naming_the_id_and_the_fix(hub_server, given, 
     with pytest.raises(ModelError) as caught:
         resolve_model_path(given)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_hub_id_is_asked_of_the_hub_once_per_process(hub_cache):
+    _hub_snapshot.cache_clear()
+    first = resolve_model_path("acme/tiny", what="judge 'reward-model': model")
+    again = resolve_model_path("acme/tiny", what="judge 'reward-model': model")
+    assert again == first and _hub_snapshot.cache_info().hits == 1
 
 
 def test_judge_models_by_hub_id(hub_cache):
