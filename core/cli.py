@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from molting.card import HEADLINE_METRICS
-from molting.config import OPTIMIZERS
+from molting.config import ATTENTION, OPTIMIZERS
 from molting.errors import MoltingError
 from molting.discovery import PluginHost, load_plugins
 
@@ -74,10 +74,13 @@ Judges: --judge NAME[=WEIGHT] (repeat to sum); their settings in the recipe,
 
 \b
 Data (--data): a .jsonl, .json, .csv or .parquet file, a directory saved with
-datasets' save_to_disk, or a registered dataset name (see `molting plugins`).
-Preference rows have prompt/chosen/rejected strings, or message lists
-(conversational; the chat template is applied); without a prompt column the
-prompt is the common prefix of chosen and rejected.
+datasets' save_to_disk, a registered dataset name (see `molting plugins`), or a
+hub dataset id (--data trl-lib/ultrafeedback_binarized --data-split train;
+HF_HUB_OFFLINE=1 reads the cache). Preference rows have prompt/chosen/rejected
+strings, or message lists (conversational; the chat template is applied);
+without a prompt column the prompt is the common prefix of chosen and rejected
+(cut after the last "Assistant:" turn in hh-rlhf's text). Other column names:
+--columns chosen=response_a,rejected=response_b.
 
 \b
 The output directory holds the model and tokenizer (safetensors, loadable with
@@ -105,7 +108,12 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--model", help="Model to start from: a local directory or a Hugging Face hub id (ORG/NAME, fetched into "
                               "the hub cache; HF_HUB_OFFLINE=1 reads the cache only). Default: the built-in tiny model.")
 @click.option("--model-revision", metavar="REV", help="Hub branch, tag or commit of --model (or ORG/NAME@REV).")
-@click.option("--data", help="Data file, saved dataset directory, or dataset name. Default: the stage's demo data.")
+@click.option("--data", help="Data file, saved dataset directory, registered dataset name, or Hugging Face hub dataset "
+                             "id (ORG/NAME[@REV]). Default: the stage's demo data.")
+@click.option("--data-subset", metavar="NAME", help="Subset (configuration) of a hub dataset that has several.")
+@click.option("--data-split", metavar="NAME", help="Split of a hub or saved dataset to train on.  [default: train]")
+@click.option("--columns", metavar="FIELD=COLUMN,...",
+              help="Read fields from other columns, e.g. chosen=response_a,rejected=response_b.")
 @click.option("--output-dir", help="Where to write the trained model and logs.  [default: molting-output]")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=float,
@@ -133,9 +141,14 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--lora-target-modules", help="Comma-separated module names, or all-linear.  [default: all-linear]")
 @click.option("--load-in-4bit", is_flag=True, default=None, help="QLoRA: 4-bit NF4 base (bitsandbytes) + LoRA.")
 @click.option("--merge", is_flag=True, default=None, help="With LoRA: write the merged model, adapter in OUTPUT/adapter.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="The dtype the weights load in (bfloat16: half the memory); LoRA adapters stay float32.  "
-                   "[default: float32]")
+@click.option("--dtype", "--torch-dtype", "dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
+              help="The dtype the weights load in (bfloat16: half the memory; auto: the one config.json names); LoRA "
+                   "adapters stay float32.  [default: float32]")
+@click.option("--attn-implementation", type=click.Choice(list(ATTENTION)),
+              help="Attention kernels (flash_attention_2 needs the flash-attn package and a GPU).  "
+                   "[default: transformers' choice, sdpa where supported]")
+@click.option("--disable-dropout/--keep-dropout", default=None,
+              help="Dropout off in the model trained, or kept.  [default: as trl: off, but kept in sft and grpo]")
 @click.option("--gradient-checkpointing", is_flag=True, default=None,
               help="Recompute each layer's activations in backward instead of keeping them (less memory, ~30% more "
                    "compute).")

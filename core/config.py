@@ -65,6 +65,22 @@ def _weights(value: Any, key: str) -> dict[str, float]:
 #: 8-bit AdamW, plain or paged.
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 TORCH_OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
+#: ``--attn-implementation`` values: transformers' attention kernels.
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _columns(value: Any) -> dict[str, str]:
+    """``{field: column}`` from a mapping or ``"chosen=response_a,rejected=response_b"``."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        if any(not sep or not new.strip() or not old.strip() for new, sep, old in pairs):
+            raise ValueError(f"columns must be FIELD=COLUMN[,FIELD=COLUMN...], e.g. chosen=response_a; got {value!r}")
+        value = {new.strip(): old.strip() for new, _, old in pairs}
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"columns must map fields to data columns, e.g. {{chosen: response_a}}; got {value!r}")
+    return {str(new): old for new, old in value.items()}
 
 
 def _max_steps(instance: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -82,6 +98,14 @@ class RunConfig:
     model_revision: str | None = None
     """The hub revision of ``model``: a branch, tag or commit hash (default: the hub's main branch)."""
     data: str | None = None
+    """A data file or directory, a registered dataset's name, or a Hugging Face hub dataset id (``ORG/NAME``,
+    ``ORG/NAME@REVISION``)."""
+    data_subset: str | None = None
+    """The subset (``datasets``' configuration) of a hub dataset that has several."""
+    data_split: str = "train"
+    """The split of a hub dataset, or of a saved dataset directory with several, to train on."""
+    columns: Mapping[str, str] = attrs.field(factory=dict, converter=_columns)
+    """Fields read from other columns ({field: column}, ``chosen=response_a,rejected=response_b``)."""
     output_dir: str = "molting-output"
     max_steps: int = attrs.field(default=-1, converter=_number(int), validator=_max_steps)
     epochs: float = attrs.field(default=1.0, converter=_number(float), validator=_positive)
@@ -123,8 +147,18 @@ class RunConfig:
     """QLoRA: load the base model in 4-bit NF4 (bitsandbytes) and train LoRA adapters on it."""
     merge: bool = False
     """With LoRA: also write the base model with the adapter merged in."""
-    dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(("float32", "bfloat16", "float16")))
-    """The dtype the weights load in (half the memory in bfloat16); with LoRA the adapters stay float32."""
+    dtype: str = attrs.field(default="float32",
+                             validator=attrs.validators.in_(("float32", "bfloat16", "float16", "auto")))
+    """The dtype the weights load in (half the memory in bfloat16; auto: the one the model's config.json names);
+    with LoRA the adapters stay float32."""
+    attn_implementation: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.in_(ATTENTION)))
+    """The attention kernels (transformers' ``attn_implementation``); None: transformers' choice (SDPA where the
+    model supports it)."""
+    disable_dropout: bool | None = None
+    """Set every dropout layer's probability to 0 in the model trained (GPT-2's config has 0.1); None: as trl's
+    trainer for the stage does (off in the preference, unpaired, reward-model and PPO stages; kept in sft and
+    grpo)."""
     gradient_checkpointing: bool = False
     """Keep only each layer's input and recompute its activations in backward (non-reentrant): less memory, ~30%
     more compute."""
@@ -170,6 +204,7 @@ class RunConfig:
         data["loss_params"] = dict(self.loss_params)
         data["losses"] = dict(self.losses)
         data["judges"] = dict(self.judges)
+        data["columns"] = dict(self.columns)
         data["judge_args"] = {name: dict(args) for name, args in self.judge_args.items()}
         return data
 

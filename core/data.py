@@ -1,11 +1,14 @@
-"""Reading rows from files and named sources, and checking them against a stage's schema.
+"""Reading rows from files, hub datasets and named sources, and checking them against a stage's schema.
 
-Formats: ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` and directories saved
-with ``datasets.Dataset.save_to_disk``. JSON and CSV are parsed with the
-standard library rather than ``datasets``: a malformed line is then reported
-with its number, and CSV fields stay strings (no type inference turning the
-answer " 2" into the integer 2). Parquet and saved datasets go through
-``datasets``.
+Formats: ``.jsonl``, ``.json``, ``.csv``, ``.parquet``, directories saved
+with ``datasets.Dataset.save_to_disk``, and Hugging Face hub datasets
+(``ORG/NAME``, ``ORG/NAME@REV``; a subset and a split). JSON and CSV are
+parsed with the standard library rather than ``datasets``: a malformed line
+is then reported with its number, and CSV fields stay strings (no type
+inference turning the answer " 2" into the integer 2). Parquet, saved
+datasets and hub datasets go through ``datasets``; a hub dataset's files
+are fetched into, or found in, huggingface_hub's cache (:mod:`molting.hub`),
+so ``HF_HUB_OFFLINE=1`` reads one fetched before.
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ from typing import Any, Iterable
 from molting.errors import DataError
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet", "a directory saved with datasets.save_to_disk")
+HUB_DATA_FILES = ("*.parquet", "*.arrow", "*.jsonl", "*.json", "*.csv", "*.tsv", "*.txt", "*.gz", "*.zst", "*.bz2",
+                  "*.xz", "README.md")
+"""The files of a hub dataset's snapshot: its data files and the card whose metadata names its subsets and splits
+(no loading scripts: ``datasets`` no longer runs them)."""
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a data file or saved ``datasets`` directory, as dicts."""
+def read_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """All rows of a data file or saved ``datasets`` directory (its ``split``, when it holds several), as dicts."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
     if path.is_dir():
-        return _read_saved_dataset(path)
+        return _read_saved_dataset(path, split)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path)
@@ -109,7 +116,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
+def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
     import datasets
 
     try:
@@ -117,10 +124,64 @@ def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
     except Exception as exc:
         raise DataError(f"{path} is a directory but not a dataset saved with datasets.save_to_disk: {exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise DataError(f"{path} holds the splits {list(loaded)}; molting trains on the 'train' split")
-        loaded = loaded["train"]
+        if split not in loaded:
+            raise DataError(f"{path} holds the splits {', '.join(loaded)}, not {split!r}: choose one with --data-split")
+        loaded = loaded[split]
     return loaded.to_list()
+
+
+def read_hub_dataset(name: str, subset: str | None = None, split: str = "train") -> tuple[list[dict[str, Any]], Path]:
+    """The rows of hub dataset ``name`` (``ORG/NAME`` or ``ORG/NAME@REV``) and its snapshot's directory.
+
+    The snapshot (data files and card only) comes from huggingface_hub's
+    cache or the hub; ``datasets.load_dataset`` reads it, with the subsets
+    (``configs``) and splits its card declares, and keeps the prepared Arrow
+    files in its own cache for the next run.
+    """
+    from molting.hub import snapshot
+
+    repo_id, at, revision = name.partition("@")
+    directory = Path(snapshot(repo_id, revision or None, list(HUB_DATA_FILES), "dataset", "dataset", DataError))
+    return _load_snapshot(directory, f"hub dataset {name!r}", subset, split), directory
+
+
+def _load_snapshot(directory: Path, what: str, subset: str | None, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        subsets = datasets.get_dataset_config_names(str(directory))
+        if subset is not None and subset not in subsets:
+            raise DataError(f"{what} has no subset {subset!r}; its subsets: {', '.join(subsets)} (--data-subset)")
+        if subset is None and len(subsets) > 1 and "default" not in subsets:
+            raise DataError(f"{what} has several subsets ({', '.join(subsets)}): choose one with --data-subset")
+        splits = datasets.get_dataset_split_names(str(directory), subset)
+        if split not in splits:
+            raise DataError(f"{what}{f' (subset {subset!r})' if subset else ''} has the splits {', '.join(splits)}, "
+                            f"not {split!r}: choose one with --data-split")
+        return datasets.load_dataset(str(directory), subset, split=split).to_list()
+    except DataError:
+        raise
+    except Exception as exc:  # datasets' own errors: files it cannot read, a card it cannot parse
+        raise DataError(f"{what}: datasets cannot read it: {str(exc).splitlines()[0]}") from exc
+
+
+def rename_columns(rows: list[dict[str, Any]], columns: dict[str, str], source: str) -> list[dict[str, Any]]:
+    """``rows`` with each field ``new`` read from the column ``columns[new]`` (``--columns chosen=response_a``).
+
+    A column already called ``new`` is replaced by the renamed one. Every
+    row must have the columns named.
+    """
+    if not columns or not rows:
+        return rows
+    for index, row in enumerate(rows):
+        missing = [old for old in columns.values() if old not in row]
+        if missing:
+            raise DataError(f"{source}, row {index}: no column {missing[0]!r} to read as "
+                            f"{next(n for n, o in columns.items() if o == missing[0])!r} (--columns); its columns: "
+                            f"{', '.join(sorted(row))}")
+    renamed = set(columns.values())
+    return [{**{k: v for k, v in row.items() if k not in renamed and k not in columns},
+             **{new: row[old] for new, old in columns.items()}} for row in rows]
 
 
 # --------------------------------------------------------------------------- validation

@@ -316,7 +316,7 @@ def step_facts(config: RunConfig, step: Any, host: Any, device: str | None = Non
                               weights=False)  # config.json and the tokenizer are enough
     shape = model_shape(path, config.lora_target_modules, config.trust_remote_code)
     if rows is None:
-        rows, _ = load_rows(host, step, config.data)
+        rows, _ = load_rows(host, step, config.data, config=config)
     lengths = data_lengths(rows, load_tokenizer(path, config.trust_remote_code), config, step.stage.name)
     stage_params = make_stage_params(step, config)
     needs_reference = step.loss is not None and step.loss.needs_reference
@@ -329,7 +329,19 @@ def step_facts(config: RunConfig, step: Any, host: Any, device: str | None = Non
 
 def estimate_run(config: RunConfig, step: Any, host: Any, device: str | None = None) -> Estimate:
     """The estimate of one resolved step of ``molting run`` (see :func:`step_facts`)."""
+    config = with_concrete_dtype(config)
     return step_facts(config, step, host, device).estimate(config)
+
+
+def with_concrete_dtype(config: RunConfig) -> RunConfig:
+    """``config`` with ``--dtype auto`` replaced by the dtype the model's config.json names."""
+    if config.dtype != "auto":
+        return config
+    from molting.models import config_dtype, resolve_model_path
+
+    path = resolve_model_path(config.model, config.model_revision, trust_remote_code=config.trust_remote_code,
+                              weights=False)
+    return attrs.evolve(config, dtype=config_dtype(path))
 
 
 def dry_run(config: RunConfig, steps: list[Any], host: Any, budget: int | None = None,
@@ -346,9 +358,9 @@ def dry_run(config: RunConfig, steps: list[Any], host: Any, budget: int | None =
     blocks, all_fit = [], True
     makes_data = False
     for index, step in enumerate(steps):
-        step_config = attrs.evolve(step.config or config, model=config.model)
+        step_config = with_concrete_dtype(attrs.evolve(step.config or config, model=config.model))
         own = step_config.data if step_config.data != config.data or index == 0 else None
-        rows = [] if own is None and makes_data else load_rows(host, step, own)[0]
+        rows = [] if own is None and makes_data else load_rows(host, step, own, config=step_config)[0]
         facts = step_facts(step_config, step, host, device, rows=rows)
         result = facts.estimate(step_config)
         lines = [f"step {index + 1}: {step.name} (stage {step.stage.name})", result.table()]

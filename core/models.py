@@ -69,7 +69,8 @@ def describe_model(path: str | Path) -> str:
     return str(path) if origin is None else str(origin)
 
 
-def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any = None, load_in_4bit: bool = False):
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any = None, load_in_4bit: bool = False,
+                   attn_implementation: str | None = None):
     """A causal LM and its tokenizer from ``path``, with clear errors for anything else.
 
     A directory holding a LoRA adapter (``adapter_config.json``, no
@@ -111,6 +112,7 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype: Any
             trust_remote_code=trust_remote_code,
             dtype=dtype or torch.float32,
             quantization_config=quantization,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     except Exception as exc:
         raise ModelError(f"cannot load {path} as a causal LM: {_first_line(exc)}") from exc
@@ -125,6 +127,20 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def config_dtype(path: str | Path) -> str:
+    """The dtype ``path``'s config.json names (``dtype``, or ``torch_dtype`` in older files) for ``--dtype auto``:
+    ``float32``, ``bfloat16`` or ``float16``, and ``float32`` when it names none of them."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    named = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    return named if named in ("float32", "bfloat16", "float16") else "float32"
 
 
 def check_optimizer(name: str) -> None:
@@ -166,6 +182,15 @@ def _four_bit_config():
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=False
     )
+
+
+def disable_dropout(model: Any) -> Any:
+    """``model`` with every ``torch.nn.Dropout`` at probability 0 (trl's ``disable_dropout_in_model``): its
+    log-probs are then a function of the weights alone, as a preference loss against a reference assumes."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+    return model
 
 
 def apply_lora(model: Any, r: int, alpha: float, dropout: float, target_modules: str, task_type: str = "CAUSAL_LM",

@@ -67,19 +67,52 @@ def use_varlen_attention(model: Any) -> str:
     """Give ``model`` an attention that respects ``cu_seq_lens``; returns the implementation it then uses.
 
     Flash-attention models keep theirs (it reads ``cu_seq_lens`` natively);
-    SDPA and eager models switch to ``molting_varlen_sdpa``.
+    SDPA and eager models switch to ``molting_varlen_sdpa``. Either way a
+    probe proves that a packed row gives each sequence the logits the model
+    gave it alone, with its own attention: a model whose layers do not pass
+    the boundaries on (GPT-2's did not, once) or whose attention SDPA cannot
+    compute (Gemma 2's soft-capped scores) is refused rather than trained on
+    something else.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from molting.errors import ConfigError
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = str(getattr(base.config, "_attn_implementation", ""))
-    if "flash" in current or current == VARLEN_ATTENTION:
-        return current
-    AttentionInterface.register(VARLEN_ATTENTION, _varlen_sdpa)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
-    base.set_attn_implementation(VARLEN_ATTENTION)
-    return VARLEN_ATTENTION
+    if getattr(base.config.get_text_config(), "attn_logit_softcapping", None):
+        raise ConfigError(f"--padding-free: the {base.config.model_type} model soft-caps its attention scores, which "
+                          "the packed (varlen) attention does not; drop --padding-free")
+    alone = _probe(model, packed=False)
+    if "flash" not in current and current != VARLEN_ATTENTION:
+        AttentionInterface.register(VARLEN_ATTENTION, _varlen_sdpa)
+        AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+        base.set_attn_implementation(VARLEN_ATTENTION)
+        current = VARLEN_ATTENTION
+    if not torch.allclose(_probe(model, packed=True), alone, atol=1e-3, rtol=1e-3):
+        raise ConfigError(
+            f"--padding-free: the {base.config.model_type} model gives a packed row other logits than its "
+            "sequences alone (its layers do not pass cu_seq_lens on to attention); drop --padding-free"
+        )
+    return current
+
+
+def _probe(model: Any, packed: bool) -> torch.Tensor:
+    """Logits of the sequence [6, 7, 8], alone or packed after [3, 4, 5] (its part of the row)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if not packed:
+                return model(input_ids=torch.tensor([[6, 7, 8]], device=device)).logits[0].float()
+            row = pack([[3, 4, 5], [6, 7, 8]], [0, 0])
+            cu = row["cu_seq_lens"].to(device)
+            return model(input_ids=row["input_ids"].to(device), position_ids=row["position_ids"].to(device),
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=3, max_length_k=3).logits[0, 3:].float()
+    finally:
+        model.train(was_training)
 
 
 def pack(sequences: list[list[int]], prompt_lengths: list[int]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 Rows are standard (``prompt``, ``chosen``, ``rejected`` strings) or
 conversational (message lists, rendered with the tokenizer's chat template),
 the prompt extracted as the common prefix of chosen and rejected when the
-data has no ``prompt`` column (trl's ``maybe_extract_prompt``). A batch of
+data has no ``prompt`` column (:func:`split_prompt`). A batch of
 pairs is one ``2B × T`` batch, chosen rows first, so chosen and rejected run
 through the model in one forward; the loss sees a
 :class:`molting.PreferenceInputs` and the stage logs trl's metric names
@@ -35,23 +35,88 @@ METRICS = (
 
 
 def format_pairs(rows: list[dict[str, Any]], tokenizer: Any, source: str, stage: str = "preference") -> list[dict[str, str]]:
-    """Validated rows as prompt/chosen/rejected strings (prompt extracted, chat template applied)."""
-    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+    """Validated rows as prompt/chosen/rejected strings (prompt extracted, chat template applied).
 
+    Each pair says whether the chat template wrote it (``templated``): its
+    completions then end with the template's own end of turn and get no EOS
+    (:func:`molting.tokenization.tokenize_completions`), as in trl.
+    """
     from molting.data import check_columns, check_text_fields
     from molting.errors import DataError
 
     schema = check_columns(rows, SCHEMAS, source, stage)
+    if schema == SCHEMAS[0]:
+        rows = [_with_message_prompt(row) for row in rows]
     conversational = check_text_fields(rows, schema, source)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
     formatted = []
-    for row in rows:
-        row = maybe_extract_prompt({k: row[k] for k in schema})
+    for index, row in enumerate(rows):
+        row = split_prompt({k: row[k] for k in schema})
         if conversational:
-            row = maybe_apply_chat_template(row, tokenizer)
-        formatted.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+            row = render_chat(row, tokenizer, f"{source}, row {index}")
+        formatted.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+                          "templated": conversational})
     return formatted
+
+
+def render_chat(row: dict[str, Any], tokenizer: Any, where: str) -> dict[str, Any]:
+    """``row``'s message lists as the chat template's text (trl's ``maybe_apply_chat_template``); a template that
+    refuses them (Gemma's refuses a system turn) is a :class:`~molting.errors.DataError` naming the row."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    from molting.errors import DataError
+
+    try:
+        return maybe_apply_chat_template(row, tokenizer)
+    except Exception as exc:  # jinja2's TemplateError, raised by the template's raise_exception
+        raise DataError(f"{where}: the model's chat template refuses it: {exc}") from exc
+
+
+HH_TURN = "\n\nAssistant:"
+"""Where an answer starts in Anthropic hh-rlhf's text: the last such turn the two sides share ends the prompt."""
+
+
+def split_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """A pair with an explicit prompt: ``row`` itself when it has one, else the common prefix of chosen and rejected.
+
+    Message lists split at the first message that differs (trl's
+    ``extract_prompt``). Text splits after the last ``"\n\nAssistant:"`` the
+    two share when there is one (hh-rlhf's ``Human: … Assistant: …`` turns:
+    a character-wise common prefix would cut answers that begin alike in the
+    middle of their first word), else where the characters first differ.
+    """
+    from trl.data_utils import maybe_extract_prompt
+
+    if "prompt" in row:
+        return row
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        import os.path
+
+        cut = os.path.commonprefix([chosen, rejected]).rfind(HH_TURN)
+        if cut >= 0:
+            cut += len(HH_TURN)
+            return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    return maybe_extract_prompt(dict(row))
+
+
+def _with_message_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """A row whose prompt is text and whose chosen/rejected are conversations, made all messages.
+
+    When the conversations hold the prompt's turns themselves (as in
+    HuggingFaceH4/ultrafeedback_binarized, where ``prompt`` is the user's text
+    and ``chosen`` the whole exchange) the prompt is their shared turns;
+    otherwise the text becomes one user message.
+    """
+    from molting.data import is_messages
+
+    prompt, chosen = row["prompt"], row["chosen"]
+    if not isinstance(prompt, str) or not is_messages(chosen) or not is_messages(row["rejected"]):
+        return row
+    if chosen[0].get("role") != "assistant":
+        return split_prompt({"chosen": chosen, "rejected": row["rejected"]})
+    return {**row, "prompt": [{"role": "user", "content": prompt}]}
 
 
 def tokenize_pairs(

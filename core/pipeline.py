@@ -30,37 +30,54 @@ from molting.resolve import make_loss_params, make_stage_params
 __all__ = ["load_rows", "run"]
 
 
-def load_rows(host: PluginHost, step: Step, data: str | Path | None,
-              made_from: DataSource | None = None) -> tuple[list[dict[str, Any]], DataSource]:
+def load_rows(host: PluginHost, step: Step, data: str | Path | None, made_from: DataSource | None = None,
+              config: RunConfig | None = None) -> tuple[list[dict[str, Any]], DataSource]:
     """The training rows for ``step`` and where they came from.
 
-    ``data`` is a file or directory, a registered dataset's name, or ``None``
-    (the stage's default dataset). ``made_from`` is the source of the data an
-    earlier step produced ``data`` from: the new source says so, and is demo
-    data when that was.
+    ``data`` is a file or directory, a registered dataset's name, a hub
+    dataset id (in that order), or ``None`` (the stage's default dataset).
+    ``made_from`` is the source of the data an earlier step produced ``data``
+    from: the new source says so, and is demo data when that was. ``config``
+    gives the hub subset, the split and the ``columns`` renaming.
     """
-    from molting.data import read_rows
+    from molting.data import rename_columns
 
+    rows, source = _read(host, step, data, made_from, config or RunConfig(plugins=()))
+    return rename_columns(rows, dict(config.columns) if config else {}, str(source)), source
+
+
+def _read(host: PluginHost, step: Step, data: str | Path | None, made_from: DataSource | None,
+          config: RunConfig) -> tuple[list[dict[str, Any]], DataSource]:
+    from molting.data import read_hub_dataset, read_rows
+    from molting.hub import is_hub_id
+
+    split = config.data_split
     if data is None:
         if step.stage.default_data is None:
             raise DataError(f"stage {step.stage.name!r} has no built-in data; give one with --data PATH")
-        return _dataset_rows(host, step.stage.default_data)
+        return _dataset_rows(host, step.stage.default_data, split)
     path = Path(data)
     if path.exists():
         if made_from is None:
-            return read_rows(path), DataSource(str(data), path=path)
-        return read_rows(path), DataSource(f"{data} (made from {made_from})", path=path, demo=made_from.demo)
+            return read_rows(path, split), DataSource(str(data), path=path)
+        return read_rows(path, split), DataSource(f"{data} (made from {made_from})", path=path, demo=made_from.demo)
     if data in host.components["dataset"]:
-        return _dataset_rows(host, str(data))
+        return _dataset_rows(host, str(data), split)
+    if is_hub_id(str(data).partition("@")[0]):
+        rows, snapshot = read_hub_dataset(str(data), config.data_subset, split)
+        where = "".join(f", {k} {v!r}" for k, v in (("subset", config.data_subset), ("split", split)) if v)
+        return rows, DataSource(f"hub dataset {hub_origin(snapshot) or data}{where}", path=snapshot)
     raise DataError(
-        f"data {data!r} is neither an existing file or directory nor a registered dataset. "
-        f"{host.available('dataset')}"
+        f"data {data!r} is neither an existing file or directory, a registered dataset, nor a hub dataset id "
+        f"(ORG/NAME). {host.available('dataset')}"
     )
 
 
-def _dataset_rows(host: PluginHost, name: str) -> tuple[list[dict[str, Any]], DataSource]:
+def _dataset_rows(host: PluginHost, name: str, split: str = "train") -> tuple[list[dict[str, Any]], DataSource]:
     dataset = host.get("dataset", name)
-    return dataset.load("train"), DataSource(f"dataset {name!r} (train split)", dataset=name, demo=dataset.demo)
+    if split not in dataset.splits:
+        raise DataError(f"dataset {name!r} has the splits {', '.join(dataset.splits)}, not {split!r} (--data-split)")
+    return dataset.load(split), DataSource(f"dataset {name!r} ({split} split)", dataset=name, demo=dataset.demo)
 
 
 def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path, data: DataSource, host: PluginHost,
@@ -77,6 +94,7 @@ def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path
         "model": str(model_path),
         "model_hub": _hub_record(model_path),
         "data": data.description,
+        "data_hub": _hub_record(data.path) if data.path is not None else None,
         "demo_data": data.demo,
         "config": config.to_dict(),
         "plugins": {
@@ -88,7 +106,7 @@ def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path
 
 
 def _hub_record(path: Path) -> dict[str, str] | None:
-    """``{"id", "revision"}`` (the resolved commit) of a model that is a hub snapshot, else ``None``."""
+    """``{"id", "revision"}`` (the resolved commit) of a model or dataset that is a hub snapshot, else ``None``."""
     origin = hub_origin(path)
     return None if origin is None else {"id": origin.repo_id, "revision": origin.commit}
 
@@ -148,13 +166,17 @@ def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, ar
     data = step_config.data if index == 0 else own
     produced = artifacts.get("dataset") if made is not None else None
     data_path = data if data is not None else produced
-    rows, source = load_rows(host, step, data_path, made_from=made if data is None else None)
+    rows, source = load_rows(host, step, data_path, made_from=made if data is None else None, config=step_config)
     if step_config.lora_r and not step_config.merge and step.stage.produces == "policy" and index + 1 < len(steps):
         print(f"molting: {step.name}: LoRA step inside a pipeline: its output is merged (as --merge) so the next "
               "step starts from its full weights", file=sys.stderr)
         step_config = attrs.evolve(step_config, merge=True)
     loss_params, stage_params = make_loss_params(step, step_config), make_stage_params(step, step_config)
     model_path = artifacts["policy"]
+    if step_config.dtype == "auto":  # the dtype the model's config.json names: what the run record then says
+        from molting.models import config_dtype
+
+        step_config = attrs.evolve(step_config, dtype=config_dtype(model_path))
     context = StageContext(step_config, step, loss_params, model_path, rows, source, output_dir, host,
                            stage_params=stage_params, artifacts=dict(artifacts))
     record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)

@@ -100,6 +100,7 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     repeated = [i for i in range(len(texts)) for _ in range(n)]
     side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"
+    stops = stop_token_ids(model, tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompt_chunks, completion_chunks = [], []
@@ -111,7 +112,7 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
             encoded = {k: v.to(device) for k, v in encoded.items()}
             sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
                         if temperature > 0 else {"do_sample": False})
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops,
                                     use_cache=True, **sampling)
             prompt_chunks.append((encoded["input_ids"], encoded["attention_mask"]))
             completion_chunks.append(output[:, encoded["input_ids"].shape[1] :])
@@ -121,7 +122,7 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     prompt_ids = _pad_left([ids for ids, _ in prompt_chunks], pad)
     prompt_mask = _pad_left([mask for _, mask in prompt_chunks], 0)
     completion_ids = _pad_right(completion_chunks, pad)
-    is_eos = completion_ids == eos
+    is_eos = torch.isin(completion_ids, torch.tensor(stops, device=completion_ids.device))
     first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), completion_ids.size(1))
     positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
     completion_mask = (positions[None, :] <= first_eos[:, None]).long()
@@ -137,6 +138,15 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
         completion_mask=completion_mask,
         truncated=~is_eos.any(dim=1),
     )
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS and every EOS of the model's generation config (Gemma's
+    ``<end_of_turn>``, Phi-3's ``<|end|>``, Llama 3's ``<|eom_id|>``), as ``generate`` stops at them."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    own = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return list(dict.fromkeys(own + configured))
 
 
 def _pad_left(chunks: list[torch.Tensor], value: int) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """Prompt and completion text to token ids, as every offline stage tokenizes them.
 
-Prompts and completions are tokenized separately, with
+A completion is tokenized after its prompt and split off where the two
+tokenizations part (:func:`split_ids`, as trl's trainers split them), with
 ``add_special_tokens=False`` (a chat template writes its own special
-tokens, and a completion must not get a BOS in its middle), so the boundary
-between them is exact whatever the tokenizer merges across it; a plain
-string prompt gets the BOS its model was trained with
-(:func:`molting.data.with_bos`) and a completion one EOS. A row longer than
+tokens); a plain string prompt gets the BOS its model was trained with
+(:func:`molting.data.with_bos`) and a plain completion one EOS, a
+chat-templated one none (its template ends the turn). A row longer than
 ``max_length`` is truncated (the end of the prompt kept) or dropped, and
 every such row is counted and reported in one line.
 """
@@ -37,7 +37,7 @@ def tokenize_completions(
     add_eos: bool = True,
 ) -> list[dict[str, Any]]:
     """Token ids of each row's ``prompt`` and of its completions ``keys`` (``KEY_ids``, EOS appended unless not
-    ``add_eos``).
+    ``add_eos`` or the row is ``templated``: written by a chat template, which ends a turn its own way).
 
     Shared by the preference stage (``keys`` chosen, rejected), the unpaired
     and SFT stages (``keys`` completion) and the reward-model stage. A row
@@ -51,13 +51,14 @@ def tokenize_completions(
     into each example (e.g. ``label``).
     """
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    examples, too_long, prompt_too_long = [], 0, 0
+    examples, too_long, prompt_too_long, merged = [], 0, 0, 0
     for index, row in enumerate(rows):
-        prompt = tokenizer(with_bos(row["prompt"], tokenizer), add_special_tokens=False)["input_ids"] or [start]
-        # EOS once: a completion that already ends with the EOS text does not get a second (trl's add_eos)
-        completions = [tokenizer(without_eos(row[key], tokenizer), add_special_tokens=False)["input_ids"] + eos
-                       for key in keys]
+        templated = bool(row.get("templated"))  # a chat template's completion ends with its own end of turn
+        texts = [row[key] if templated else without_eos(row[key], tokenizer) for key in keys]
+        prompt, completions, shortened = split_ids(tokenizer, with_bos(row["prompt"], tokenizer), texts)
+        merged += shortened
+        if not templated:
+            completions = [c + eos for c in completions]
         longest = max(len(c) for c in completions)
         if len(prompt) + longest > max_length:
             too_long += 1
@@ -70,11 +71,42 @@ def tokenize_completions(
         example = {"index": index, "length": len(prompt) + max(len(c) for c in completions), "prompt_ids": prompt,
                    **{f"{key}_ids": c for key, c in zip(keys, completions)}}
         examples.append({**example, **{name: row[name] for name in carry}})
+    if merged:
+        print(f"molting: {merged} of {len(rows)} {noun}s in {source}: the prompt's last tokens merge with the "
+              "completion's first, so the completion starts where the two tokenizations part (as in trl)",
+              file=sys.stderr)
     if too_long:
         _report_overlong(too_long, prompt_too_long, len(rows), noun, source, max_length, overlong)
     if not examples:
         raise DataError(f"no {noun} of {source} fits in max_length={max_length}; raise --max-length")
     return examples
+
+
+def split_ids(tokenizer: Any, prompt: str, completions: list[str]) -> tuple[list[int], list[list[int]], bool]:
+    """Token ids of ``prompt`` and of each completion, as the completion is tokenized after the prompt.
+
+    Each completion is tokenized together with the prompt and takes the ids
+    after the longest prefix shared with the prompt's own ids, as trl's
+    trainers split them: a sentencepiece tokenizer (Llama 2, Mistral, Phi-3)
+    would give a completion tokenized alone a word-start marker it does not
+    have after the prompt. When tokens merge across the boundary the prompt
+    loses its last ids (the third value says so). An empty prompt is the
+    BOS token (else EOS): every sequence has a first position to predict from.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [start], [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions], False
+    joined = [tokenizer(prompt + c, add_special_tokens=False)["input_ids"] for c in completions]
+    cut = min(_shared_prefix(prompt_ids, ids) for ids in joined)
+    return prompt_ids[:cut], [ids[cut:] for ids in joined], cut < len(prompt_ids)
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    for position, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return position
+    return min(len(a), len(b))
 
 
 def truncate(prompt: list[int], completions: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:

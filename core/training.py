@@ -363,17 +363,21 @@ def build_trainer(trainer_class: type, collator: Any, model: Any, tokenizer: Any
     )
 
 
-def load_policy(context: StageContext) -> tuple[Any, Any]:
-    """The model to train and its tokenizer: full weights, LoRA adapters, or QLoRA (4-bit base + LoRA)."""
-    from molting.models import apply_lora, load_causal_lm
+def load_policy(context: StageContext, keep_dropout: bool = False) -> tuple[Any, Any]:
+    """The model to train and its tokenizer: full weights, LoRA adapters, or QLoRA (4-bit base + LoRA).
 
-    from molting.models import check_optimizer, torch_dtype
+    Dropout is off (``--disable-dropout``'s default, as in trl's preference
+    trainers) unless the stage keeps it by default (``keep_dropout``, as
+    trl's SFT and GRPO trainers do) and the run does not say otherwise.
+    """
+    from molting.models import apply_lora, check_optimizer, disable_dropout, load_causal_lm, torch_dtype
 
     config = context.config
     check_memory_settings(config)
     check_optimizer(config.optim)
     model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code,
-                                      dtype=torch_dtype(config.dtype), load_in_4bit=config.load_in_4bit)
+                                      dtype=torch_dtype(config.dtype), load_in_4bit=config.load_in_4bit,
+                                      attn_implementation=config.attn_implementation)
     if hasattr(model, "peft_config"):  # the starting model is a LoRA adapter on a base model
         if config.lora_r:
             raise ConfigError(
@@ -387,6 +391,8 @@ def load_policy(context: StageContext) -> tuple[Any, Any]:
 
         set_seed(config.seed)  # the adapters' random initialisation is --seed's, whatever ran before in the process
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    if config.disable_dropout if config.disable_dropout is not None else not keep_dropout:
+        disable_dropout(model)
     return model, tokenizer
 
 

@@ -408,9 +408,8 @@ def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Mod
     """Policy, reference, critic, AdamW and the scheduler, as trl's PPOTrainer sets them up."""
     import torch
     from transformers import get_scheduler
-    from trl.trainer.utils import disable_dropout_in_model
 
-    from molting.models import torch_dtype
+    from molting.models import disable_dropout, torch_dtype
     from molting.training import enable_gradient_checkpointing, load_policy, make_optimizer, reference_for
 
     config = context.config
@@ -426,8 +425,9 @@ def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Mod
     optimizer = make_optimizer(_trainable(policy, critic), config, eps=1e-5)
     warmup = int(config.warmup_steps * total) if config.warmup_steps < 1 else int(config.warmup_steps)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    for model in (policy, critic):  # as trl: dropout off, so a rollout's log-probs and values are what training sees
-        disable_dropout_in_model(model)
+    if config.disable_dropout is not False:  # as trl: off, so a rollout's log-probs and values are what training sees
+        for model in (policy, critic):
+            disable_dropout(model)
     policy, critic, optimizer, scheduler = accelerator.prepare(policy, critic, optimizer, scheduler)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)

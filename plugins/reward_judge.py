@@ -113,11 +113,12 @@ def encode(prompt: Any, completion: Any, tokenizer: Any, max_length: int) -> lis
 
         texts = maybe_apply_chat_template({"prompt": list(prompt), "completion": list(completion)}, tokenizer)
         prompt_text, completion_text = texts["prompt"], texts["completion"]
+        eos = []  # the template ends the turn its own way, as the reward stage trains on conversations
     else:
         prompt_text, completion_text = prompt_texts([prompt], tokenizer)[0], text_of(completion)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        completion_text = without_eos(completion_text, tokenizer)  # one EOS, as the reward stage trains
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt_ids = tokenizer(with_bos(prompt_text, tokenizer), add_special_tokens=False)["input_ids"]
-    completion_text = without_eos(completion_text, tokenizer)  # one EOS, as the reward stage trains
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + eos
     if len(prompt_ids) + len(completion_ids) > max_length:  # as the reward-model stage truncates its pairs
         prompt_ids, (completion_ids,) = truncate(prompt_ids, [completion_ids], max_length)

@@ -1,7 +1,7 @@
 """The ``rule`` judge: a completion is right (1.0) or wrong (0.0) against the row's reference answer.
 
 Three modes compare each completion with the data's reference column
-(``column``, default ``answer``), which the judge receives through
+(``column``, default ``answer``, else ``solution``), which the judge receives through
 ``**columns``:
 
 * ``numeric`` (the default): the last number in the completion (``-1,234.5``
@@ -68,7 +68,7 @@ class RuleParams:
     mode: str = attrs.field(default="numeric", validator=attrs.validators.in_(MODES))
     """numeric: the last number equals the reference; exact: the text equals it; regex: a pattern matches."""
     column: str = attrs.field(default="answer", validator=_check_column)
-    """The data column holding each row's reference answer."""
+    """The data column holding each row's reference answer (by default ``answer``, else ``solution``)."""
     pattern: str | None = attrs.field(default=None, validator=_check_pattern)
     """regex mode: the pattern to search for (else each row's reference); numeric/exact: where the answer is."""
     tolerance: float = attrs.field(default=1e-6, validator=number_setting(NAME))
@@ -129,17 +129,20 @@ def rule_scores(prompts: list[Any], completions: list[Any], params: RuleParams, 
     needs_reference = not (params.mode == "regex" and params.pattern is not None)
     if not needs_reference:
         return [_score_one(c, None, params) for c in completions]
-    if params.column not in columns:
+    column = params.column
+    if column == "answer" and column not in columns and "solution" in columns:
+        column = "solution"  # the default column, as math sets (MATH, NuminaMath) name it
+    if column not in columns:
         have = ", ".join(repr(c) for c in sorted(columns)) or "none besides the prompt"
         raise ConfigError(
             f"judge {NAME!r} (mode {params.mode}) compares each completion with the reference column "
             f"{params.column!r}, which the data does not have (its other columns: {have}); add the column to the "
             f"data or name another with judge_args: {{{NAME}: {{column: NAME}}}}"
         )
-    references = columns[params.column]
+    references = columns[column]
     for reference in references:
         if reference is None:
-            raise ValueError(f"the reference {params.column!r} is empty (None)")
+            raise ValueError(f"the reference {column!r} is empty (None)")
     return [_score_one(c, r, params) for c, r in zip(completions, references)]
 
 

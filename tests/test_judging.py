@@ -258,8 +258,8 @@ def test_import_errors_name_the_function(host, module):
 def test_judge_errors_of_configuration_pass_through_unchanged(host):
     rule = JudgeSpec("rule", host.get("judge", "rule"), 1.0, host.get("judge", "rule").params())
     with pytest.raises(ConfigError, match=r"judge 'rule' \(mode numeric\) compares each completion with the reference "
-                                          r"column 'answer', which the data does not have \(its other columns: 'solution'\)"):
-        Scorer([rule])(["p"], ["c"], {"solution": ["1"]})
+                                          r"column 'answer', which the data does not have \(its other columns: 'reference'\)"):
+        Scorer([rule])(["p"], ["c"], {"reference": ["1"]})
 
 
 def test_lists_of_different_lengths_are_a_caller_error(host):

@@ -173,16 +173,16 @@ def test_paired_rows_are_unpaired(model_and_tokenizer, capsys):
     ]
     examples = format_unpaired(rows, tokenizer, "pairs.jsonl")
     assert examples == [  # trl's _unpair_row: every chosen, then every rejected
-        {"prompt": rows[0]["prompt"], "completion": rows[0]["chosen"], "label": True},
-        {"prompt": rows[1]["prompt"], "completion": rows[1]["chosen"], "label": True},
-        {"prompt": rows[0]["prompt"], "completion": rows[0]["rejected"], "label": False},
-        {"prompt": rows[1]["prompt"], "completion": rows[1]["rejected"], "label": False},
+        {"prompt": rows[0]["prompt"], "completion": rows[0]["chosen"], "label": True, "templated": False},
+        {"prompt": rows[1]["prompt"], "completion": rows[1]["chosen"], "label": True, "templated": False},
+        {"prompt": rows[0]["prompt"], "completion": rows[0]["rejected"], "label": False, "templated": False},
+        {"prompt": rows[1]["prompt"], "completion": rows[1]["rejected"], "label": False, "templated": False},
     ]
     assert "pairs.jsonl is paired (prompt/chosen/rejected): unpaired into 2 desirable and 2 undesirable" in capsys.readouterr().err
     implicit = [{"chosen": "Q: What is 1 + 1?\nA: 2", "rejected": "Q: What is 1 + 1?\nA: 3"}]
     assert format_unpaired(implicit, tokenizer, "pairs") == [
-        {"prompt": "Q: What is 1 + 1?\nA:", "completion": " 2", "label": True},
-        {"prompt": "Q: What is 1 + 1?\nA:", "completion": " 3", "label": False},
+        {"prompt": "Q: What is 1 + 1?\nA:", "completion": " 2", "label": True, "templated": False},
+        {"prompt": "Q: What is 1 + 1?\nA:", "completion": " 3", "label": False, "templated": False},
     ]
 
 
@@ -197,7 +197,7 @@ def test_conversational_rows_get_the_chat_template(model_and_tokenizer):
 
 def test_a_label_that_is_not_a_bool_is_a_data_error(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
-    rows = [{"prompt": "Q: 1 + 1?\nA:", "completion": " 2", "label": True},
+    rows = [{"prompt": "Q: 1 + 1?\nA:", "completion": " 2", "label": True, "templated": False},
             {"prompt": "Q: 1 + 1?\nA:", "completion": " 3", "label": "false"}]
     with pytest.raises(DataError, match=r"data.jsonl, row 1, field 'label': expected a boolean .*got 'false'"):
         format_unpaired(rows, tokenizer, "data.jsonl")

@@ -65,7 +65,8 @@ def test_chunked_log_probs_train_as_full_logits_do(tmp_path, name):
     compared = 0
     for step, (a, b) in enumerate(zip(full, chunked)):
         for key in sorted(set(a) & set(b)):
-            if isinstance(a[key], float) and not key.endswith(("runtime", "_per_second", "per_step")):
+            noise = key == "rewards/accuracies" and abs(a.get("rewards/margins", 1.0)) < 1e-4  # margins of rounding
+            if isinstance(a[key], float) and not key.endswith(("runtime", "_per_second", "per_step")) and not noise:
                 assert close(a[key], b[key]), f"step {step}, {key}: full logits {a[key]!r}, chunked {b[key]!r}"
                 compared += 1
     assert compared >= 4
@@ -115,9 +116,11 @@ def shapes(model, ids, attention, completion):
     yield "completion_token_logps", logps.completion_token_logps(
         model, ids[:, :9], attention[:, :9], ids[:, 9:], completion[:, 9:], temperature=0.7, with_entropy=True)
     yield "completion_token_stats", logps.completion_token_stats(model, ids, attention, labels)
+    from molting.errors import ConfigError
+
     try:
         use_varlen_attention(model)
-    except ValueError:  # an architecture without SDPA support (Gemma 2 in this transformers): no varlen attention
+    except ConfigError:  # Gemma 2 soft-caps its attention scores, which varlen SDPA cannot: packing is refused
         return
     packed = pack([ids[i, : lengths[i]].tolist() for i in range(len(lengths))], [9] * len(lengths))
     yield "packed_completion_logps", logps.packed_completion_logps(model, packed)[:2]

@@ -128,7 +128,7 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
                           "it bounds prompt and completion together")
     check_prompts(context.rows, context.data_source, "grpo")  # before any model loads
     scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'grpo'"))
-    model, tokenizer = load_policy(context)
+    model, tokenizer = load_policy(context, keep_dropout=True)
     args = training_arguments(config, context.output_dir)
     g = params.num_generations
     completions = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps

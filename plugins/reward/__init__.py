@@ -190,10 +190,8 @@ def load_reward_model(context: StageContext) -> tuple[Any, Any]:
     """
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
-    from trl.trainer.utils import disable_dropout_in_model
-
     from molting.errors import ConfigError, ModelError
-    from molting.models import apply_lora, check_optimizer, load_tokenizer, torch_dtype
+    from molting.models import apply_lora, check_optimizer, disable_dropout, load_tokenizer, torch_dtype
     from molting.training import check_memory_settings
 
     config, path = context.config, context.model_path
@@ -216,6 +214,7 @@ def load_reward_model(context: StageContext) -> tuple[Any, Any]:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=1, use_safetensors=True, trust_remote_code=config.trust_remote_code,
                 dtype=torch_dtype(config.dtype),
+                **({"attn_implementation": config.attn_implementation} if config.attn_implementation else {}),
             )
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -223,7 +222,8 @@ def load_reward_model(context: StageContext) -> tuple[Any, Any]:
     tokenizer = load_tokenizer(path, config.trust_remote_code)
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
-    disable_dropout_in_model(model)  # as trl's RewardTrainer does by default (disable_dropout=True)
+    if config.disable_dropout is not False:  # as trl's RewardTrainer does by default (disable_dropout=True)
+        disable_dropout(model)
     if config.lora_r:  # adapters on the body; the new score head is trained in full
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
                            task_type="SEQ_CLS", modules_to_save=["score"])

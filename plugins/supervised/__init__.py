@@ -92,22 +92,21 @@ def format_sft(rows: list[dict[str, Any]], tokenizer: Any, source: str,
 
     ``checked`` is what :func:`check_sft_rows` returned for these rows, if it ran already.
     """
-    from trl.data_utils import maybe_apply_chat_template
-
     from molting.errors import DataError
+    from molting.pairs import render_chat
 
     schema, conversational = checked or check_sft_rows(rows, source)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
     formatted = []
-    for row in rows:
+    for index, row in enumerate(rows):
         if schema == ("messages",):
             text = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
         else:
             text = {"prompt": row["prompt"], "completion": row["completion"]}
         if conversational:
-            text = maybe_apply_chat_template(text, tokenizer)
-        formatted.append({"prompt": text["prompt"], "completion": text["completion"]})
+            text = render_chat(text, tokenizer, f"{source}, row {index}")
+        formatted.append({"prompt": text["prompt"], "completion": text["completion"], "templated": conversational})
     return formatted, conversational
 
 
@@ -182,7 +181,7 @@ def run_sft(context: StageContext) -> dict[str, Any]:
     if config.padding_free:
         raise ConfigError("--padding-free is not supported by the sft stage yet: drop it (batches are padded)")
     checked = check_sft_rows(context.rows, context.data_source)  # bad rows fail before the model loads
-    model, tokenizer = load_policy(context)
+    model, tokenizer = load_policy(context, keep_dropout=True)
     formatted, conversational = format_sft(context.rows, tokenizer, context.data_source, checked)
     examples = tokenize_sft(formatted, tokenizer, config.max_length, config.overlong, context.data_source, conversational)
     trainer = build_trainer(model, tokenizer, examples, config, context.output_dir, stage_callbacks(context))

@@ -66,10 +66,11 @@ def format_unpaired(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> 
     Paired rows (prompt/chosen/rejected, or chosen/rejected with the prompt
     implicit) are formatted as the preference stage does, then unpaired.
     """
-    from trl.data_utils import _unpair_row, maybe_apply_chat_template
+    from trl.data_utils import _unpair_row
 
     from molting.data import check_columns, check_text_fields
     from molting.errors import DataError
+    from molting.pairs import render_chat
 
     schema = check_columns(rows, SCHEMAS, source, "unpaired")
     if "label" not in schema:
@@ -82,8 +83,9 @@ def format_unpaired(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> 
             f"and {len(pairs)} undesirable examples",
             file=sys.stderr,
         )
+        templated = pairs[0]["templated"]
         return [
-            {"prompt": p, "completion": c, "label": bool(l)}
+            {"prompt": p, "completion": c, "label": bool(l), "templated": templated}
             for p, c, l in zip(columns["prompt"], columns["completion"], columns["label"])
         ]
 
@@ -100,11 +102,12 @@ def format_unpaired(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> 
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
     formatted = []
-    for row in rows:
+    for index, row in enumerate(rows):
         text = {"prompt": row["prompt"], "completion": row["completion"]}
         if conversational:
-            text = maybe_apply_chat_template(text, tokenizer)
-        formatted.append({"prompt": text["prompt"], "completion": text["completion"], "label": row["label"]})
+            text = render_chat(text, tokenizer, f"{source}, row {index}")
+        formatted.append({"prompt": text["prompt"], "completion": text["completion"], "label": row["label"],
+                          "templated": conversational})
     return formatted
 
 
