@@ -11,6 +11,7 @@ the position ids the generation used.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import attrs
@@ -86,10 +87,15 @@ def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong
 def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
            max_prompt_length: int | None = None) -> Samples:
-    """``n`` completions for each prompt (temperature 0: greedy).
+    """``n`` completions for each prompt (temperature 0: greedy), each ending at the first of :func:`stop_token_ids`.
 
-    ``max_prompt_length`` keeps the last tokens of a longer prompt (its end,
-    where the answer starts), as trl truncated prompts.
+    Generation follows exactly the settings given, as trl's online trainers
+    do: nothing of the model's own ``generation_config`` (a hub model's
+    ``repetition_penalty``, ``top_k``, ...) applies, so the completions are
+    drawn from the distribution the stages' log-probs describe. Tokens are
+    drawn by :class:`InverseCdfSampler`. ``max_prompt_length`` keeps the last
+    tokens of a longer prompt (its end, where the answer starts), as trl
+    truncated prompts.
     """
     was_training = model.training
     model.eval()
@@ -103,19 +109,18 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     stops = stop_token_ids(model, tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    generation, processors = generation_settings(max_new_tokens, temperature, top_p, top_k, stops, pad)
     prompt_chunks, completion_chunks = [], []
     try:
-        for start in range(0, len(repeated), batch_size):
-            chunk = [texts[i] for i in repeated[start : start + batch_size]]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
-                                truncation=max_prompt_length is not None, max_length=max_prompt_length)
-            encoded = {k: v.to(device) for k, v in encoded.items()}
-            sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-                        if temperature > 0 else {"do_sample": False})
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops,
-                                    use_cache=True, **sampling)
-            prompt_chunks.append((encoded["input_ids"], encoded["attention_mask"]))
-            completion_chunks.append(output[:, encoded["input_ids"].shape[1] :])
+        with _generation_config(model, generation):
+            for start in range(0, len(repeated), batch_size):
+                chunk = [texts[i] for i in repeated[start : start + batch_size]]
+                encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
+                                    truncation=max_prompt_length is not None, max_length=max_prompt_length)
+                encoded = {k: v.to(device) for k, v in encoded.items()}
+                output = model.generate(**encoded, generation_config=generation, logits_processor=processors)
+                prompt_chunks.append((encoded["input_ids"], encoded["attention_mask"]))
+                completion_chunks.append(output[:, encoded["input_ids"].shape[1] :])
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
         model.train(was_training)
@@ -138,6 +143,63 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
         completion_mask=completion_mask,
         truncated=~is_eos.any(dim=1),
     )
+
+
+def generation_settings(max_new_tokens: int, temperature: float, top_p: float, top_k: int, stops: list[int],
+                        pad: int) -> tuple[Any, Any]:
+    """The ``GenerationConfig`` and logits processors :func:`sample` generates with.
+
+    Sampling runs as greedy decoding over processed scores: transformers'
+    own temperature, top-k and top-p warpers, then :class:`InverseCdfSampler`,
+    which leaves only the drawn token. Temperature 0 is plain greedy decoding.
+    """
+    from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                  eos_token_id=stops, use_cache=True)
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(InverseCdfSampler())
+    return generation, processors
+
+
+class InverseCdfSampler:
+    """A logits processor that draws each row's next token from ``softmax(scores)`` and leaves only it.
+
+    One uniform number per row, found in the cumulative distribution (in
+    float64, so no token's share is lost to rounding); the scores it returns
+    are ``-inf`` but at the drawn token, so greedy decoding emits it. It is
+    what ``torch.multinomial`` does in distribution, without its random
+    number per vocabulary entry: with a 151,936-token vocabulary that draw
+    took ~22 ms of each ~35 ms decoding step on two CPU cores
+    (``benchmarks/real_shapes.py``, grpo); this one takes ~2 ms.
+    """
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = scores.softmax(dim=-1, dtype=torch.float64).cumsum_(dim=-1)
+        draw = torch.rand(scores.size(0), 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.size(-1) - 1)
+        return scores.fill_(float("-inf")).scatter_(1, tokens, 0.0)
+
+
+@contextlib.contextmanager
+def _generation_config(model: Any, config: Any):
+    """Within it, ``model``'s own generation config is ``config``: transformers fills a given config's unset
+    fields from the model's (a hub model's ``repetition_penalty`` would apply), as trl also guards against."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(target, "generation_config", None)
+    target.generation_config = config
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -173,7 +173,7 @@ class Faulty:
 
 
 @pytest.mark.parametrize("judge, phrase", [("raises", "raised RuntimeError"), ("nan", "returned nan"),
-                                           ("short", "returned 7 scores for 8")])
+                                           ("short", "scores for")])
 def test_a_failing_judge_is_a_judge_error_naming_it_and_the_prompt(tmp_path, judge, phrase):
     from molting.demo import prompt_rows
     from molting.discovery import load_plugins
@@ -186,6 +186,11 @@ def test_a_failing_judge_is_a_judge_error_naming_it_and_the_prompt(tmp_path, jud
         run_stage(tmp_path, host=host, rows=rows, judges={judge: 1.0}, max_steps=2)
     message = str(error.value)
     assert f"judge {judge!r}" in message and phrase in message
+    if judge == "short":  # one score short of the distinct completions it was given (the cache drops repeats)
+        import re
+
+        given, wanted = map(int, re.search(r"returned (\d+) scores for (\d+) completions", message).groups())
+        assert given == wanted - 1
     if judge != "short":
         assert "data row 2" in message
 
