@@ -8,6 +8,8 @@ ones. YAML is read with ``yaml.safe_load``.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +33,8 @@ def _number(kind: type):
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # an inf learning rate turns every weight NaN at the first step
+            raise ValueError(f"expected a finite number, got {value!r}")
         if kind is int:
             if not number.is_integer():
                 raise ValueError(f"expected a whole number, got {value!r}")
@@ -58,6 +62,8 @@ def _weights(value: Any, key: str) -> dict[str, float]:
             weights[str(name)] = float(1.0 if weight is None else weight)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: the weight of {name!r} must be a number, got {weight!r}") from None
+        if not math.isfinite(weights[str(name)]):
+            raise ValueError(f"{key}: the weight of {name!r} must be a finite number, got {weight!r}")
     return weights
 
 
@@ -260,4 +266,19 @@ def build_config(values: Mapping[str, Any], loss_param_names: tuple[str, ...], s
         return RunConfig(**run, loss_params=loss)
     except (TypeError, ValueError) as exc:
         message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-        raise ConfigError(f"invalid value in {source}: {message}") from exc
+        field = _unconvertible(run)
+        raise ConfigError(f"invalid value in {source}: {f'{field}: ' if field else ''}{message}") from exc
+
+
+def _unconvertible(run: Mapping[str, Any]) -> str | None:
+    """The first key of ``run`` whose converter refuses its value (a converter's error cannot name the key)."""
+    fields = attrs.fields_dict(RunConfig)
+    for key, value in run.items():
+        converter = getattr(fields.get(key), "converter", None)
+        if converter is None:
+            continue
+        try:
+            converter(value)
+        except (TypeError, ValueError):
+            return key
+    return None

@@ -13,6 +13,31 @@ import attrs
 from molting.components import LossOutput, PreferenceInputs
 
 
+def check_output(out: Any, loss: str, batch: int, reward_shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
+    """``out`` when a stage can train on it, else a :class:`~molting.errors.PluginError` naming ``loss``.
+
+    A :class:`LossOutput` whose ``losses`` hold one floating-point value per
+    example (``(batch,)``) and whose rewards, when given, have the shapes in
+    ``reward_shapes``: what the conformance suite's ``output-shapes`` check
+    asks, checked on every batch of a run (a shape test, no device sync).
+    """
+    from molting.errors import PluginError
+
+    if not isinstance(out, LossOutput):
+        raise PluginError(f"loss {loss!r} returned {type(out).__name__}; expected a molting.LossOutput")
+    shape = tuple(out.losses.shape) if hasattr(out.losses, "shape") else None
+    if shape != (batch,):
+        raise PluginError(f"loss {loss!r}: losses has shape {shape} for a batch of {batch}; expected ({batch},). "
+                          "Return one loss per example (the stage averages them); do not reduce inside the loss.")
+    if not out.losses.is_floating_point():
+        raise PluginError(f"loss {loss!r}: losses has dtype {out.losses.dtype}; expected a floating-point dtype")
+    for name, expected in (reward_shapes or {}).items():
+        value = getattr(out, name)
+        if value is not None and tuple(value.shape) != expected:
+            raise PluginError(f"loss {loss!r}: {name} has shape {tuple(value.shape)}; expected {expected} or None")
+    return out
+
+
 @attrs.frozen
 class BetaParams:
     """Hyperparameters of a loss whose only knob is β."""

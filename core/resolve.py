@@ -9,6 +9,8 @@ losses and stages. Running the steps is :mod:`molting.pipeline`'s job.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Mapping
 
 import attrs
@@ -175,8 +177,10 @@ def _builtin_losses(host: PluginHost, step: Step) -> bool:
 def _loss_weights(value: Any, source: str) -> dict[str, float]:
     if not value:
         return {}
-    if not isinstance(value, Mapping) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value.values()):
-        raise ConfigError(f"`losses` in {source} must map loss names to numeric weights, e.g. {{dpo: 0.8, sft: 1.0}}; got {value!r}")
+    if not isinstance(value, Mapping) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                 and math.isfinite(w) for w in value.values()):
+        raise ConfigError(f"`losses` in {source} must map loss names to finite numeric weights, e.g. "
+                          f"{{dpo: 0.8, sft: 1.0}}; got {value!r}")
     return {str(k): float(w) for k, w in value.items()}
 
 
@@ -220,6 +224,11 @@ def _make_params(params: type, config: RunConfig, owner: str) -> Any:
     fields = {f.name for f in attrs.fields(params)}
     given = {k: v for k, v in config.loss_params.items() if k in fields}
     try:
-        return params(**given)
+        made = params(**given)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid hyperparameters for {owner}: {exc}") from exc
+    for field in attrs.fields(params):  # no validator of a plugin's own has to think of inf and nan
+        value = getattr(made, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"invalid hyperparameters for {owner}: {field.name} must be a finite number, got {value}")
+    return made

@@ -51,6 +51,8 @@ class MoltingTrainer(Trainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self.adapter_reference = adapter_reference
         self.last_batch_indices: Any = None
+        self.last_losses: Any = None  # the loss plugin's per-example losses of the latest micro-batch
+        self.nonfinite_examples: list[Any] | None = None  # set when a micro-batch's loss was not finite
 
     @property
     def has_reference(self) -> bool:
@@ -70,10 +72,33 @@ class MoltingTrainer(Trainer):
                 return compute(model)
         return None
 
+    def apply_loss(self, inputs: Any, batch: int, reward_shapes: dict[str, tuple[int, ...]] | None = None) -> Any:
+        """The loss plugin's output on ``inputs``, checked (:func:`molting.losses.check_output`) and kept for the
+        non-finite guard, which names the examples whose loss was not finite."""
+        from molting.losses import check_output
+
+        out = check_output(self.loss_plugin.compute(inputs, self.loss_params), self.loss_plugin.name, batch,
+                           reward_shapes)
+        self.last_losses = out.losses.detach()
+        return out
+
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
         # a stage whose batches are built later (GRPO: a list of rows) sets the indices in its _prepare_inputs
         self.last_batch_indices = inputs.get("index") if isinstance(inputs, Mapping) else None
-        return super().training_step(model, inputs, num_items_in_batch)
+        self.last_losses = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():  # the guard skips the optimizer step; gradients may look finite
+            self.nonfinite_examples = (self.nonfinite_examples or []) + self._nonfinite_examples()
+        return loss
+
+    def _nonfinite_examples(self) -> list[Any]:
+        """The examples of the latest micro-batch whose loss was not finite (all of it when unknown)."""
+        indices = self.last_batch_indices
+        shown = indices.tolist() if hasattr(indices, "tolist") else ["unknown"]
+        losses = self.last_losses
+        if losses is None or losses.dim() != 1 or len(shown) != losses.numel():
+            return shown
+        return [shown[i] for i in (~torch.isfinite(losses)).nonzero().flatten().tolist()] or shown
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -170,6 +195,7 @@ def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) ->
         max_steps=config.max_steps,
         logging_steps=config.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (its step is skipped), not hidden
         seed=config.seed,
         data_seed=config.seed,
         report_to=[] if config.report_to == "none" else [config.report_to],
@@ -210,29 +236,36 @@ class MetricsFile(TrainerCallback):
             log_metrics(self.path, state.global_step, logs, self.hook)
 
 
-def gradients_are_finite(parameters: Any) -> bool:
-    """Whether every gradient is finite, read from one sum per gradient (one device sync in all).
+def all_finite(tensors: Any) -> bool:
+    """Whether every value of ``tensors`` is finite, read from one sum per tensor (one device sync in all).
 
     A NaN or an infinity anywhere makes its tensor's sum non-finite. Unlike
-    ``torch.isfinite(grad).all()``, which on CPU allocates a float copy (the
-    absolute values) and two masks of each gradient, the sum allocates
-    nothing grad-sized: with a 151,936-token embedding that check alone was
-    a 250 MB transient, the largest of a full fine-tuning step. A finite
-    gradient whose sum overflows (values near 1e38) counts as non-finite.
+    ``torch.isfinite(t).all()``, which on CPU allocates a float copy (the
+    absolute values) and two masks of each tensor, the sum allocates
+    nothing tensor-sized: with a 151,936-token embedding that check alone
+    was a 250 MB transient, the largest of a full fine-tuning step. A finite
+    tensor whose sum overflows (values near 1e38) counts as non-finite.
     """
-    sums = [p.grad.sum(dtype=torch.float32 if p.grad.dtype != torch.float64 else None)
-            for p in parameters if p.grad is not None]
+    sums = [t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None) for t in tensors]
     return not sums or bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all())
 
 
-class NonFiniteGuard(TrainerCallback):
-    """Skips an optimizer step whose gradients are not finite (a NaN/inf loss or gradient).
+def gradients_are_finite(parameters: Any) -> bool:
+    """Whether every gradient is finite (:func:`all_finite`)."""
+    return all_finite([p.grad for p in parameters if p.grad is not None])
 
-    The gradients are dropped before the step (``p.grad = None``), so the
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips an optimizer step whose loss or gradients are not finite, and stops a run whose weights turn so.
+
+    A micro-batch with a non-finite loss (per-example losses of which some
+    are NaN can still give finite gradients) or a non-finite gradient drops
+    the step's gradients before the step (``p.grad = None``), so the
     optimizer leaves the weights *and* its moments alone. Each skip is logged
-    with the step and the indices of the batch's examples; after
-    ``max_skipped`` skips in a row the run stops with an error, and the last
-    checkpoint written stays the last good one.
+    with the step and the examples; after ``max_skipped`` skips in a row the
+    run stops with an error naming the last checkpoint written (the last good
+    one). Weights that are not finite after a step stop the run at once: it
+    never saves them as its result.
     """
 
     def __init__(self, max_skipped: int) -> None:
@@ -241,26 +274,35 @@ class NonFiniteGuard(TrainerCallback):
         self.trainer: MoltingTrainer | None = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if gradients_are_finite(model.parameters()):
+        bad_loss = self.trainer.nonfinite_examples if self.trainer is not None else None
+        if self.trainer is not None:
+            self.trainer.nonfinite_examples = None
+        if bad_loss is None and gradients_are_finite(model.parameters()):
             self.in_a_row = 0
             return
         for p in model.parameters():
             p.grad = None
         self.in_a_row += 1
-        indices = self.trainer.last_batch_indices if self.trainer is not None else None
-        shown = indices.tolist() if hasattr(indices, "tolist") else "unknown"
-        print(
-            f"molting: step {state.global_step + 1}: non-finite loss or gradient on the batch of examples {shown}; "
-            f"optimizer step skipped ({self.in_a_row} in a row, at most {self.max_skipped})",
-            file=sys.stderr,
-        )
+        if bad_loss is not None:
+            what = f"non-finite loss on the examples {bad_loss}"
+        else:
+            indices = self.trainer.last_batch_indices if self.trainer is not None else None
+            what = f"non-finite gradient on the batch of examples {indices.tolist() if hasattr(indices, 'tolist') else 'unknown'}"
+        print(f"molting: step {state.global_step + 1}: {what}; optimizer step skipped ({self.in_a_row} in a row, at "
+              f"most {self.max_skipped})", file=sys.stderr)
         if self.in_a_row >= self.max_skipped:
-            last = _last_checkpoint(args.output_dir)
-            raise MoltingError(
-                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient (last batch: examples "
-                f"{shown}); stopping. "
-                + (f"The last good checkpoint is {last}." if last else "No checkpoint was written (use --save-steps).")
-            )
+            raise MoltingError(f"{self.in_a_row} optimizer steps in a row were skipped (the last: {what}); stopping. "
+                               + _last_good(args.output_dir))
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not all_finite([p.detach() for p in model.parameters() if p.requires_grad]):
+            raise MoltingError(f"step {state.global_step + 1} left non-finite weights (a learning rate too large for "
+                               "the loss's scale?); stopping without saving them. " + _last_good(args.output_dir))
+
+
+def _last_good(output_dir: str) -> str:
+    last = _last_checkpoint(output_dir)
+    return f"The last good checkpoint is {last}." if last else "No checkpoint was written (use --save-steps)."
 
 
 class LoopEvents:

@@ -71,7 +71,7 @@ def test_losses_of_different_stages_cannot_be_combined():
 
 @pytest.mark.parametrize("value", [["dpo", "sft"], {"dpo": "heavy"}, {"dpo": True}])
 def test_weights_must_be_numbers(host, value):
-    with pytest.raises(ConfigError, match="must map loss names to numeric weights"):
+    with pytest.raises(ConfigError, match="must map loss names to finite numeric weights"):
         resolve_config(host, ["dpo"], recipe={"losses": value})
 
 

@@ -153,7 +153,7 @@ class GRPOTrainer(MoltingTrainer):
             max_completion_length=self.grpo.max_new_tokens, num_items_in_batch=inputs["num_items_in_batch"],
             num_processes=self.accelerator.num_processes, steps_per_generation=self.steps_per_generation,
         )
-        out = self.loss_plugin.compute(group, self.loss_params)
+        out = self.apply_loss(group, logps.size(0))
         self.record_masked({"entropy": entropy, **out.metrics}, mask)  # trl: over every process's tokens
         loss = out.losses.mean()
         return (loss, {"losses": out.losses}) if return_outputs else loss

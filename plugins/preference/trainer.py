@@ -14,7 +14,8 @@ class PreferenceTrainer(MoltingTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         pair_inputs, logps = preference_inputs(model, inputs, self.under_reference)
-        out = self.loss_plugin.compute(pair_inputs, self.loss_params)
+        batch = pair_inputs.chosen_logps.size(0)
+        out = self.apply_loss(pair_inputs, batch, {"chosen_rewards": (batch,), "rejected_rewards": (batch,)})
         loss = out.losses.mean()
         half = logps.size(0) // 2
         self.record(preference_metrics(out, logps[:half], logps[half:]))

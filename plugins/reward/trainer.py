@@ -15,10 +15,9 @@ class RewardTrainer(MoltingTrainer):
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         rewards = rewards.logits.squeeze(-1).float()
         chosen, rejected = rewards.chunk(2)
-        out = self.loss_plugin.compute(
-            RewardInputs(chosen_rewards=chosen, rejected_rewards=rejected, margin=inputs.get("margin")),
-            self.loss_params,
-        )
+        batch = chosen.size(0)
+        out = self.apply_loss(RewardInputs(chosen_rewards=chosen, rejected_rewards=rejected, margin=inputs.get("margin")),
+                              batch, {"chosen_rewards": (batch,), "rejected_rewards": (batch,)})
         loss = out.losses.mean()
         self.record_reward_metrics(out, chosen, rejected, inputs["attention_mask"])
         return (loss, {"losses": out.losses, "rewards": rewards}) if return_outputs else loss

@@ -30,9 +30,10 @@ class UnpairedTrainer(MoltingTrainer):
         if self.has_reference:
             kl = self.kl_estimate(model, inputs)
             ref_logps = self.reference_logps(model, ids, attention, completion)
-        out = self.loss_plugin.compute(
+        desirable = int(labels.sum())
+        out = self.apply_loss(
             UnpairedInputs(logps=logps, labels=labels, ref_logps=ref_logps, kl=kl, lengths=completion.sum(dim=1)),
-            self.loss_params,
+            logps.size(0), {"chosen_rewards": (desirable,), "rejected_rewards": (logps.size(0) - desirable,)},
         )
         loss = out.losses.mean()
         self.record(self.unpaired_metrics(out, logps, labels, kl))
