@@ -171,6 +171,8 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--resume", metavar="auto|PATH", help="Resume from the latest checkpoint in --output-dir, or from PATH.")
 @click.option("--judge", "judge_weights", multiple=True, metavar="NAME[=WEIGHT]",
               help="Judge that scores samples in online stages (ppo, grpo, sample-pairs); repeat to sum several.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace another run left in --output-dir (its record, checkpoints and model); refused otherwise.")
 @click.option("--force", is_flag=True, default=None,
               help="In a pipeline, rerun steps already complete in the output dir (they are skipped otherwise).")
 @click.option("--loss", "loss_weights", multiple=True, metavar="NAME=WEIGHT",

@@ -196,6 +196,8 @@ class RunConfig:
     """Stop after this many consecutive optimizer steps skipped for a non-finite loss or gradient."""
     force: bool = False
     """In a pipeline, rerun steps whose output is already complete (by default they are skipped)."""
+    overwrite: bool = False
+    """Replace what another run left in the output directory (by default such a directory is refused)."""
     judges: Mapping[str, float] = attrs.field(factory=dict, converter=lambda v: _weights(v, "judges"))
     """Judges (name → weight) that online stages score samples with; empty: the stage's default judges."""
     judge_args: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=dict)

@@ -147,7 +147,7 @@ def run(config: RunConfig, steps: list[Step], host: PluginHost) -> list[dict[str
             results.append(done)
         else:
             rerun = True
-            results.append(_run_step(planned))
+            results.append(_run_step(planned, claim_dir=len(steps) == 1))
         produced = step.stage.produces
         artifacts[produced] = context.output_dir / "data.jsonl" if produced == "dataset" else context.output_dir
         made = context.data if produced == "dataset" else None
@@ -201,7 +201,7 @@ def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | 
     if previous.get("status") != "completed":
         return None
     same = ("plugin", "stage", "loss", "loss_params", "stage_params", "model", "data", "data_fingerprint")
-    ignored = ("force", "resume")
+    ignored = ("force", "resume", "overwrite")
     settings = {k: v for k, v in record["config"].items() if k not in ignored}
     before = {k: v for k, v in previous.get("config", {}).items() if k not in ignored}
     if any(previous.get(k) != json.loads(json.dumps(record.get(k), default=str)) for k in same):
@@ -211,10 +211,21 @@ def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | 
     return previous.get("metrics", {})
 
 
-def _run_step(planned: _Planned) -> dict[str, Any]:
-    """Write the step's record and recipe, run its stage between the hooks, then evaluate and document it."""
+def _run_step(planned: _Planned, claim_dir: bool = True) -> dict[str, Any]:
+    """Write the step's record and recipe, run its stage between the hooks, then evaluate and document it.
+
+    A run's output directory is claimed first (:func:`molting.rundir.claim`);
+    a pipeline's step directories are the pipeline's, which skips or reruns
+    them itself.
+    """
+    from molting.rundir import check_directory, claim
+
     context, record = planned.context, planned.record
     step, config, output_dir, host = context.step, context.config, context.output_dir, context.host
+    if claim_dir:
+        claim(output_dir, record, resume=config.resume is not None, overwrite=config.overwrite)
+    else:
+        check_directory(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if not config.resume:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -233,7 +244,8 @@ def _run_step(planned: _Planned) -> dict[str, Any]:
             host.hook.molting_before_stage(stage=step.stage, config=config)
             metrics = dict(step.stage.run(context))
         except BaseException as exc:
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            record.update(status=status, error=f"{type(exc).__name__}: {exc}")
             write_json_atomic(output_dir / "molting_run.json", record)
             raise
         record.update(status="completed", metrics=metrics)

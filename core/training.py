@@ -513,13 +513,32 @@ def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: StageContex
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, NonFiniteGuard):
             callback.trainer = trainer
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(context.config, context.output_dir))
+    checkpoint = resume_checkpoint(context.config, context.output_dir)
+    if checkpoint is not None and _finished(trainer, checkpoint):
+        result_metrics: dict[str, Any] = {}
+    else:
+        result_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     if save is not None:
         save()
     else:
         save_final(trainer, tokenizer, context.output_dir, merge=context.config.merge,
                    trust_remote_code=context.config.trust_remote_code)
-    return {**last_values(trainer.state.log_history), **result.metrics}
+    return {**last_values(trainer.state.log_history), **result_metrics}
+
+
+def _finished(trainer: MoltingTrainer, checkpoint: str) -> bool:
+    """Whether ``checkpoint`` is at (or past) ``--max-steps`` already; if so, its weights and state are loaded
+    into ``trainer``, to be saved as the result. The Trainer would otherwise train one step more."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    if trainer.args.max_steps <= 0 or state.global_step < trainer.args.max_steps:
+        return False
+    print(f"molting: {checkpoint} is at step {state.global_step} of --max-steps {trainer.args.max_steps}: nothing "
+          "left to train; it is the result", file=sys.stderr)
+    trainer._load_from_checkpoint(checkpoint)  # the weights (or the adapter), as train() loads them
+    trainer.state = state
+    return True
 
 
 def resume_checkpoint(config: RunConfig, output_dir: Path) -> str | None:

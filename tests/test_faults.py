@@ -96,3 +96,70 @@ def test_loss_settings_and_weights_that_are_not_finite_are_refused(flags, messag
     with pytest.raises(ConfigError, match=message):
         config, steps = resolve_config(load_plugins(), ["dpo"], flags=flags)
         make_loss_params(steps[0], config)
+
+
+# --------------------------------------------------------------------------- the output directory
+
+
+def sft(tmp_path, **flags):
+    from molting.discovery import load_plugins
+    from molting.pipeline import run
+    from molting.resolve import resolve_config
+
+    host = load_plugins()
+    settings = {"output_dir": str(tmp_path / "out"), "max_steps": 2, "logging_steps": 1, "eval": "off",
+                "batch_size": 4, "precision": "fp32", **flags}
+    config, steps = resolve_config(host, ["sft"], flags=settings)
+    return run(config, steps, host)
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_dir_that_is_a_file_or_below_one_is_a_one_line_error(tmp_path, below):
+    (tmp_path / "taken").write_text("not a directory")
+    out = tmp_path / "taken" / "out" if below else tmp_path / "taken"
+    message = "lies below .*taken, which is a file" if below else "is a file: give a directory"
+    with pytest.raises(ConfigError, match=message):
+        sft(tmp_path, output_dir=str(out))
+
+
+def test_a_second_run_into_a_run_s_directory_is_refused_unless_overwrite(tmp_path):
+    sft(tmp_path, save_steps=1)
+    with pytest.raises(ConfigError, match=r"holds a completed run \(checkpoints checkpoint-1, checkpoint-2\): continue "
+                                          r"it with --resume auto, replace it with --overwrite"):
+        sft(tmp_path, learning_rate=1e-3)
+    sft(tmp_path, learning_rate=1e-3, overwrite=True)
+    record = json.loads((tmp_path / "out" / "molting_run.json").read_text())
+    assert record["config"]["learning_rate"] == 1e-3 and not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_resume_refuses_a_run_of_other_settings_naming_them(tmp_path):
+    sft(tmp_path, save_steps=1)
+    with pytest.raises(ConfigError, match=r"--resume: .* holds a run with other settings \(learning_rate: 5e-05 then, "
+                                          r"0.001 now\)"):
+        sft(tmp_path, learning_rate=1e-3, resume="auto")
+
+
+def test_a_failed_run_may_be_retried_in_place(tmp_path):
+    out = tmp_path / "out"
+    sft(tmp_path)
+    record = json.loads((out / "molting_run.json").read_text())
+    (out / "molting_run.json").write_text(json.dumps({**record, "status": "failed"}))
+    sft(tmp_path)  # the same settings: its own leftovers
+    (out / "molting_run.json").write_text(json.dumps({**record, "status": "failed"}))
+    sft(tmp_path, learning_rate=1e-3)  # other settings, but the failed run left no checkpoint: nothing to lose
+
+
+def test_resuming_from_a_checkpoint_at_max_steps_trains_nothing_more(tmp_path):
+    """As after a kill during the final save: the last checkpoint is the result, no step is added."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    sft(tmp_path, save_steps=2)
+    (out / "model.safetensors").unlink()
+    steps_before = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sft(tmp_path, save_steps=2, resume="auto")
+    steps_after = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps_after if s is not None) == 2 == max(steps_before)
+    result, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(result[name], checkpoint[name]) for name in checkpoint)
