@@ -97,7 +97,13 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
-        parsed[key if option == "--loss" else key.replace("-", "_")] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            reason = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise click.BadParameter(f"{item!r}: the value is read as YAML, and this is not ({reason}); quote it, "
+                                     f"e.g. {key}='\"...\"'", param_hint=option) from None
+        parsed[key if option == "--loss" else key.replace("-", "_")] = value
     return parsed
 
 

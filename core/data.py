@@ -256,16 +256,35 @@ def check_text_fields(rows: list[dict[str, Any]], columns: tuple[str, ...], sour
         for column in columns:
             value = row[column]
             if conversational:
-                ok = is_messages(value)
-                expected = "a list of {role, content} messages, as in row 0"
+                ok = is_messages(value) and all(_is_text(m["role"]) and _is_content(m["content"]) for m in value)
+                expected = "a list of {role, content} messages with text roles and contents, as in row 0"
             else:
-                ok = isinstance(value, str) and (value != "" or column in allow_empty)
+                ok = _is_text(value) and (value != "" or column in allow_empty)
                 expected = "a non-empty string, as in row 0"
             if not ok:
                 shown = repr(value)
                 shown = shown if len(shown) < 80 else shown[:77] + "..."
                 raise DataError(f"{source}, row {index}, field {column!r}: expected {expected}; got {shown}")
     return conversational
+
+
+def _is_content(value: Any) -> bool:
+    """A message's content: text, or a list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(value, list):
+        return all(isinstance(part, dict) and _is_text(part.get("text")) for part in value)
+    return _is_text(value)
+
+
+def _is_text(value: Any) -> bool:
+    """A string that is Unicode text: no lone surrogate (JSON's ``"\\ud800"`` escapes one), which no tokenizer
+    can encode."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_prompts(rows: list[dict[str, Any]], source: str, stage: str) -> bool:

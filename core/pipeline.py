@@ -9,6 +9,7 @@ evaluates and documents what it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -218,15 +219,23 @@ def _run_step(planned: _Planned, claim_dir: bool = True) -> dict[str, Any]:
     a pipeline's step directories are the pipeline's, which skips or reruns
     them itself.
     """
-    from molting.rundir import check_directory, claim
+    from molting.rundir import check_directory, claim, lock
 
     context, record = planned.context, planned.record
-    step, config, output_dir, host = context.step, context.config, context.output_dir, context.host
-    if claim_dir:
+    config, output_dir = context.config, context.output_dir
+    main = is_main_process()  # the other processes of a multi-process run write into the directory it claims
+    if claim_dir and main:
         claim(output_dir, record, resume=config.resume is not None, overwrite=config.overwrite)
     else:
         check_directory(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with lock(output_dir) if main else contextlib.nullcontext():
+        return _run_claimed(planned)
+
+
+def _run_claimed(planned: _Planned) -> dict[str, Any]:
+    context, record = planned.context, planned.record
+    step, config, output_dir, host = context.step, context.config, context.output_dir, context.host
     if not config.resume:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     write_json_atomic(output_dir / "molting_run.json", record)

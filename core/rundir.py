@@ -7,15 +7,19 @@ continues it when the recorded settings are this run's. A retry of the same
 run that did not complete (it failed or was killed) may write over its own
 leftovers, as a pipeline rerun does, and any run may reuse the directory of
 one that failed before writing a checkpoint. A path that is a file, or lies below
-one, is a one-line error rather than a ``FileExistsError``.
+one, is a one-line error rather than a ``FileExistsError``. While a run writes
+a directory it holds :func:`lock`, so a second process cannot write it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from molting.errors import ConfigError
 
@@ -83,3 +87,56 @@ def check_directory(output_dir: Path) -> None:
         if path.exists() and not path.is_dir():
             where = "is a file" if path == output_dir else f"lies below {path}, which is a file"
             raise ConfigError(f"--output-dir {output_dir} {where}: give a directory")
+
+
+LOCK = ".molting.lock"
+
+
+@contextlib.contextmanager
+def lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir`` for this process: a lock file naming ``PID@HOST``, removed on the way out.
+
+    A second process is refused with the holder's name; a lock left by a
+    process of this host that is gone (a ``kill -9``) is taken over.
+    """
+    path = output_dir / LOCK
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    for attempt in (1, 2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _read(path)
+            if attempt == 1 and _gone(holder):
+                path.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"--output-dir {output_dir} is being written by process {holder or 'unknown'} (lock "
+                              f"{path}): wait for it to finish, or remove the lock if that process is gone") from None
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(me)
+    try:
+        yield
+    finally:
+        if _read(path) == me:
+            path.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _gone(holder: str) -> bool:
+    """Whether the ``PID@HOST`` that wrote a lock is a process of this host that no longer runs."""
+    pid, _, host = holder.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

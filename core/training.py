@@ -8,13 +8,14 @@ This module imports torch and transformers; only stages import it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -577,7 +578,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, merge: bool = False, trust_remote_code: bool = False) -> None:
-    """Save the trained model and tokenizer as plain transformers files (safetensors).
+    """Save the trained model and tokenizer as plain transformers files (safetensors), staged (:func:`staged`).
 
     A LoRA run saves its adapter; with ``merge``, the adapter goes to
     ``OUTPUT/adapter`` and ``OUTPUT`` gets the base model with the adapter
@@ -586,17 +587,40 @@ def save_final(trainer: Trainer, tokenizer: Any, output_dir: Path, merge: bool =
     the saved model needs no unpickling (checkpoints keep the Trainer's own
     torch-saved state, for --resume).
     """
-    output_dir = Path(output_dir)
-    target = output_dir / "adapter" if merge else output_dir
-    trainer.save_model(str(target))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(target))
-        for folder in {target, output_dir}:
-            (folder / "training_args.bin").unlink(missing_ok=True)
-        if merge:
-            from molting.models import merge_adapter
+    with staged(Path(output_dir), trainer.is_world_process_zero()) as staging:
+        target = staging / "adapter" if merge else staging
+        trainer.save_model(str(target))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(target))
+            for folder in {target, staging}:
+                (folder / "training_args.bin").unlink(missing_ok=True)
+            if merge:
+                from molting.models import merge_adapter
 
-            merge_adapter(target, output_dir, trust_remote_code=trust_remote_code)
+                merge_adapter(target, staging, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def staged(output_dir: Path, is_main: bool = True) -> Iterator[Path]:
+    """A folder to write the final model into, whose files are renamed into ``output_dir`` once all are written.
+
+    A crash or kill during the save leaves the output directory as it was
+    (and ``molting_run.json`` not ``completed``), never half a model next
+    to the record; the next attempt clears the staging folder first.
+    """
+    staging = output_dir / ".staging-final"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    yield staging
+    if not is_main:
+        return
+    for entry in sorted(staging.iterdir()):
+        destination = output_dir / entry.name
+        if destination.is_dir() and not destination.is_symlink():
+            shutil.rmtree(destination)
+        os.replace(entry, destination)
+    staging.rmdir()
 
 
 def last_values(log_history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -612,11 +636,11 @@ def save_final_model(model: Any, tokenizer: Any, output_dir: Path, is_main_proce
     """:func:`save_final` for stages with their own loop: the model (or its LoRA adapter) and the tokenizer."""
     if not is_main_process:
         return
-    output_dir = Path(output_dir)
-    target = output_dir / "adapter" if merge else output_dir
-    model.save_pretrained(str(target), safe_serialization=True)
-    tokenizer.save_pretrained(str(target))
-    if merge:
-        from molting.models import merge_adapter
+    with staged(Path(output_dir)) as staging:
+        target = staging / "adapter" if merge else staging
+        model.save_pretrained(str(target), safe_serialization=True)
+        tokenizer.save_pretrained(str(target))
+        if merge:
+            from molting.models import merge_adapter
 
-        merge_adapter(target, output_dir, trust_remote_code=trust_remote_code)
+            merge_adapter(target, staging, trust_remote_code=trust_remote_code)

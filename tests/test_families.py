@@ -207,25 +207,28 @@ def conversational_pair(family: str) -> dict:
             "rejected": [{"role": "assistant", "content": "seven, I think"}]}
 
 
-@pytest.mark.parametrize("family", CHAT_FAMILIES)
-def test_preference_tokens_equal_trls_dpo_trainer(tmp_path, families_root, family):
-    """Prompt, chosen and rejected ids (so the loss masks) of a conversation with a system turn and history."""
+def assert_pair_tokens_equal_trls(tmp_path, path, rows):
+    """molting's prompt, chosen and rejected ids of ``rows`` equal trl's DPOTrainer's (so do the loss masks)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from molting.pairs import format_pairs, tokenize_pairs
 
-    path = family_model(family, families_root)
-    rows = [conversational_pair(family)]
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), train_dataset=Dataset.from_list(rows),
                          args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
                          processing_class=AutoTokenizer.from_pretrained(path))
-    theirs = trainer.train_dataset[0]
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ours = tokenize_pairs(format_pairs(rows, tokenizer, "pairs"), tokenizer, 1024, "truncate")[0]
-    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        assert ours[key] == theirs[key], (key, tokenizer.decode(ours[key]), tokenizer.decode(theirs[key]))
+    ours = tokenize_pairs(format_pairs(rows, tokenizer, "pairs"), tokenizer, 1024, "truncate")
+    for mine, theirs in zip(ours, trainer.train_dataset, strict=True):
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert mine[key] == theirs[key], (key, tokenizer.decode(mine[key]), tokenizer.decode(theirs[key]))
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_preference_tokens_equal_trls_dpo_trainer(tmp_path, families_root, family):
+    """A conversation with a system turn and history."""
+    assert_pair_tokens_equal_trls(tmp_path, family_model(family, families_root), [conversational_pair(family)])
 
 
 @pytest.mark.parametrize("family", CHAT_FAMILIES)
@@ -255,22 +258,8 @@ def test_sft_tokens_and_completion_mask_equal_trls_sft_trainer(tmp_path, familie
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_text_pair_tokens_equal_trls_dpo_trainer(tmp_path, families_root, family):
     """Standard (text) rows: the BOS where the tokenizer adds one, EOS after each completion, as trl."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    from molting.pairs import format_pairs, tokenize_pairs
-
-    path = family_model(family, families_root)
     rows = [{"prompt": "Q: what is three plus three?\nA:", "chosen": " six", "rejected": " seven, I think"}]
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), train_dataset=Dataset.from_list(rows),
-                         args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
-                         processing_class=AutoTokenizer.from_pretrained(path))
-    theirs = trainer.train_dataset[0]
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ours = tokenize_pairs(format_pairs(rows, tokenizer, "pairs"), tokenizer, 1024, "truncate")[0]
-    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        assert ours[key] == theirs[key], (key, tokenizer.decode(ours[key]), tokenizer.decode(theirs[key]))
+    assert_pair_tokens_equal_trls(tmp_path, family_model(family, families_root), rows)
 
 
 # --------------------------------------------------------------------------- loading options

@@ -101,12 +101,14 @@ def test_loss_settings_and_weights_that_are_not_finite_are_refused(flags, messag
 # --------------------------------------------------------------------------- the output directory
 
 
-def sft(tmp_path, **flags):
+def sft(tmp_path, plugin=None, **flags):
     from molting.discovery import load_plugins
     from molting.pipeline import run
     from molting.resolve import resolve_config
 
     host = load_plugins()
+    if plugin is not None:
+        host.register(plugin, "watch")
     settings = {"output_dir": str(tmp_path / "out"), "max_steps": 2, "logging_steps": 1, "eval": "off",
                 "batch_size": 4, "precision": "fp32", **flags}
     config, steps = resolve_config(host, ["sft"], flags=settings)
@@ -163,3 +165,54 @@ def test_resuming_from_a_checkpoint_at_max_steps_trains_nothing_more(tmp_path):
     assert max(s for s in steps_after if s is not None) == 2 == max(steps_before)
     result, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-2" / "model.safetensors")
     assert all(torch.equal(result[name], checkpoint[name]) for name in checkpoint)
+
+
+def test_a_directory_another_live_process_writes_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".molting.lock").write_text(f"{other.pid}@{socket.gethostname()}")
+        with pytest.raises(ConfigError, match=rf"is being written by process {other.pid}@"):
+            sft(tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    seen = []
+
+    class Watch:
+        @molting.hookimpl
+        def molting_before_stage(self, stage, config):
+            seen.append((out / ".molting.lock").read_text())
+
+    sft(tmp_path, plugin=Watch())  # that process is gone: its lock is stale, and taken over
+    assert seen == [f"{os.getpid()}@{socket.gethostname()}"]
+    assert not (out / ".molting.lock").exists() and (out / "model.safetensors").exists()
+
+
+def test_a_crash_during_the_final_save_leaves_no_half_model_and_a_resume_finishes_it(tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    out = tmp_path / "out"
+    save = PreTrainedTokenizerBase.save_pretrained
+
+    def crash(self, directory, *args, **kwargs):
+        if ".staging-final" in str(directory):
+            raise OSError(28, "No space left on device")
+        return save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
+    with pytest.raises(OSError, match="No space left"):
+        sft(tmp_path, save_steps=2)
+    assert not (out / "model.safetensors").exists()  # the weights were written, but into the staging folder
+    assert json.loads((out / "molting_run.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save)
+    sft(tmp_path, save_steps=2, resume="auto")
+    assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+    assert not (out / ".staging-final").exists()
+    assert json.loads((out / "molting_run.json").read_text())["status"] == "completed"

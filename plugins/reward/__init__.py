@@ -235,18 +235,20 @@ def save_reward_model(trainer: Any, tokenizer: Any, output_dir: Any, merge: bool
     ``AutoModelForSequenceClassification``; with ``merge`` the adapter also goes to ``OUTPUT/adapter``."""
     from pathlib import Path
 
-    output_dir = Path(output_dir)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if merge:
-        trainer.save_model(str(output_dir / "adapter"))
-        (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
-    if trainer.is_world_process_zero():
-        import copy
+    from molting.training import staged
 
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(output_dir, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
-        (output_dir / "training_args.bin").unlink(missing_ok=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with staged(Path(output_dir), trainer.is_world_process_zero()) as staging:
+        if merge:
+            trainer.save_model(str(staging / "adapter"))
+            (staging / "adapter" / "training_args.bin").unlink(missing_ok=True)
+        if trainer.is_world_process_zero():
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            (staging / "training_args.bin").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- training
