@@ -23,7 +23,45 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from molting.config import TORCH_OPTIMIZERS, RunConfig
 from molting.context import StageContext, log_metrics
 from molting.errors import ConfigError, MoltingError
+from molting.files import write_json_atomic
 from molting.logps import completion_logps
+
+
+class RunLoss:
+    """The sum of a run's finite training losses and the optimizer steps they make up, across resumes.
+
+    The Trainer's ``train_loss`` divides the losses of the steps since a
+    resume by every step of the run; this one is saved with each checkpoint
+    (``molting_loss.json``) and read back on resume, so the summary covers the
+    whole run, and leaves out the steps a non-finite loss skipped.
+    """
+
+    FILE = "molting_loss.json"
+
+    def __init__(self) -> None:
+        self.total: Any = 0.0  # a tensor once a loss is added: summed on the device, read once
+        self.steps = 0.0
+
+    def add(self, loss: Any, accumulation: int) -> None:
+        self.total = self.total + loss.detach().float()
+        self.steps += 1 / accumulation
+
+    def mean(self, accelerator: Any) -> float:
+        """The mean loss per optimizer step, over every process (a collective call)."""
+        return self.gathered(accelerator) / max(self.steps, 1e-9)
+
+    def gathered(self, accelerator: Any) -> float:
+        total = torch.as_tensor(self.total, dtype=torch.float32, device=accelerator.device).reshape(1)
+        return float(accelerator.gather(total).mean())
+
+    def save(self, checkpoint: str, total: float) -> None:
+        write_json_atomic(Path(checkpoint) / self.FILE, {"loss_sum": total, "steps": self.steps})
+
+    def load(self, checkpoint: str) -> None:
+        path = Path(checkpoint) / self.FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            self.total, self.steps = float(saved["loss_sum"]), float(saved["steps"])
 
 
 class MoltingTrainer(Trainer):
@@ -54,6 +92,7 @@ class MoltingTrainer(Trainer):
         self.last_batch_indices: Any = None
         self.last_losses: Any = None  # the loss plugin's per-example losses of the latest micro-batch
         self.nonfinite_examples: list[Any] | None = None  # set when a micro-batch's loss was not finite
+        self.run_loss = RunLoss()
 
     @property
     def has_reference(self) -> bool:
@@ -90,6 +129,8 @@ class MoltingTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():  # the guard skips the optimizer step; gradients may look finite
             self.nonfinite_examples = (self.nonfinite_examples or []) + self._nonfinite_examples()
+        else:
+            self.run_loss.add(loss, self.args.gradient_accumulation_steps)
         return loss
 
     def _nonfinite_examples(self) -> list[Any]:
@@ -112,8 +153,10 @@ class MoltingTrainer(Trainer):
             super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N
         finally:
             self.args.output_dir = run_dir
+        total = self.run_loss.gathered(self.accelerator)  # every process: the loss sum is a collective
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            self.run_loss.save(os.path.join(staging, name), total)
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -158,6 +201,8 @@ class MoltingTrainer(Trainer):
         if mode == "eval":
             averaged = {f"eval_{name}": value for name, value in averaged.items()}
         logs.update(averaged)
+        if "train_loss" in logs:  # the Trainer's covers only the steps since a resume; this one the whole run
+            logs["train_loss"] = self.run_loss.mean(self.accelerator)
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
@@ -515,8 +560,10 @@ def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: StageContex
         if isinstance(callback, NonFiniteGuard):
             callback.trainer = trainer
     checkpoint = resume_checkpoint(context.config, context.output_dir)
+    if checkpoint is not None:
+        trainer.run_loss.load(checkpoint)
     if checkpoint is not None and _finished(trainer, checkpoint):
-        result_metrics: dict[str, Any] = {}
+        result_metrics: dict[str, Any] = {"train_loss": trainer.run_loss.mean(trainer.accelerator)}
     else:
         result_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     if save is not None:

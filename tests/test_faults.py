@@ -216,3 +216,39 @@ def test_a_crash_during_the_final_save_leaves_no_half_model_and_a_resume_finishe
     assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
     assert not (out / ".staging-final").exists()
     assert json.loads((out / "molting_run.json").read_text())["status"] == "completed"
+
+
+class StopAt:
+    """A plugin whose trainer callback raises at one step: a crash mid-run."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @molting.hookimpl
+    def molting_trainer_callbacks(self, stage, config):
+        from transformers import TrainerCallback
+
+        step = self.step
+
+        class Crash(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise RuntimeError(f"crash at step {step}")
+
+        return [Crash()]
+
+
+def test_after_a_resume_the_summary_loss_covers_the_whole_run(tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    sft(whole, max_steps=4, save_steps=2)
+    expected = json.loads((whole / "out" / "molting_run.json").read_text())["metrics"]["train_loss"]
+    with pytest.raises(RuntimeError, match="crash at step 3"):
+        sft(tmp_path, plugin=StopAt(3), max_steps=4, save_steps=2)
+    sft(tmp_path, max_steps=4, save_steps=2, resume="auto")
+    record = json.loads((tmp_path / "out" / "molting_run.json").read_text())
+    assert record["metrics"]["train_loss"] == pytest.approx(expected, rel=1e-5)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    summaries = [line for line in lines if "train_loss" in line]
+    assert len(summaries) == 1 and summaries[0]["train_loss"] == pytest.approx(expected, rel=1e-5)
+    assert [line["step"] for line in lines if "train_loss" not in line] == [1, 2, 3, 4]  # each step once
