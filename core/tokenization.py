@@ -52,10 +52,8 @@ def tokenize_completions(
     """
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     examples, too_long, prompt_too_long, merged = [], 0, 0, 0
-    for index, row in enumerate(rows):
+    for index, row, (prompt, completions, shortened) in _split_rows(rows, keys, tokenizer):
         templated = bool(row.get("templated"))  # a chat template's completion ends with its own end of turn
-        texts = [row[key] if templated else without_eos(row[key], tokenizer) for key in keys]
-        prompt, completions, shortened = split_ids(tokenizer, with_bos(row["prompt"], tokenizer), texts)
         merged += shortened
         if not templated:
             completions = [c + eos for c in completions]
@@ -82,6 +80,21 @@ def tokenize_completions(
     return examples
 
 
+#: Rows tokenized in one call of the tokenizer: a fast tokenizer encodes a batch in Rust, in parallel.
+BATCH_ROWS = 1024
+
+
+def _split_rows(rows: list[dict[str, Any]], keys: tuple[str, ...], tokenizer: Any):
+    """``(index, row, split_ids's result)`` for each row, tokenized :data:`BATCH_ROWS` rows at a time."""
+    for start in range(0, len(rows), BATCH_ROWS):
+        batch = rows[start : start + BATCH_ROWS]
+        prompts = [with_bos(row["prompt"], tokenizer) for row in batch]
+        texts = [[row[key] if row.get("templated") else without_eos(row[key], tokenizer) for key in keys]
+                 for row in batch]
+        for offset, split in enumerate(split_batch(tokenizer, prompts, texts)):
+            yield start + offset, batch[offset], split
+
+
 def split_ids(tokenizer: Any, prompt: str, completions: list[str]) -> tuple[list[int], list[list[int]], bool]:
     """Token ids of ``prompt`` and of each completion, as the completion is tokenized after the prompt.
 
@@ -93,13 +106,26 @@ def split_ids(tokenizer: Any, prompt: str, completions: list[str]) -> tuple[list
     loses its last ids (the third value says so). An empty prompt is the
     BOS token (else EOS): every sequence has a first position to predict from.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not prompt_ids:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [start], [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions], False
-    joined = [tokenizer(prompt + c, add_special_tokens=False)["input_ids"] for c in completions]
-    cut = min(_shared_prefix(prompt_ids, ids) for ids in joined)
-    return prompt_ids[:cut], [ids[cut:] for ids in joined], cut < len(prompt_ids)
+    return split_batch(tokenizer, [prompt], [completions])[0]
+
+
+def split_batch(tokenizer: Any, prompts: list[str],
+                completions: list[list[str]]) -> list[tuple[list[int], list[list[int]], bool]]:
+    """:func:`split_ids` of many rows (``completions[i]`` are ``prompts[i]``'s), in one tokenizer call per key."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    joined = [tokenizer([p + c for p, c in zip(prompts, column)], add_special_tokens=False)["input_ids"]
+              for column in zip(*completions)]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    results = []
+    for row, ids in enumerate(prompt_ids):
+        if not ids:  # an empty prompt: the completions alone, after the start token
+            alone = tokenizer(list(completions[row]), add_special_tokens=False)["input_ids"]
+            results.append(([start], alone, False))
+            continue
+        together = [column[row] for column in joined]
+        cut = min(_shared_prefix(ids, t) for t in together)
+        results.append((ids[:cut], [t[cut:] for t in together], cut < len(ids)))
+    return results
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
