@@ -43,8 +43,9 @@ def load_rows(host: PluginHost, step: Step, data: str | Path | None, made_from: 
     """
     from molting.data import rename_columns
 
-    rows, source = _read(host, step, data, made_from, config or RunConfig(plugins=()))
-    return rename_columns(rows, dict(config.columns) if config else {}, str(source)), source
+    config = config or RunConfig(plugins=())
+    rows, source = _read(host, step, data, made_from, config)
+    return rename_columns(rows, dict(config.columns), str(source)), source
 
 
 def _read(host: PluginHost, step: Step, data: str | Path | None, made_from: DataSource | None,

@@ -218,7 +218,7 @@ def test_a_crash_during_the_final_save_leaves_no_half_model_and_a_resume_finishe
     assert json.loads((out / "molting_run.json").read_text())["status"] == "completed"
 
 
-class StopAt:
+class CrashAt:
     """A plugin whose trainer callback raises at one step: a crash mid-run."""
 
     def __init__(self, step):
@@ -244,7 +244,7 @@ def test_after_a_resume_the_summary_loss_covers_the_whole_run(tmp_path):
     sft(whole, max_steps=4, save_steps=2)
     expected = json.loads((whole / "out" / "molting_run.json").read_text())["metrics"]["train_loss"]
     with pytest.raises(RuntimeError, match="crash at step 3"):
-        sft(tmp_path, plugin=StopAt(3), max_steps=4, save_steps=2)
+        sft(tmp_path, plugin=CrashAt(3), max_steps=4, save_steps=2)
     sft(tmp_path, max_steps=4, save_steps=2, resume="auto")
     record = json.loads((tmp_path / "out" / "molting_run.json").read_text())
     assert record["metrics"]["train_loss"] == pytest.approx(expected, rel=1e-5)
