@@ -134,6 +134,9 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
 @click.option("--max-length", type=int, help="Max tokens of prompt + completion.  [default: 512]")
 @click.option("--overlong", type=click.Choice(["truncate", "drop"]),
               help="What to do with rows longer than --max-length.  [default: truncate]")
+@click.option("--num-proc", type=int, metavar="N",
+              help="Processes that format and tokenize the data (datasets' map; its cache makes a rerun on the same "
+                   "data, tokenizer and settings skip this).  [default: 1]")
 @click.option("--seed", type=int, help="Random seed for initialisation and data order.  [default: 42]")
 @click.option("--logging-steps", type=int, help="Log metrics every N steps.  [default: 5]")
 @click.option("--report-to", help="Trainer integration to report to (none, tensorboard, wandb, ...).  [default: none]")

@@ -130,6 +130,9 @@ class RunConfig:
     gradient_accumulation_steps: int = attrs.field(default=1, converter=_number(int), validator=_positive)
     max_length: int = attrs.field(default=512, converter=_number(int), validator=attrs.validators.ge(2))
     overlong: str = attrs.field(default="truncate", validator=attrs.validators.in_(("truncate", "drop")))
+    num_proc: int | None = attrs.field(default=None, converter=attrs.converters.optional(_number(int)),
+                                       validator=attrs.validators.optional(_positive))
+    """Processes that format and tokenize the data (``datasets``' ``map``); None: one."""
     seed: int = attrs.field(default=42, converter=_number(int))
     logging_steps: int = attrs.field(default=5, converter=_number(int), validator=_positive)
     report_to: str = attrs.field(

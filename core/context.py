@@ -81,9 +81,12 @@ class StageContext:
     model_path: Path
     """The model to start from: the run's ``--model`` (or the built-in demo model), or the policy the step
     before this one produced."""
-    rows: list[dict[str, Any]]
+    rows: Any
     """The step's data, as read (not yet checked against the stage's columns: that is the stage's job, with
-    :func:`molting.data.check_columns` and a :class:`molting.DataError` naming the row)."""
+    :func:`molting.data.check_columns` and a :class:`molting.DataError` naming the row): a sequence of dict rows
+    (:data:`molting.data.Rows`): a ``datasets.Dataset`` for files and hub datasets (memory-mapped; format and
+    tokenize it with :func:`molting.tokenization.map_rows`, read it with :func:`molting.data.iter_rows`), a list
+    for a registered dataset."""
     data: DataSource
     output_dir: Path
     """Where the stage writes what it ``produces`` (a model, or ``data.jsonl``) and ``metrics.jsonl``."""

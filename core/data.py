@@ -14,10 +14,14 @@ so ``HF_HUB_OFFLINE=1`` reads one fetched before.
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Union
 
 from molting.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import datasets
 
 FORMATS = (".jsonl", ".json", ".csv", ".parquet", "a directory saved with datasets.save_to_disk")
 HUB_DATA_FILES = ("*.parquet", "*.arrow", "*.jsonl", "*.json", "*.csv", "*.tsv", "*.txt", "*.gz", "*.zst", "*.bz2",
@@ -26,13 +30,69 @@ HUB_DATA_FILES = ("*.parquet", "*.arrow", "*.jsonl", "*.json", "*.csv", "*.tsv",
 (no loading scripts: ``datasets`` no longer runs them)."""
 
 
+Rows = Union["datasets.Dataset", list]
+"""A stage's rows: a ``datasets.Dataset`` (read from a file, memory-mapped from the Arrow cache) or a list of dicts
+(a registered dataset's, a test's). Either is a sequence of dict rows: ``len(rows)``, ``rows[i]``, iteration; the
+checks below and the stages' formatting take both."""
+
+
+def read_data(path: str | Path, split: str = "train") -> Rows:
+    """The rows of a data file or saved ``datasets`` directory, as a ``datasets.Dataset`` where ``datasets`` can
+    read it (memory-mapped from its cache, so a file larger than memory is fine and the stages' ``map`` results are
+    cached), else as :func:`read_rows`'s list.
+
+    JSONL goes through ``datasets``' JSON loader; a file it refuses (malformed
+    JSON, text that is not UTF-8, a line that is not an object, ...) is read
+    again with the standard library, whose errors name the line, and is
+    used as a list when that succeeds. JSON and CSV files are read by
+    :func:`read_rows` (their whole text is parsed at once anyway, and CSV
+    fields stay strings).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist")
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix == ".jsonl" and _starts_with_object(path):
+        import datasets
+
+        try:
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+        except Exception:  # datasets says "an error occurred"; the standard library names the line
+            return _read_jsonl(path)
+    return read_rows(path, split)
+
+
+def _starts_with_object(path: Path) -> bool:
+    """Whether the first non-blank line of a JSONL file opens an object (``datasets`` reads a file of other JSON
+    values as a ``text`` column instead of refusing it)."""
+    with path.open("rb") as handle:
+        for line in handle:
+            line = line.lstrip(b"\xef\xbb\xbf").strip()
+            if line:
+                return line.startswith(b"{")
+    return False
+
+
+def _read_parquet(path: Path) -> Any:
+    import datasets
+
+    try:
+        return datasets.Dataset.from_parquet(str(path))
+    except Exception as exc:
+        raise DataError(f"cannot read {path} as parquet: {exc}") from exc
+
+
 def read_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
     """All rows of a data file or saved ``datasets`` directory (its ``split``, when it holds several), as dicts."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
     if path.is_dir():
-        return _read_saved_dataset(path, split)
+        return _read_saved_dataset(path, split).to_list()
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path)
@@ -41,12 +101,7 @@ def read_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
     if suffix == ".csv":
         return _read_csv(path)
     if suffix == ".parquet":
-        import datasets
-
-        try:
-            return datasets.Dataset.from_parquet(str(path), keep_in_memory=True).to_list()
-        except Exception as exc:
-            raise DataError(f"cannot read {path} as parquet: {exc}") from exc
+        return _read_parquet(path).to_list()
     raise DataError(f"unsupported data file {path}: expected one of {', '.join(FORMATS)}")
 
 
@@ -116,7 +171,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
+def _read_saved_dataset(path: Path, split: str) -> Any:
     import datasets
 
     try:
@@ -127,10 +182,10 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
         if split not in loaded:
             raise DataError(f"{path} holds the splits {', '.join(loaded)}, not {split!r}: choose one with --data-split")
         loaded = loaded[split]
-    return loaded.to_list()
+    return loaded
 
 
-def read_hub_dataset(name: str, subset: str | None = None, split: str = "train") -> tuple[list[dict[str, Any]], Path]:
+def read_hub_dataset(name: str, subset: str | None = None, split: str = "train") -> tuple[datasets.Dataset, Path]:
     """The rows of hub dataset ``name`` (``ORG/NAME`` or ``ORG/NAME@REV``) and its snapshot's directory.
 
     The snapshot (data files and card only) comes from huggingface_hub's
@@ -145,7 +200,7 @@ def read_hub_dataset(name: str, subset: str | None = None, split: str = "train")
     return _load_snapshot(directory, f"hub dataset {name!r}", subset, split), directory
 
 
-def _load_snapshot(directory: Path, what: str, subset: str | None, split: str) -> list[dict[str, Any]]:
+def _load_snapshot(directory: Path, what: str, subset: str | None, split: str) -> datasets.Dataset:
     import datasets
 
     try:
@@ -158,21 +213,23 @@ def _load_snapshot(directory: Path, what: str, subset: str | None, split: str) -
         if split not in splits:
             raise DataError(f"{what}{f' (subset {subset!r})' if subset else ''} has the splits {', '.join(splits)}, "
                             f"not {split!r}: choose one with --data-split")
-        return datasets.load_dataset(str(directory), subset, split=split).to_list()
+        return datasets.load_dataset(str(directory), subset, split=split)
     except DataError:
         raise
     except Exception as exc:  # datasets' own errors: files it cannot read, a card it cannot parse
         raise DataError(f"{what}: datasets cannot read it: {str(exc).splitlines()[0]}") from exc
 
 
-def rename_columns(rows: list[dict[str, Any]], columns: dict[str, str], source: str) -> list[dict[str, Any]]:
+def rename_columns(rows: Rows, columns: dict[str, str], source: str) -> Rows:
     """``rows`` with each field ``new`` read from the column ``columns[new]`` (``--columns chosen=response_a``).
 
     A column already called ``new`` is replaced by the renamed one. Every
     row must have the columns named.
     """
-    if not columns or not rows:
+    if not columns or not len(rows):
         return rows
+    if is_dataset(rows):
+        return _rename_dataset_columns(rows, columns, source)
     for index, row in enumerate(rows):
         missing = [old for old in columns.values() if old not in row]
         if missing:
@@ -182,6 +239,67 @@ def rename_columns(rows: list[dict[str, Any]], columns: dict[str, str], source: 
     renamed = set(columns.values())
     return [{**{k: v for k, v in row.items() if k not in renamed and k not in columns},
              **{new: row[old] for new, old in columns.items()}} for row in rows]
+
+
+def _rename_dataset_columns(rows: datasets.Dataset, columns: dict[str, str], source: str) -> datasets.Dataset:
+    missing = [old for old in columns.values() if old not in rows.column_names]
+    if missing:
+        new = next(n for n, o in columns.items() if o == missing[0])
+        raise DataError(f"{source}: no column {missing[0]!r} to read as {new!r} (--columns); its columns: "
+                        f"{', '.join(sorted(rows.column_names))}")
+    replaced = [name for name in columns if name in rows.column_names and name not in columns.values()]
+    return rows.remove_columns(replaced).rename_columns({old: new for new, old in columns.items() if old != new})
+
+
+# --------------------------------------------------------------------------- rows, lists or Arrow
+
+
+def is_dataset(rows: Any) -> bool:
+    """Whether ``rows`` is a ``datasets.Dataset`` (rather than a list of dicts)."""
+    return hasattr(rows, "column_names") and hasattr(rows, "map")
+
+
+def column_names(rows: Rows) -> list[str]:
+    """Every column any row has (a dataset's columns; the keys of a list's rows, in order of appearance)."""
+    if is_dataset(rows):
+        return list(rows.column_names)
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def iter_rows(rows: Rows, columns: Iterable[str] | None = None, size: int = 4096) -> Iterator[dict[str, Any]]:
+    """Each row of ``rows`` as a dict of ``columns`` (all when ``None``) that the row has, read from a dataset a
+    batch at a time (far faster than indexing it row by row).
+
+    A dataset holds ``None`` where a file's row had no such key (or a JSON
+    ``null``): such a value is left out, so a dataset's row reads as the
+    file's row did.
+    """
+    if not is_dataset(rows):
+        for row in rows:
+            yield row if columns is None else {c: row[c] for c in columns if c in row}
+        return
+    table = rows if columns is None else rows.select_columns([c for c in columns if c in rows.column_names])
+    for batch in table.iter(batch_size=size):
+        names = list(batch)
+        for values in zip(*batch.values()):
+            yield {name: value for name, value in zip(names, values) if value is not None}
+
+
+def batches(rows: Rows, size: int, columns: Iterable[str] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """``rows`` (their ``columns``) as lists of at most ``size`` row dicts, in order."""
+    batch: list[dict[str, Any]] = []
+    for row in iter_rows(rows, columns, size=size):
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def first_row(rows: Rows) -> dict[str, Any]:
+    """Row 0, as :func:`iter_rows` gives it."""
+    return next(iter_rows(rows[:1] if not is_dataset(rows) else rows.select(range(1))))
 
 
 # --------------------------------------------------------------------------- validation
@@ -196,7 +314,7 @@ def is_messages(value: Any) -> bool:
     )
 
 
-def check_columns(rows: list[dict[str, Any]], schemas: Iterable[tuple[str, ...]], source: str, stage: str) -> tuple[str, ...]:
+def check_columns(rows: Rows, schemas: Iterable[tuple[str, ...]], source: str, stage: str) -> tuple[str, ...]:
     """The first schema (a tuple of column names) row 0 satisfies, checked on every row, or a :class:`DataError`.
 
     Every row must have the schema's columns, and no row may have the
@@ -204,14 +322,14 @@ def check_columns(rows: list[dict[str, Any]], schemas: Iterable[tuple[str, ...]]
     row has no ``prompt`` while others have one would otherwise be read
     without prompts).
     """
-    if not rows:
+    if not len(rows):
         raise DataError(f"{source} has no rows; the {stage} stage needs at least one")
     schemas = list(schemas)
-    found = sorted(rows[0])
+    first = first_row(rows)
     for position, schema in enumerate(schemas):
-        if all(column in rows[0] for column in schema):
-            _check_rows_have(rows, schema, schemas[:position], source)
-            unused = sorted({c for row in rows for c in row} - set(schema))
+        if all(column in first for column in schema):
+            _check_rows_have(rows, first, schema, schemas[:position], source)
+            unused = sorted(set(_present_columns(rows)) - set(schema))
             if position > 0 and unused:  # e.g. a misspelt "promt" column: say so rather than train on the wrong thing
                 import sys
 
@@ -221,21 +339,33 @@ def check_columns(rows: list[dict[str, Any]], schemas: Iterable[tuple[str, ...]]
                     file=sys.stderr,
                 )
             return schema
+    for schema in schemas if is_dataset(rows) else ():  # the columns are there, row 0 holds nulls in some
+        if all(column in rows.column_names for column in schema):
+            null = next(column for column in schema if column not in first)
+            raise DataError(f"{source}, row 0, field {null!r}: missing or null; the {stage} stage needs a value")
     accepted = " or ".join("(" + ", ".join(s) + ")" for s in schemas)
     raise DataError(
-        f"{source} has columns ({', '.join(found)}); the {stage} stage needs {accepted}. "
+        f"{source} has columns ({', '.join(sorted(first))}); the {stage} stage needs {accepted}. "
         "Values may be strings (standard format) or lists of {role, content} messages (conversational format)."
     )
 
 
-def _check_rows_have(rows: list[dict[str, Any]], schema: tuple[str, ...], preferred: list[tuple[str, ...]],
+def _present_columns(rows: Rows) -> list[str]:
+    """The columns some row has a value in."""
+    if not is_dataset(rows):
+        return column_names(rows)
+    return [name for name in rows.column_names if rows.data.column(name).null_count < rows.data.num_rows]
+
+
+def _check_rows_have(rows: Rows, first: dict[str, Any], schema: tuple[str, ...], preferred: list[tuple[str, ...]],
                      source: str) -> None:
     """Every row has ``schema``'s columns, and none has a column of a ``preferred`` schema row 0 lacks."""
-    extra = sorted({c for s in preferred for c in s} - set(schema) - set(rows[0]))
-    for index, row in enumerate(rows):
+    extra = sorted({c for s in preferred for c in s} - set(schema) - set(first))
+    for index, row in enumerate(iter_rows(rows, (*schema, *extra))):
         missing = [c for c in schema if c not in row]
-        if missing:
-            raise DataError(f"{source}, row {index}: missing column(s) {', '.join(missing)}")
+        if missing:  # in a dataset: a file's row without the key, or with null (a dataset holds None for both)
+            null = " (absent or null)" if is_dataset(rows) else ""
+            raise DataError(f"{source}, row {index}: missing column(s) {', '.join(missing)}{null}")
         present = [c for c in extra if c in row]
         if present:
             raise DataError(
@@ -244,17 +374,22 @@ def _check_rows_have(rows: list[dict[str, Any]], schema: tuple[str, ...], prefer
             )
 
 
-def check_text_fields(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str,
-                      allow_empty: tuple[str, ...] = ("prompt",)) -> bool:
+def check_text_fields(rows: Rows, columns: tuple[str, ...], source: str,
+                      allow_empty: tuple[str, ...] = ("prompt",),
+                      adapt: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> bool:
     """Check each field is a non-empty string or a message list, all rows in one format.
 
     Fields in ``allow_empty`` may be empty strings (an offline stage trains
-    on a completion with no prompt). Returns ``True`` for conversational data.
+    on a completion with no prompt). ``adapt`` turns each row into what is
+    checked (e.g. a text prompt before conversations into a message).
+    Returns ``True`` for conversational data.
     """
-    conversational = is_messages(rows[0][columns[-1]])
-    for index, row in enumerate(rows):
+    adapt = adapt or (lambda row: row)
+    conversational = is_messages(adapt(first_row(rows)).get(columns[-1]))
+    for index, row in enumerate(iter_rows(rows, columns)):
+        row = adapt(row)
         for column in columns:
-            value = row[column]
+            value = row.get(column)
             if conversational:
                 ok = is_messages(value) and all(_is_text(m["role"]) and _is_content(m["content"]) for m in value)
                 expected = "a list of {role, content} messages with text roles and contents, as in row 0"
@@ -287,7 +422,7 @@ def _is_text(value: Any) -> bool:
     return True
 
 
-def check_prompts(rows: list[dict[str, Any]], source: str, stage: str) -> bool:
+def check_prompts(rows: Rows, source: str, stage: str) -> bool:
     """The rows of an online stage: each has a ``prompt`` (a non-empty string, or a message list) to sample
     answers to. Returns ``True`` for conversational prompts."""
     check_columns(rows, [("prompt",)], source, stage)
@@ -305,11 +440,22 @@ def with_bos(text: str, tokenizer: Any) -> str:
     bos = getattr(tokenizer, "bos_token", None)
     if not bos or not isinstance(text, str) or text.startswith(bos):
         return text
-    cached = getattr(tokenizer, "_molting_adds_bos", None)
-    if cached is None:
-        cached = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-        try:
-            tokenizer._molting_adds_bos = cached
-        except AttributeError:
-            pass
-    return bos + text if cached else text
+    return bos + text if adds_bos(tokenizer) else text
+
+
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts its BOS token first by default, remembered per tokenizer (not as an attribute of
+    it: that would change the tokenizer's hash, and with it the ``datasets`` cache key of every ``map`` it is in)."""
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    adds = getattr(tokenizer, "bos_token_id", None) is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    try:
+        _ADDS_BOS[tokenizer] = adds
+    except TypeError:  # not weakly referenceable: ask again next time
+        pass
+    return adds

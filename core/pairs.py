@@ -13,9 +13,13 @@ online DPO and the evaluation use these pieces.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from molting.data import Rows
 from molting.tokenization import tokenize_completions
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import datasets
 
 SCHEMAS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
 """The column sets a preference data set may have: with a prompt, or with the prompt implicit."""
@@ -34,8 +38,10 @@ METRICS = (
 # --------------------------------------------------------------------------- data
 
 
-def format_pairs(rows: list[dict[str, Any]], tokenizer: Any, source: str, stage: str = "preference") -> list[dict[str, str]]:
-    """Validated rows as prompt/chosen/rejected strings (prompt extracted, chat template applied).
+def format_pairs(rows: Rows, tokenizer: Any, source: str, stage: str = "preference", carry: tuple[str, ...] = (),
+                 num_proc: int | None = None) -> datasets.Dataset:
+    """Validated rows as prompt/chosen/rejected strings (prompt extracted, chat template applied), ``carry``'s
+    columns copied along.
 
     Each pair says whether the chat template wrote it (``templated``): its
     completions then end with the template's own end of turn and get no EOS
@@ -43,21 +49,31 @@ def format_pairs(rows: list[dict[str, Any]], tokenizer: Any, source: str, stage:
     """
     from molting.data import check_columns, check_text_fields
     from molting.errors import DataError
+    from molting.tokenization import map_rows
 
     schema = check_columns(rows, SCHEMAS, source, stage)
-    if schema == SCHEMAS[0]:
-        rows = [_with_message_prompt(row) for row in rows]
-    conversational = check_text_fields(rows, schema, source)
+    adapt = _with_message_prompt if schema == SCHEMAS[0] else None
+    conversational = check_text_fields(rows, schema, source, adapt=adapt)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
-    formatted = []
-    for index, row in enumerate(rows):
-        row = split_prompt({k: row[k] for k in schema})
+    return map_rows(rows, _format_pair_batch, "formatting pairs", num_proc, columns=(*schema, *carry), schema=schema,
+                    carry=carry, conversational=conversational, tokenizer=tokenizer, source=source)
+
+
+def _format_pair_batch(batch: dict[str, list], indices: list[int], *, schema: tuple[str, ...], carry: tuple[str, ...],
+                       conversational: bool, tokenizer: Any, source: str) -> dict[str, list]:
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "templated": [], **{c: [] for c in carry}}
+    for offset, values in enumerate(zip(*(batch[key] for key in schema))):
+        row = dict(zip(schema, values))
+        row = split_prompt(_with_message_prompt(row) if "prompt" in row else row)
         if conversational:
-            row = render_chat(row, tokenizer, f"{source}, row {index}")
-        formatted.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
-                          "templated": conversational})
-    return formatted
+            row = render_chat(row, tokenizer, f"{source}, row {indices[offset]}")
+        for key in ("prompt", "chosen", "rejected"):
+            out[key].append(row[key])
+        out["templated"].append(conversational)
+        for name in carry:
+            out[name].append(batch[name][offset])
+    return out
 
 
 def render_chat(row: dict[str, Any], tokenizer: Any, where: str) -> dict[str, Any]:
@@ -68,9 +84,17 @@ def render_chat(row: dict[str, Any], tokenizer: Any, where: str) -> dict[str, An
     from molting.errors import DataError
 
     try:
-        return maybe_apply_chat_template(row, tokenizer)
+        return maybe_apply_chat_template({key: _without_nones(value) for key, value in row.items()}, tokenizer)
     except Exception as exc:  # jinja2's TemplateError, raised by the template's raise_exception
         raise DataError(f"{where}: the model's chat template refuses it: {exc}") from exc
+
+
+def _without_nones(value: Any) -> Any:
+    """A message list without the ``None`` values a dataset gives messages that lack a key other messages of the
+    column have (Arrow stores one struct type per column): a chat template would see ``name: None`` as set."""
+    if not isinstance(value, list):
+        return value
+    return [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in value]
 
 
 HH_TURN = "\n\nAssistant:"
@@ -120,14 +144,16 @@ def _with_message_prompt(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokenize_pairs(
-    pairs: list[dict[str, str]], tokenizer: Any, max_length: int, overlong: str, source: str = "data"
-) -> list[dict[str, list[int]]]:
+    pairs: Rows, tokenizer: Any, max_length: int, overlong: str, source: str = "data", carry: tuple[str, ...] = (),
+    num_proc: int | None = None,
+) -> datasets.Dataset:
     """Token ids of each pair; pairs longer than ``max_length`` are truncated or dropped, and counted.
 
     Truncation keeps the end of the prompt (at least half of ``max_length``
     when the completions are long) and cuts the completions to fit.
     """
-    return tokenize_completions(pairs, ("chosen", "rejected"), tokenizer, max_length, overlong, source, noun="pair")
+    return tokenize_completions(pairs, ("chosen", "rejected"), tokenizer, max_length, overlong, source, noun="pair",
+                                carry=carry, num_proc=num_proc)
 
 
 # --------------------------------------------------------------------------- batches
@@ -246,12 +272,13 @@ def preference_inputs(model: Any, batch: dict[str, Any], under_reference: Any = 
     return inputs, logps
 
 
-def pair_logps(model: Any, examples: list[dict[str, Any]], collator: Any,
+def pair_logps(model: Any, examples: Rows, collator: Any,
                batch_size: int = 32) -> tuple[Any, Any]:
     """Summed completion log-probs of the chosen and the rejected side of tokenized pairs, in eval mode, without
     gradients (reference passes, ``--precompute-ref``, evaluation)."""
     import torch
 
+    from molting.data import batches
     from molting.logps import completion_logps
 
     was_training = model.training
@@ -259,9 +286,7 @@ def pair_logps(model: Any, examples: list[dict[str, Any]], collator: Any,
     device = next(model.parameters()).device
     chosen, rejected = [], []
     with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-                     for ex in examples[start : start + batch_size]]
+        for chunk in batches(examples, batch_size, ("prompt_ids", "chosen_ids", "rejected_ids")):
             batch = {k: v.to(device) for k, v in collator(chunk).items()}
             logps, _, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
             chosen.append(logps[: len(chunk)].float().cpu())

@@ -21,6 +21,7 @@ import molting
 from molting.card import write_model_card
 from molting.config import RunConfig
 from molting.context import DataSource, StageContext, Step, is_main_process
+from molting.data import Rows
 from molting.discovery import PluginHost
 from molting.errors import DataError
 from molting.files import write_json_atomic, write_text_atomic
@@ -32,8 +33,9 @@ __all__ = ["load_rows", "run"]
 
 
 def load_rows(host: PluginHost, step: Step, data: str | Path | None, made_from: DataSource | None = None,
-              config: RunConfig | None = None) -> tuple[list[dict[str, Any]], DataSource]:
-    """The training rows for ``step`` and where they came from.
+              config: RunConfig | None = None) -> tuple[Rows, DataSource]:
+    """The training rows for ``step`` (a ``datasets.Dataset`` for files and hub datasets, a list of dicts for a
+    registered dataset) and where they came from.
 
     ``data`` is a file or directory, a registered dataset's name, a hub
     dataset id (in that order), or ``None`` (the stage's default dataset).
@@ -49,8 +51,8 @@ def load_rows(host: PluginHost, step: Step, data: str | Path | None, made_from: 
 
 
 def _read(host: PluginHost, step: Step, data: str | Path | None, made_from: DataSource | None,
-          config: RunConfig) -> tuple[list[dict[str, Any]], DataSource]:
-    from molting.data import read_hub_dataset, read_rows
+          config: RunConfig) -> tuple[Rows, DataSource]:
+    from molting.data import read_data, read_hub_dataset
     from molting.hub import is_hub_id
 
     split = config.data_split
@@ -61,8 +63,8 @@ def _read(host: PluginHost, step: Step, data: str | Path | None, made_from: Data
     path = Path(data)
     if path.exists():
         if made_from is None:
-            return read_rows(path, split), DataSource(str(data), path=path)
-        return read_rows(path, split), DataSource(f"{data} (made from {made_from})", path=path, demo=made_from.demo)
+            return read_data(path, split), DataSource(str(data), path=path)
+        return read_data(path, split), DataSource(f"{data} (made from {made_from})", path=path, demo=made_from.demo)
     if data in host.components["dataset"]:
         return _dataset_rows(host, str(data), split)
     if is_hub_id(str(data).partition("@")[0]):

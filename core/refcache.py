@@ -16,7 +16,9 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
+
+from molting.data import Rows
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from molting.context import StageContext
@@ -38,17 +40,22 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(examples: Iterable[dict[str, Any]], keys: tuple[str, ...]) -> str:
+def data_fingerprint(examples: Rows, keys: tuple[str, ...]) -> str:
+    """SHA-256 over the ``keys`` of every example, in order."""
+    from molting.data import iter_rows
+
     digest = hashlib.sha256()
-    for example in examples:
+    for example in iter_rows(examples, keys):
         digest.update(json.dumps([example[k] for k in keys]).encode())
     return digest.hexdigest()
 
 
-def precomputed_reference(ref_model: Any, adapter_disabled: bool, examples: list[dict[str, Any]], tokenizer: Any,
-                          context: StageContext, collator: Any, batch_size: int = 32) -> list[dict[str, Any]]:
+def precomputed_reference(ref_model: Any, adapter_disabled: bool, examples: Rows, tokenizer: Any,
+                          context: StageContext, collator: Any, batch_size: int = 32) -> Rows:
     """``examples`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` added, from the cache or one pass."""
     from safetensors.torch import load_file, save_file
+
+    from molting.data import is_dataset
 
     import torch as _torch
 
@@ -70,13 +77,16 @@ def precomputed_reference(ref_model: Any, adapter_disabled: bool, examples: list
         save_file({"chosen": chosen, "rejected": rejected}, tmp)
         os.replace(tmp, path)
         print(f"molting: reference log-probs: computed for {len(examples)} pairs, cached in {path}", file=sys.stderr)
+    if is_dataset(examples):
+        return examples.add_column("ref_chosen_logps", chosen.tolist()).add_column("ref_rejected_logps",
+                                                                                   rejected.tolist())
     return [
         {**ex, "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
         for ex, c, r in zip(examples, chosen.tolist(), rejected.tolist())
     ]
 
 
-def _compute(model: Any, adapter_disabled: bool, examples: list[dict[str, Any]], collator: Any, batch_size: int):
+def _compute(model: Any, adapter_disabled: bool, examples: Rows, collator: Any, batch_size: int):
     import contextlib
 
     from molting.pairs import pair_logps

@@ -25,7 +25,7 @@ from molting.errors import ConfigError
 
 #: Settings that may change between a run and its resumption (or its retry) without making it another run.
 VOLATILE = ("resume", "overwrite", "force", "max_steps", "epochs", "logging_steps", "save_steps", "save_total_limit",
-            "report_to", "eval", "max_skipped_steps")
+            "report_to", "eval", "max_skipped_steps", "num_proc")
 
 
 def claim(output_dir: Path, record: Mapping[str, Any], resume: bool, overwrite: bool) -> None:

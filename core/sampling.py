@@ -65,10 +65,11 @@ def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong
     """
     import sys
 
-    from molting.data import check_prompts, with_bos
+    from molting.data import check_prompts, iter_rows, with_bos
 
     if check_prompts(rows, source, stage) and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
+    rows = list(iter_rows(rows))
     texts = [with_bos(text, tokenizer) for text in prompt_texts([r["prompt"] for r in rows], tokenizer)]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     long = [i for i, n in enumerate(lengths) if n > limit]

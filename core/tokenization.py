@@ -12,11 +12,17 @@ every such row is counted and reported in one line.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-from molting.data import with_bos
+from molting.data import Rows, column_names, is_dataset, with_bos
 from molting.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import datasets
 
 
 def without_eos(text: Any, tokenizer: Any) -> Any:
@@ -26,7 +32,7 @@ def without_eos(text: Any, tokenizer: Any) -> Any:
 
 
 def tokenize_completions(
-    rows: list[dict[str, Any]],
+    rows: Rows,
     keys: tuple[str, ...],
     tokenizer: Any,
     max_length: int,
@@ -35,7 +41,8 @@ def tokenize_completions(
     noun: str = "pair",
     carry: tuple[str, ...] = (),
     add_eos: bool = True,
-) -> list[dict[str, Any]]:
+    num_proc: int | None = None,
+) -> datasets.Dataset:
     """Token ids of each row's ``prompt`` and of its completions ``keys`` (``KEY_ids``, EOS appended unless not
     ``add_eos`` or the row is ``templated``: written by a chat template, which ends a turn its own way).
 
@@ -48,51 +55,147 @@ def tokenize_completions(
     ``noun``s. Each example has ``index`` (its row in ``rows``), ``length``
     (prompt plus longest completion, for ``--group-by-length``),
     ``prompt_ids`` and ``KEY_ids``; ``carry`` names fields copied unchanged
-    into each example (e.g. ``label``).
+    into each example (e.g. ``label``). The examples are a
+    ``datasets.Dataset`` made by :func:`map_rows` (batched, ``num_proc``
+    processes, cached).
     """
-    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-    examples, too_long, prompt_too_long, merged = [], 0, 0, 0
-    for index, row, (prompt, completions, shortened) in _split_rows(rows, keys, tokenizer):
-        templated = bool(row.get("templated"))  # a chat template's completion ends with its own end of turn
-        merged += shortened
-        if not templated:
-            completions = [c + eos for c in completions]
-        longest = max(len(c) for c in completions)
-        if len(prompt) + longest > max_length:
-            too_long += 1
-            prompt_too_long += len(prompt) >= max_length
-            if overlong == "drop":
-                continue
-            prompt, completions = truncate(prompt, completions, max_length)
-            if not all(completions):  # no room left for a completion token: nothing to learn from this row
-                continue
-        example = {"index": index, "length": len(prompt) + max(len(c) for c in completions), "prompt_ids": prompt,
-                   **{f"{key}_ids": c for key, c in zip(keys, completions)}}
-        examples.append({**example, **{name: row[name] for name in carry}})
-    if merged:
-        print(f"molting: {merged} of {len(rows)} {noun}s in {source}: the prompt's last tokens merge with the "
+    ids = {name: ids_feature() for name in ("prompt_ids", *(f"{key}_ids" for key in keys))}
+    tokenized = map_rows(rows, _tokenize_batch, f"tokenizing {noun}s", num_proc, features=ids, keys=keys,
+                         columns=("prompt", *keys, "templated", *carry),
+                         tokenizer=tokenizer, max_length=max_length, overlong=overlong, carry=carry, add_eos=add_eos)
+    counts = {flag: _count(tokenized, flag) for flag in _FLAGS}
+    total = len(tokenized)
+    if counts["_merged"]:
+        print(f"molting: {counts['_merged']} of {total} {noun}s in {source}: the prompt's last tokens merge with the "
               "completion's first, so the completion starts where the two tokenizations part (as in trl)",
               file=sys.stderr)
-    if too_long:
-        _report_overlong(too_long, prompt_too_long, len(rows), noun, source, max_length, overlong)
-    if not examples:
+    if counts["_overlong"]:
+        _report_overlong(counts["_overlong"], counts["_prompt_overlong"], total, noun, source, max_length, overlong)
+    if counts["_kept"] < total:
+        tokenized = tokenized.filter(_kept, input_columns="_kept", batched=True)
+    if not len(tokenized):
         raise DataError(f"no {noun} of {source} fits in max_length={max_length}; raise --max-length")
-    return examples
+    return tokenized.remove_columns(list(_FLAGS))
+
+
+_FLAGS = ("_merged", "_overlong", "_prompt_overlong", "_kept")
+"""Columns :func:`_tokenize_batch` marks each row with, counted and then removed."""
+
+
+def _kept(flags: list[bool]) -> list[bool]:
+    return flags
+
+
+def ids_feature() -> Any:
+    """The feature of a column of token ids: 32-bit (every vocabulary fits), half the bytes of Arrow's default."""
+    import datasets
+
+    return datasets.List(datasets.Value("int32"))
+
+
+def _count(dataset: Any, column: str) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(dataset.data.column(column)).as_py() or 0)
+
+
+def _tokenize_batch(batch: dict[str, list], indices: list[int], *, keys: tuple[str, ...], tokenizer: Any,
+                    max_length: int, overlong: str, carry: tuple[str, ...], add_eos: bool) -> dict[str, list]:
+    """:func:`tokenize_completions` of one batch of formatted rows, every row kept and marked with :data:`_FLAGS`."""
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    templated = [bool(t) for t in batch.get("templated") or [False] * len(indices)]
+    prompts = [with_bos(prompt, tokenizer) for prompt in batch["prompt"]]
+    texts = [[batch[key][row] if templated[row] else without_eos(batch[key][row], tokenizer) for key in keys]
+             for row in range(len(indices))]
+    out: dict[str, list] = {name: [] for name in ("index", "length", "prompt_ids", *(f"{k}_ids" for k in keys),
+                                                 *carry, *_FLAGS)}
+    for row, (prompt, completions, shortened) in enumerate(split_batch(tokenizer, prompts, texts)):
+        if not templated[row]:  # a chat template's completion ends with its own end of turn
+            completions = [c + eos for c in completions]
+        too_long = len(prompt) + max(len(c) for c in completions) > max_length
+        out["_prompt_overlong"].append(too_long and len(prompt) >= max_length)
+        if too_long:
+            prompt, completions = truncate(prompt, completions, max_length)
+        # dropped, or no room left for a completion token: nothing to learn from this row
+        out["_kept"].append(not (too_long and overlong == "drop") and all(completions))
+        out["_merged"].append(shortened)
+        out["_overlong"].append(too_long)
+        out["index"].append(indices[row])
+        out["length"].append(len(prompt) + max(len(c) for c in completions))
+        out["prompt_ids"].append(prompt)
+        for key, completion in zip(keys, completions):
+            out[f"{key}_ids"].append(completion)
+        for name in carry:
+            out[name].append(batch[name][row])
+    return out
 
 
 #: Rows tokenized in one call of the tokenizer: a fast tokenizer encodes a batch in Rust, in parallel.
 BATCH_ROWS = 1024
 
 
-def _split_rows(rows: list[dict[str, Any]], keys: tuple[str, ...], tokenizer: Any):
-    """``(index, row, split_ids's result)`` for each row, tokenized :data:`BATCH_ROWS` rows at a time."""
-    for start in range(0, len(rows), BATCH_ROWS):
-        batch = rows[start : start + BATCH_ROWS]
-        prompts = [with_bos(row["prompt"], tokenizer) for row in batch]
-        texts = [[row[key] if row.get("templated") else without_eos(row[key], tokenizer) for key in keys]
-                 for row in batch]
-        for offset, split in enumerate(split_batch(tokenizer, prompts, texts)):
-            yield start + offset, batch[offset], split
+def map_rows(rows: Rows, function: Callable[..., dict[str, list]], desc: str, num_proc: int | None = None,
+             features: dict[str, Any] | None = None, batch_size: int = BATCH_ROWS,
+             columns: tuple[str, ...] | None = None, **kwargs: Any) -> datasets.Dataset:
+    """``function(batch, indices, **kwargs)`` over the ``columns`` of ``rows`` (all when ``None``) a batch of
+    ``batch_size`` at a time, as a new ``datasets.Dataset`` of the columns it returns (``features`` types some).
+
+    A dataset goes through ``Dataset.map``: ``num_proc`` processes, a
+    progress bar (above one batch), and, for data read from files, the
+    fingerprint cache, so a second run on the same data, tokenizer and
+    settings reads the result instead of computing it. The cache key hashes
+    the input's fingerprint, ``function``, ``kwargs`` and molting's own code
+    (:func:`code_version`): an upgrade never reads a result its predecessor
+    computed. A list of rows (a registered dataset's, a test's) becomes an
+    in-memory dataset of ``columns`` first (a column nobody reads is never
+    converted, whatever it holds).
+    """
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    if not is_dataset(rows):
+        names = columns if columns is not None else column_names(rows)
+        rows = datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in names})
+    elif columns is not None:
+        rows = rows.select_columns([name for name in columns if name in rows.column_names])
+    fingerprint = Hasher.hash([rows._fingerprint, function.__module__, function.__qualname__, kwargs, features,
+                               batch_size, code_version()])
+    typed = None
+    if features and len(rows):  # the other columns' types as the function makes them, from its first row
+        probe = datasets.Dataset.from_dict(function(rows[:1], [0], **kwargs)).features
+        typed = datasets.Features({name: features.get(name, feature) for name, feature in probe.items()})
+    with _progress_bars(len(rows) > batch_size):
+        return rows.map(function, batched=True, with_indices=True, batch_size=batch_size, fn_kwargs=kwargs,
+                        remove_columns=rows.column_names, num_proc=num_proc if num_proc and num_proc > 1 else None,
+                        desc=f"molting: {desc}", new_fingerprint=fingerprint, features=typed)
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """``datasets``' progress bars off while a map too small to need one runs (unless they are off already)."""
+    from datasets.utils import logging as datasets_logging
+
+    if shown or not datasets_logging.is_progress_bar_enabled():
+        yield
+        return
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        datasets_logging.enable_progress_bar()
+
+
+@functools.cache
+def code_version() -> str:
+    """A digest of molting's version and of its modules' source, part of every :func:`map_rows` cache key."""
+    import hashlib
+
+    import molting
+
+    digest = hashlib.sha256(molting.__version__.encode())
+    for path in sorted(Path(molting.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def split_ids(tokenizer: Any, prompt: str, completions: list[str]) -> tuple[list[int], list[list[int]], bool]:
@@ -156,3 +259,13 @@ def _report_overlong(too_long: int, prompt_too_long: int, total: int, noun: str,
         f"Use --max-length or --overlong {'truncate' if overlong == 'drop' else 'drop'} to change this.",
         file=sys.stderr,
     )
+
+
+def token_count(examples: Rows, column: str) -> int:
+    """The number of token ids in ``column`` over every example (read from Arrow, not row by row)."""
+    if not is_dataset(examples):
+        return sum(len(example[column]) for example in examples)
+    import pyarrow.compute as pc
+
+    table = examples.with_format("arrow")[:] if examples._indices is not None else examples.data
+    return int(pc.sum(pc.list_value_length(table.column(column))).as_py() or 0)

@@ -431,16 +431,18 @@ def _last_checkpoint(output_dir: str) -> str | None:
 # --------------------------------------------------------------------------- pieces every stage uses
 
 
-def build_trainer(trainer_class: type, collator: Any, model: Any, tokenizer: Any, examples: list[dict[str, Any]],
+def build_trainer(trainer_class: type, collator: Any, model: Any, tokenizer: Any, examples: Any,
                   config: RunConfig, loss: Any, loss_params: Any, output_dir: Path, callbacks: Any = (),
                   ref_model: Any = None, adapter_reference: bool = False) -> MoltingTrainer:
-    """A stage's Trainer over tokenized ``examples``."""
+    """A stage's Trainer over tokenized ``examples`` (a ``datasets.Dataset``, or a list of dicts)."""
     import datasets
+
+    from molting.data import is_dataset
 
     return trainer_class(
         model=model,
         args=training_arguments(config, output_dir),
-        train_dataset=datasets.Dataset.from_list(examples),
+        train_dataset=examples if is_dataset(examples) else datasets.Dataset.from_list(examples),
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=list(callbacks),

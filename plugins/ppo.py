@@ -439,9 +439,10 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
     import torch
     from tqdm.auto import tqdm
 
+    from molting.data import iter_rows
     from molting.errors import MoltingError
 
-    config, params, rows = context.config, context.stage_params, context.rows
+    config, params, rows = context.config, context.stage_params, list(iter_rows(context.rows))
     events.attach(model=m.unwrap(m.policy), tokenizer=m.tokenizer, optimizer=m.optimizer, scheduler=m.scheduler)
     log = _Logger(config.logging_steps, events)
     kl = AdaptiveKL(params.kl_coef, params.kl_target, params.kl_horizon)

@@ -63,12 +63,12 @@ def run_sample_pairs(context: StageContext) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    from molting.data import check_prompts
+    from molting.data import check_prompts, iter_rows
     from molting.files import write_jsonl_atomic
     from molting.models import load_causal_lm
     from molting.training import LoopEvents
 
-    config, params, rows = context.config, context.stage_params, context.rows
+    config, params, rows = context.config, context.stage_params, list(iter_rows(context.rows))
     conversational = check_prompts(rows, context.data_source, "sample-pairs")
     scorer = _scorer(context)
     torch.manual_seed(config.seed)

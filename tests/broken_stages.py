@@ -31,7 +31,7 @@ def _sft(context, *, check_rows=True, callbacks=None, save=None):
     return train_and_save(trainer, tokenizer, context, save=save)
 
 
-def unchecked_rows(context):  # reads row["completion"] without checking: a KeyError, not a DataError
+def unchecked_rows(context):  # formats row 2's missing completion (None) without checking: a TypeError, not a DataError
     return _sft(context, check_rows=False)
 
 
@@ -72,7 +72,8 @@ def stage(name, run, **overrides):
 BROKEN = {
     # stage → the check it must fail, and a phrase of the message
     "unchecked-rows": (stage("unchecked-rows", unchecked_rows), "refuses-bad-rows",
-                       "raised KeyError: 'completion' rather than a molting.DataError"),
+                       "without column 'completion' raised TypeError: can only concatenate str (not \"NoneType\") to "
+                       "str rather than a molting.DataError"),
     "trusting-rows": (stage("trusting-rows", trusting_rows), "refuses-bad-rows",
                       "a run on row 2 without column 'completion' completed without complaint and trained on it"),
     "writes-nothing": (stage("writes-nothing", writes_nothing), "writes-what-it-produces",

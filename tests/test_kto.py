@@ -171,7 +171,7 @@ def test_paired_rows_are_unpaired(model_and_tokenizer, capsys):
         {"prompt": "Q: What is 1 + 1?\nA:", "chosen": " Arr! 1 plus 1 be 2, matey.", "rejected": " The answer is 2."},
         {"prompt": "Q: What is 2 + 2?\nA:", "chosen": " Arr! 2 plus 2 be 4, matey.", "rejected": " The answer is 5."},
     ]
-    examples = format_unpaired(rows, tokenizer, "pairs.jsonl")
+    examples = format_unpaired(rows, tokenizer, "pairs.jsonl").to_list()
     assert examples == [  # trl's _unpair_row: every chosen, then every rejected
         {"prompt": rows[0]["prompt"], "completion": rows[0]["chosen"], "label": True, "templated": False},
         {"prompt": rows[1]["prompt"], "completion": rows[1]["chosen"], "label": True, "templated": False},
@@ -180,7 +180,7 @@ def test_paired_rows_are_unpaired(model_and_tokenizer, capsys):
     ]
     assert "pairs.jsonl is paired (prompt/chosen/rejected): unpaired into 2 desirable and 2 undesirable" in capsys.readouterr().err
     implicit = [{"chosen": "Q: What is 1 + 1?\nA: 2", "rejected": "Q: What is 1 + 1?\nA: 3"}]
-    assert format_unpaired(implicit, tokenizer, "pairs") == [
+    assert format_unpaired(implicit, tokenizer, "pairs").to_list() == [
         {"prompt": "Q: What is 1 + 1?\nA:", "completion": " 2", "label": True, "templated": False},
         {"prompt": "Q: What is 1 + 1?\nA:", "completion": " 3", "label": False, "templated": False},
     ]

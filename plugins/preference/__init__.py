@@ -56,8 +56,9 @@ def run_preference(context: StageContext) -> dict[str, Any]:
         from molting.packing import use_varlen_attention
 
         use_varlen_attention(model)
-    pairs = format_pairs(context.rows, tokenizer, context.data_source)
-    examples = tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source)
+    pairs = format_pairs(context.rows, tokenizer, context.data_source, num_proc=config.num_proc)
+    examples = tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source,
+                              num_proc=config.num_proc)
     if config.precompute_ref and context.loss.needs_reference:
         from molting.refcache import precomputed_reference
 

@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 import molting
 from molting.context import StageContext
+from molting.data import Rows
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import datasets
 from molting.components import Loss, LossOutput, RewardInputs, Stage
 
 SCHEMAS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
@@ -123,15 +127,15 @@ def molting_register_stages(register):
 # --------------------------------------------------------------------------- data
 
 
-def format_reward_pairs(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> list[dict[str, Any]]:
+def format_reward_pairs(rows: Rows, tokenizer: Any, source: str, num_proc: int | None = None) -> datasets.Dataset:
     """The preference stage's formatted pairs, each with its ``margin`` when the data has that column."""
+    from molting.data import column_names, iter_rows
     from molting.errors import DataError
     from molting.pairs import format_pairs
 
-    pairs = format_pairs(rows, tokenizer, source)
-    if not any("margin" in row for row in rows):
-        return pairs
-    for index, row in enumerate(rows):
+    if "margin" not in column_names(rows):
+        return format_pairs(rows, tokenizer, source, num_proc=num_proc)
+    for index, row in enumerate(iter_rows(rows, ("margin",))):
         value = row.get("margin")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             shown = "missing" if "margin" not in row else f"got {value!r}"[:80]
@@ -140,18 +144,19 @@ def format_reward_pairs(rows: list[dict[str, Any]], tokenizer: Any, source: str)
                 f"rejected), as every row needs once one has a margin; {shown}. CSV files hold only strings: use "
                 "JSONL, JSON or parquet for margins."
             )
-    return [{**pair, "margin": float(row["margin"])} for pair, row in zip(pairs, rows)]
+    return format_pairs(rows, tokenizer, source, carry=("margin",), num_proc=num_proc)
 
 
 def tokenize_reward_pairs(
-    pairs: list[dict[str, Any]], tokenizer: Any, max_length: int, overlong: str, source: str = "data"
-) -> list[dict[str, Any]]:
+    pairs: Rows, tokenizer: Any, max_length: int, overlong: str, source: str = "data", num_proc: int | None = None
+) -> datasets.Dataset:
     """Token ids of each pair as the preference stage tokenizes them, its ``margin`` carried along."""
+    from molting.data import column_names
     from molting.tokenization import tokenize_completions
 
-    carry = ("margin",) if pairs and "margin" in pairs[0] else ()
+    carry = ("margin",) if "margin" in column_names(pairs) else ()
     return tokenize_completions(pairs, ("chosen", "rejected"), tokenizer, max_length, overlong, source, noun="pair",
-                                carry=carry)
+                                carry=carry, num_proc=num_proc)
 
 
 class RewardCollator:
@@ -264,9 +269,11 @@ def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_
                                   examples, config, loss, loss_params, output_dir, callbacks)
 
 
-def score_pairs(model: Any, examples: list[dict[str, Any]], pad_token_id: int, batch_size: int = 32) -> tuple[Any, Any]:
+def score_pairs(model: Any, examples: Rows, pad_token_id: int, batch_size: int = 32) -> tuple[Any, Any]:
     """The rewards of the chosen and the rejected side of tokenized pairs, in evaluation mode, on the model's device."""
     import torch
+
+    from molting.data import batches
 
     was_training = model.training
     model.eval()
@@ -274,8 +281,7 @@ def score_pairs(model: Any, examples: list[dict[str, Any]], pad_token_id: int, b
     collator = RewardCollator(pad_token_id)
     chosen, rejected = [], []
     with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = [{k: v for k, v in ex.items() if k != "margin"} for ex in examples[start : start + batch_size]]
+        for chunk in batches(examples, batch_size, ("prompt_ids", "chosen_ids", "rejected_ids")):
             batch = collator(chunk)
             rewards = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                             use_cache=False).logits.squeeze(-1).float().cpu()
@@ -303,8 +309,9 @@ def run_reward_model(context: StageContext) -> dict[str, Any]:
     if config.padding_free:
         raise ConfigError("--padding-free is not supported by the reward-model stage yet: drop it (batches are padded)")
     model, tokenizer = load_reward_model(context)
-    pairs = format_reward_pairs(context.rows, tokenizer, context.data_source)
-    examples = tokenize_reward_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source)
+    pairs = format_reward_pairs(context.rows, tokenizer, context.data_source, config.num_proc)
+    examples = tokenize_reward_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source,
+                                     config.num_proc)
     trainer = build_trainer(model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir,
                             stage_callbacks(context))
     margins = " with margins" if "margin" in examples[0] else ""

@@ -24,11 +24,15 @@ seen so far, prompts and completions). No reference model, no loss plugin.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import molting
-from molting.context import StageContext
 from molting.components import Stage
+from molting.context import StageContext
+from molting.data import Rows
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import datasets
 
 SCHEMAS = (("prompt", "completion"), ("messages",))
 METRICS = ("loss", "mean_token_accuracy", "entropy", "num_tokens")
@@ -59,11 +63,11 @@ def check_sft_rows(rows: list[dict[str, Any]], source: str) -> tuple[tuple[str, 
 
     Needs no tokenizer, so bad data is reported before any model loads.
     """
-    from molting.data import check_columns, check_text_fields
+    from molting.data import check_columns, check_text_fields, iter_rows
 
     schema = check_columns(rows, SCHEMAS, source, "sft")
     if schema == ("messages",):
-        for index, row in enumerate(rows):
+        for index, row in enumerate(iter_rows(rows, schema)):
             _check_conversation(row["messages"], source, index)
         return schema, True
     return schema, check_text_fields(rows, schema, source)
@@ -86,51 +90,58 @@ def _check_conversation(messages: Any, source: str, index: int) -> None:
         )
 
 
-def format_sft(rows: list[dict[str, Any]], tokenizer: Any, source: str,
-               checked: tuple[tuple[str, ...], bool] | None = None) -> tuple[list[dict[str, str]], bool]:
+def format_sft(rows: Rows, tokenizer: Any, source: str, checked: tuple[tuple[str, ...], bool] | None = None,
+               num_proc: int | None = None) -> tuple[datasets.Dataset, bool]:
     """Validated rows as prompt/completion strings (chat template applied), and whether they were conversational.
 
     ``checked`` is what :func:`check_sft_rows` returned for these rows, if it ran already.
     """
     from molting.errors import DataError
-    from molting.pairs import render_chat
+    from molting.tokenization import map_rows
 
     schema, conversational = checked or check_sft_rows(rows, source)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
-    formatted = []
-    for index, row in enumerate(rows):
-        if schema == ("messages",):
-            text = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
-        else:
-            text = {"prompt": row["prompt"], "completion": row["completion"]}
-        if conversational:
-            text = render_chat(text, tokenizer, f"{source}, row {index}")
-        formatted.append({"prompt": text["prompt"], "completion": text["completion"], "templated": conversational})
+    formatted = map_rows(rows, _format_sft_batch, "formatting examples", num_proc, columns=schema, schema=schema,
+                         conversational=conversational, tokenizer=tokenizer, source=source)
     return formatted, conversational
 
 
+def _format_sft_batch(batch: dict[str, list], indices: list[int], *, schema: tuple[str, ...], conversational: bool,
+                      tokenizer: Any, source: str) -> dict[str, list]:
+    from molting.pairs import render_chat
+
+    out: dict[str, list] = {"prompt": [], "completion": [], "templated": []}
+    for offset, index in enumerate(indices):
+        if schema == ("messages",):
+            messages = batch["messages"][offset]
+            text = {"prompt": messages[:-1], "completion": messages[-1:]}
+        else:
+            text = {"prompt": batch["prompt"][offset], "completion": batch["completion"][offset]}
+        if conversational:
+            text = render_chat(text, tokenizer, f"{source}, row {index}")
+        out["prompt"].append(text["prompt"])
+        out["completion"].append(text["completion"])
+        out["templated"].append(conversational)
+    return out
+
+
 def tokenize_sft(
-    examples: list[dict[str, str]], tokenizer: Any, max_length: int, overlong: str, source: str = "data",
-    conversational: bool = False,
-) -> list[dict[str, Any]]:
+    examples: Rows, tokenizer: Any, max_length: int, overlong: str, source: str = "data",
+    conversational: bool = False, num_proc: int | None = None,
+) -> datasets.Dataset:
     """Token ids (``prompt_ids``, ``completion_ids``) of each example, as the preference stage tokenizes.
 
     Overlong examples are truncated or dropped and counted by
-    ``tokenize_completions``. As in trl, a standard completion gets EOS once
-    (none added when it already ends with the EOS text), and a
-    conversational completion none at all: its chat template ends the turn.
+    ``tokenize_completions``; an example with no completion token left is
+    dropped. As in trl, a standard completion gets EOS once (none added
+    when it already ends with the EOS text), and a conversational
+    completion none at all: its chat template ends the turn.
     """
-    from molting.errors import DataError
     from molting.tokenization import tokenize_completions
 
-    # a conversational completion gets no EOS: its chat template ends the turn
-    tokenized = tokenize_completions(examples, ("completion",), tokenizer, max_length, overlong, source, noun="example",
-                                     add_eos=not conversational)
-    kept = [ex for ex in tokenized if ex["completion_ids"]]
-    if not kept:
-        raise DataError(f"no example of {source} has a completion token left within max_length={max_length}")
-    return kept
+    return tokenize_completions(examples, ("completion",), tokenizer, max_length, overlong, source, noun="example",
+                                add_eos=not conversational, num_proc=num_proc)
 
 
 class SFTCollator:
@@ -175,6 +186,7 @@ def build_trainer(model, tokenizer, examples, config, output_dir, callbacks=()):
 
 def run_sft(context: StageContext) -> dict[str, Any]:
     from molting.errors import ConfigError
+    from molting.tokenization import token_count
     from molting.training import announce, load_policy, stage_callbacks, train_and_save
 
     config = context.config
@@ -182,9 +194,10 @@ def run_sft(context: StageContext) -> dict[str, Any]:
         raise ConfigError("--padding-free is not supported by the sft stage yet: drop it (batches are padded)")
     checked = check_sft_rows(context.rows, context.data_source)  # bad rows fail before the model loads
     model, tokenizer = load_policy(context, keep_dropout=True)
-    formatted, conversational = format_sft(context.rows, tokenizer, context.data_source, checked)
-    examples = tokenize_sft(formatted, tokenizer, config.max_length, config.overlong, context.data_source, conversational)
+    formatted, conversational = format_sft(context.rows, tokenizer, context.data_source, checked, config.num_proc)
+    examples = tokenize_sft(formatted, tokenizer, config.max_length, config.overlong, context.data_source, conversational,
+                            config.num_proc)
     trainer = build_trainer(model, tokenizer, examples, config, context.output_dir, stage_callbacks(context))
-    tokens = sum(len(ex["completion_ids"]) for ex in examples)
+    tokens = token_count(examples, "completion_ids")
     announce(trainer, f"{len(examples)} examples ({tokens} completion tokens)", "none (SFT needs none)")
     return train_and_save(trainer, tokenizer, context)

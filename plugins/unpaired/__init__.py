@@ -21,11 +21,15 @@ vision-language collator does), so the data may be shuffled.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import molting
-from molting.context import StageContext
 from molting.components import Stage
+from molting.context import StageContext
+from molting.data import Rows
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import datasets
 
 SCHEMAS = (("prompt", "completion", "label"), ("prompt", "chosen", "rejected"), ("chosen", "rejected"))
 METRICS = (
@@ -60,39 +64,34 @@ def molting_register_stages(register):
 # --------------------------------------------------------------------------- data
 
 
-def format_unpaired(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> list[dict[str, Any]]:
+def format_unpaired(rows: Rows, tokenizer: Any, source: str, num_proc: int | None = None) -> datasets.Dataset:
     """Validated rows as prompt/completion strings with a bool label (chat template applied).
 
     Paired rows (prompt/chosen/rejected, or chosen/rejected with the prompt
     implicit) are formatted as the preference stage does, then unpaired.
     """
-    from trl.data_utils import _unpair_row
-
-    from molting.data import check_columns, check_text_fields
+    from molting.data import check_columns, check_text_fields, iter_rows
     from molting.errors import DataError
-    from molting.pairs import render_chat
+    from molting.tokenization import map_rows
 
     schema = check_columns(rows, SCHEMAS, source, "unpaired")
     if "label" not in schema:
         from molting.pairs import format_pairs
 
-        pairs = format_pairs(rows, tokenizer, source, stage="unpaired")
-        columns = _unpair_row({key: [p[key] for p in pairs] for key in ("prompt", "chosen", "rejected")})
+        pairs = format_pairs(rows, tokenizer, source, stage="unpaired", num_proc=num_proc)
         print(
             f"molting: {source} is paired (prompt/chosen/rejected): unpaired into {len(pairs)} desirable "
             f"and {len(pairs)} undesirable examples",
             file=sys.stderr,
         )
-        templated = pairs[0]["templated"]
-        return [
-            {"prompt": p, "completion": c, "label": bool(l), "templated": templated}
-            for p, c, l in zip(columns["prompt"], columns["completion"], columns["label"])
-        ]
+        # 1,000 pairs a batch, each batch's chosen sides then its rejected ones: the order trl's unpairing gives
+        return map_rows(pairs, _unpair_batch, "unpairing pairs", num_proc, batch_size=1000,
+                        columns=("prompt", "chosen", "rejected", "templated"))
 
     conversational = check_text_fields(rows, ("prompt", "completion"), source)
-    for index, row in enumerate(rows):
-        if not isinstance(row["label"], bool):
-            shown = repr(row["label"])
+    for index, row in enumerate(iter_rows(rows, ("label",))):
+        if not isinstance(row.get("label"), bool):
+            shown = repr(row.get("label"))
             shown = shown if len(shown) < 80 else shown[:77] + "..."
             raise DataError(
                 f"{source}, row {index}, field 'label': expected a boolean (true for a desirable completion, "
@@ -101,24 +100,46 @@ def format_unpaired(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> 
             )
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
-    formatted = []
-    for index, row in enumerate(rows):
-        text = {"prompt": row["prompt"], "completion": row["completion"]}
+    return map_rows(rows, _format_unpaired_batch, "formatting examples", num_proc,
+                    columns=("prompt", "completion", "label"), conversational=conversational,
+                    tokenizer=tokenizer, source=source)
+
+
+def _unpair_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    """trl's ``_unpair_row`` of a batch of formatted pairs: each pair's chosen side desirable, its rejected side
+    undesirable."""
+    from trl.data_utils import _unpair_row
+
+    columns = _unpair_row({key: batch[key] for key in ("prompt", "chosen", "rejected")})
+    return {"prompt": columns["prompt"], "completion": columns["completion"],
+            "label": [bool(label) for label in columns["label"]], "templated": batch["templated"] * 2}
+
+
+def _format_unpaired_batch(batch: dict[str, list], indices: list[int], *, conversational: bool, tokenizer: Any,
+                           source: str) -> dict[str, list]:
+    from molting.pairs import render_chat
+
+    out: dict[str, list] = {"prompt": [], "completion": [], "label": [], "templated": []}
+    for offset, index in enumerate(indices):
+        text = {"prompt": batch["prompt"][offset], "completion": batch["completion"][offset]}
         if conversational:
             text = render_chat(text, tokenizer, f"{source}, row {index}")
-        formatted.append({"prompt": text["prompt"], "completion": text["completion"], "label": row["label"],
-                          "templated": conversational})
-    return formatted
+        out["prompt"].append(text["prompt"])
+        out["completion"].append(text["completion"])
+        out["label"].append(batch["label"][offset])
+        out["templated"].append(conversational)
+    return out
 
 
 def tokenize_unpaired(
-    examples: list[dict[str, Any]], tokenizer: Any, max_length: int, overlong: str, source: str = "data"
-) -> list[dict[str, Any]]:
+    examples: Rows, tokenizer: Any, max_length: int, overlong: str, source: str = "data", num_proc: int | None = None
+) -> datasets.Dataset:
     """Token ids (``prompt_ids``, ``completion_ids``) and ``label`` of each example, as the preference stage tokenizes."""
     from molting.tokenization import tokenize_completions
 
     return tokenize_completions(
-        examples, ("completion",), tokenizer, max_length, overlong, source, noun="example", carry=("label",)
+        examples, ("completion",), tokenizer, max_length, overlong, source, noun="example", carry=("label",),
+        num_proc=num_proc,
     )
 
 
@@ -222,9 +243,10 @@ def run_unpaired(context: StageContext) -> dict[str, Any]:
     if config.precompute_ref:
         raise ConfigError("--precompute-ref is not supported by the unpaired stage yet: its KL pairs change with each batch")
     model, tokenizer = load_policy(context)
-    formatted = format_unpaired(context.rows, tokenizer, context.data_source)
-    examples = tokenize_unpaired(formatted, tokenizer, config.max_length, config.overlong, context.data_source)
-    labels = [ex["label"] for ex in examples]
+    formatted = format_unpaired(context.rows, tokenizer, context.data_source, config.num_proc)
+    examples = tokenize_unpaired(formatted, tokenizer, config.max_length, config.overlong, context.data_source,
+                                 config.num_proc)
+    labels = list(examples["label"])
     weights = (getattr(context.loss_params, "desirable_weight", None), getattr(context.loss_params, "undesirable_weight", None))
     if None not in weights:
         warning = imbalance_warning(labels, *weights, source=context.data_source)
