@@ -30,3 +30,7 @@ class ModelError(MoltingError):
 
 class JudgeError(MoltingError):
     """A judge raised, or returned the wrong number of scores or a non-finite one, naming the judge and the prompt."""
+
+
+class DiskFullError(MoltingError):
+    """The disk filled up (``ENOSPC``) while a checkpoint or the model was written; what was written before is whole."""

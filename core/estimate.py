@@ -225,16 +225,18 @@ def _kv_cache(shape: Shape, config: RunConfig, lengths: Lengths, stage: str, sta
 # --------------------------------------------------------------------------- the data's lengths
 
 
-def data_lengths(rows: list[dict[str, Any]], tokenizer: Any, config: RunConfig, stage: str) -> Lengths:
+def data_lengths(rows: Any, tokenizer: Any, config: RunConfig, stage: str) -> Lengths:
     """The longest micro-batch of ``rows``: the ``batch_size`` longest rows' longest sequence and completion.
 
     Only the rows longest in characters are tokenized (the longest in tokens
     are among them; a million rows would take minutes). No rows (an earlier
     step makes them): ``--max-length``, half of it completion.
     """
-    keys = [k for k in ("chosen", "rejected", "completion") if rows and k in rows[0]]
+    from molting.data import first_row, iter_rows
+
+    keys = [k for k in ("chosen", "rejected", "completion") if len(rows) and k in first_row(rows)]
     pairs = 2 if {"chosen", "rejected"} <= set(keys) and stage in ("preference", "reward-model") else 1
-    if not rows:
+    if not len(rows):
         pairs = 2 if stage in ("preference", "reward-model") else 1
         return Lengths(config.max_length, config.max_length // 2, pairs)
 
@@ -253,7 +255,7 @@ def data_lengths(rows: list[dict[str, Any]], tokenizer: Any, config: RunConfig, 
     def characters(row: dict[str, Any]) -> int:
         return sum(len(text(value)) for value in row.values())
 
-    candidates = heapq.nlargest(max(64, 8 * config.batch_size), rows, key=characters)
+    candidates = heapq.nlargest(max(64, 8 * config.batch_size), iter_rows(rows), key=characters)
     longest = sorted(map(sizes, candidates), reverse=True)[: config.batch_size]
     sequence = min(config.max_length, max(s for s, _ in longest))
     return Lengths(sequence, min(sequence, max(c for _, c in longest)), pairs)

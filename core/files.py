@@ -38,3 +38,10 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def write_jsonl_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object a line (a stage's ``data.jsonl``), atomically."""
     write_text_atomic(path, "".join(json.dumps(dict(row)) + "\n" for row in rows))
+
+
+def now_utc() -> str:
+    """The time now, UTC, ISO 8601 to the second (a run record's ``started`` and ``heartbeat``)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -24,7 +24,7 @@ from molting.context import DataSource, StageContext, Step, is_main_process
 from molting.data import Rows
 from molting.discovery import PluginHost
 from molting.errors import DataError
-from molting.files import write_json_atomic, write_text_atomic
+from molting.files import now_utc, write_json_atomic, write_text_atomic
 from molting.hub import hub_origin
 from molting.models import describe_model
 from molting.resolve import make_loss_params, make_stage_params
@@ -106,7 +106,18 @@ def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path
             for name, p in sorted(host.plugins.items())
         },
         "status": "running",
+        **_process(),
     }
+
+
+def _process() -> dict[str, Any]:
+    """Who writes a running record: ``pid`` and ``host``, when it started, and its ``heartbeat``
+    (:class:`molting.training.Heartbeat` keeps it fresh while the run trains)."""
+    import os
+    import socket
+
+    started = now_utc()
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "heartbeat": started}
 
 
 def _hub_record(path: Path) -> dict[str, str] | None:
@@ -205,7 +216,7 @@ def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | 
     if previous.get("status") != "completed":
         return None
     same = ("plugin", "stage", "loss", "loss_params", "stage_params", "model", "data", "data_fingerprint")
-    ignored = ("force", "resume", "overwrite")
+    ignored = ("force", "resume", "overwrite", "num_proc")
     settings = {k: v for k, v in record["config"].items() if k not in ignored}
     before = {k: v for k, v in previous.get("config", {}).items() if k not in ignored}
     if any(previous.get(k) != json.loads(json.dumps(record.get(k), default=str)) for k in same):
@@ -241,6 +252,10 @@ def _run_claimed(planned: _Planned) -> dict[str, Any]:
     step, config, output_dir, host = context.step, context.config, context.output_dir, context.host
     if not config.resume:
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if is_main_process():
+        from molting.rundir import clear_staging
+
+        clear_staging(output_dir)
     write_json_atomic(output_dir / "molting_run.json", record)
     _write_recipe(planned)
     print(
@@ -251,23 +266,30 @@ def _run_claimed(planned: _Planned) -> dict[str, Any]:
     )
     from molting.logps import logits_chunk_size
 
-    with logits_chunk_size(config.logits_chunk_size):  # every log-prob of the stage and of its evaluation
-        try:
-            host.hook.molting_before_stage(stage=step.stage, config=config)
-            metrics = dict(step.stage.run(context))
-        except BaseException as exc:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            record.update(status=status, error=f"{type(exc).__name__}: {exc}")
-            write_json_atomic(output_dir / "molting_run.json", record)
-            raise
-        record.update(status="completed", metrics=metrics)
-        write_json_atomic(output_dir / "molting_run.json", record)
+    # every log-prob of the stage and of its evaluation; the run is complete once its evaluation and its model card
+    # are written too: a kill before then leaves the record "running"
+    with logits_chunk_size(config.logits_chunk_size), _failure_recorded(record, output_dir / "molting_run.json"):
+        host.hook.molting_before_stage(stage=step.stage, config=config)
+        metrics = record["metrics"] = dict(step.stage.run(context))
         if _should_evaluate(context):
             record["eval"] = _evaluate(context.model_path, output_dir, config)
-            write_json_atomic(output_dir / "molting_run.json", record)
-    write_model_card(output_dir, record)
+        record.update(status="completed", heartbeat=now_utc())
+        write_model_card(output_dir, record)
+    write_json_atomic(output_dir / "molting_run.json", record)
     host.hook.molting_after_stage(stage=step.stage, config=config, output_dir=str(output_dir), metrics=metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def _failure_recorded(record: dict[str, Any], path: Path) -> Any:
+    """On an exception, ``record`` marked ``failed`` (``interrupted`` on Ctrl-C) with the error, written to ``path``."""
+    try:
+        yield
+    except BaseException as exc:
+        record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                      error=f"{type(exc).__name__}: {exc}")
+        write_json_atomic(path, record)
+        raise
 
 
 def _write_recipe(planned: _Planned) -> None:

@@ -54,6 +54,14 @@ def claim(output_dir: Path, record: Mapping[str, Any], resume: bool, overwrite: 
                       "--overwrite, or give another --output-dir")
 
 
+def clear_staging(output_dir: Path) -> None:
+    """Remove the ``.staging-*`` folders a killed run left half-written (a checkpoint's, the final model's): the
+    directory is this run's now, and they are never read."""
+    for leftover in output_dir.glob(".staging-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def differing_settings(previous: Mapping[str, Any], record: Mapping[str, Any]) -> list[str]:
     """The settings (run config keys, plus plugin, model and data) in which ``record`` is not ``previous``."""
     now = json.loads(json.dumps(record, default=str))

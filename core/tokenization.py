@@ -234,7 +234,9 @@ def split_batch(tokenizer: Any, prompts: list[str],
 def _shared_prefix(a: list[int], b: list[int]) -> int:
     """trl's ``common_prefix_length`` (the same value): kept here because trl's counts token by token, and on this
     path, once per completion of every row, that made tokenizing 18% slower (measured: 3,544 against 2,928 rows/s
-    on 20,000 demo pairs)."""
+    on 20,000 demo pairs). The common case, ``b`` starting with all of ``a``, is one list comparison in C."""
+    if b[: len(a)] == a:
+        return len(a)
     for position, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return position

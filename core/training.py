@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -23,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from molting.config import TORCH_OPTIMIZERS, RunConfig
 from molting.context import StageContext, log_metrics
 from molting.errors import ConfigError, MoltingError
-from molting.files import write_json_atomic
+from molting.files import now_utc, write_json_atomic
 from molting.logps import completion_logps
 
 
@@ -150,13 +151,15 @@ class MoltingTrainer(Trainer):
         staging = os.path.join(run_dir, f".staging-{name}")
         self.args.output_dir = staging
         try:
-            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N
+            with disk_full_is_an_error(staging, f"{name} in {run_dir}", run_dir):
+                super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N
         finally:
             self.args.output_dir = run_dir
         total = self.run_loss.gathered(self.accelerator)  # every process: the loss sum is a collective
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            self.run_loss.save(os.path.join(staging, name), total)
+            with disk_full_is_an_error(staging, f"{name} in {run_dir}", run_dir):
+                self.run_loss.save(os.path.join(staging, name), total)
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -390,7 +393,7 @@ class LoopEvents:
                                   is_local_process_zero=is_main_process(), is_world_process_zero=is_main_process())
         self.control = TrainerControl()
         callbacks = [DefaultFlowCallback(), MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook),
-                     *context.callbacks()]
+                     Heartbeat(context.output_dir / "molting_run.json"), *context.callbacks()]
         self.handler = CallbackHandler(callbacks, model, tokenizer, optimizer, scheduler)
 
     def attach(self, model: Any = None, tokenizer: Any = None, optimizer: Any = None, scheduler: Any = None) -> None:
@@ -536,12 +539,41 @@ def reference_for(model: Any, context: StageContext, needed: bool | None = None)
 
 
 def stage_callbacks(context: StageContext) -> list[Any]:
-    """metrics.jsonl, the non-finite guard, and the callbacks plugins add."""
+    """metrics.jsonl, the record's heartbeat, the non-finite guard, and the callbacks plugins add."""
     return [
         MetricsFile(context.output_dir / "metrics.jsonl", context.host.hook),
+        Heartbeat(context.output_dir / "molting_run.json"),
         NonFiniteGuard(context.config.max_skipped_steps),
         *context.callbacks(),
     ]
+
+
+class Heartbeat(TrainerCallback):
+    """Keeps ``molting_run.json``'s ``heartbeat`` (UTC, ISO 8601) fresh while a run trains: at most every
+    :attr:`interval` seconds, at the end of a step, on the main process. A ``running`` record whose heartbeat is
+    old, or whose ``pid`` is gone from its ``host``, was killed."""
+
+    interval = float(os.environ.get("MOLTING_HEARTBEAT_SECONDS", "30"))
+
+    def __init__(self, record: Path) -> None:
+        self.record = record
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            beat(self.record)
+
+
+def beat(record: Path) -> None:
+    """Set a running record's ``heartbeat`` to now."""
+    try:
+        current = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if current.get("status") == "running":
+        write_json_atomic(record, {**current, "heartbeat": now_utc()})
+
 
 
 def announce(trainer: MoltingTrainer, what: str, reference: str) -> None:
@@ -661,7 +693,8 @@ def staged(output_dir: Path, is_main: bool = True) -> Iterator[Path]:
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    yield staging
+    with disk_full_is_an_error(staging, f"the model in {output_dir}", output_dir):
+        yield staging
     if not is_main:
         return
     for entry in sorted(staging.iterdir()):
@@ -670,6 +703,26 @@ def staged(output_dir: Path, is_main: bool = True) -> Iterator[Path]:
             shutil.rmtree(destination)
         os.replace(entry, destination)
     staging.rmdir()
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(staging: Path | str, what: str, output_dir: Path | str) -> Iterator[None]:
+    """``ENOSPC`` while writing into ``staging`` becomes a :class:`DiskFullError` naming ``what`` and the last whole
+    checkpoint; the staging folder is removed (it is half written, and the space it holds is what is missing)."""
+    import errno
+
+    from molting.errors import DiskFullError
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        last = _last_checkpoint(str(output_dir))
+        kept = f"{Path(last).name} is whole" if last else "no checkpoint was written before"
+        raise DiskFullError(f"the disk is full: writing {what} failed ({exc.strerror}); nothing half-written is "
+                            f"kept and {kept}. Free space, then rerun with --resume auto") from exc
 
 
 def last_values(log_history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -693,3 +746,82 @@ def save_final_model(model: Any, tokenizer: Any, output_dir: Path, is_main_proce
             from molting.models import merge_adapter
 
             merge_adapter(target, staging, trust_remote_code=trust_remote_code)
+
+
+# --------------------------------------------------------------------------- checkpoints of a stage's own loop
+
+
+def save_loop_checkpoint(output_dir: Path, step: int, models: Mapping[str, Any], state: Mapping[str, Any],
+                         save_total_limit: int | None = None) -> Path:
+    """``OUTPUT/checkpoint-STEP`` for a stage that runs its own loop (PPO), staged and renamed as the Trainer's are.
+
+    Each of ``models`` keeps its trainable parameters in ``NAME.safetensors``
+    (a LoRA run: the adapter only); ``state`` (optimizer and scheduler state
+    dicts, counters, the data order, ...) goes to ``loop_state.pt`` with the
+    random number generators' states, and ``trainer_state.json`` holds
+    ``global_step``, so ``--resume auto`` finds the checkpoint as it finds a
+    Trainer's (:func:`resume_checkpoint`). Only the main process writes.
+    """
+    from safetensors.torch import save_file
+    from transformers.trainer_utils import rotate_checkpoints
+
+    name = f"checkpoint-{step}"
+    staging, final = output_dir / f".staging-{name}", output_dir / name
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with disk_full_is_an_error(staging, f"{name} in {output_dir}", output_dir):
+        for model_name, model in models.items():
+            save_file(_trainable_state(model), str(staging / f"{model_name}.safetensors"))
+        torch.save({**state, "rng": _rng_states()}, staging / "loop_state.pt")
+        write_json_atomic(staging / "trainer_state.json", {"global_step": step})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    rotate_checkpoints(str(output_dir), save_total_limit)
+    return final
+
+
+def load_loop_checkpoint(checkpoint: str | Path, models: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`save_loop_checkpoint` wrote: ``models``' parameters loaded in place, the generators' states
+    restored, and the ``state`` returned."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    for model_name, model in models.items():
+        saved = load_file(str(checkpoint / f"{model_name}.safetensors"))
+        expected = _trainable_state(model)
+        if set(saved) != set(expected):
+            raise ConfigError(f"--resume {checkpoint}: {model_name}.safetensors holds other parameters than this run "
+                              "trains (another model, or LoRA settings)")
+        with torch.no_grad():
+            for parameter_name, parameter in model.named_parameters():
+                if parameter_name in saved:
+                    parameter.copy_(saved[parameter_name])
+    state = torch.load(checkpoint / "loop_state.pt", weights_only=True)
+    _restore_rng(state.pop("rng"))
+    return state
+
+
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The parameters that train, each once (a tied embedding is one parameter), detached and contiguous."""
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch's and Python's random states (what a loop's sampling and shuffling draw from; numpy's would need an
+    unpickler that runs code to load)."""
+    import random
+
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: Mapping[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

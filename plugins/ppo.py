@@ -336,14 +336,18 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
         file=sys.stderr,
     )
     evaluate = _demo_eval(context, models.tokenizer, scorer, params)
-    before = evaluate(models.unwrap(models.policy)) if evaluate else None
+    resumed = _resume(context, models, total)
+    if resumed is not None:  # the start model's figures were taken before the run was interrupted
+        before = resumed.get("before")
+    else:
+        before = evaluate(models.unwrap(models.policy)) if evaluate else None
     started = time.perf_counter()
-    final = _train(context, models, scorer, total, events)
+    final = _train(context, models, scorer, total, events, resumed, before)
     save_final_model(models.unwrap(models.policy), models.tokenizer, context.output_dir,
                      accelerator.is_main_process, merge=config.merge, trust_remote_code=config.trust_remote_code)
     runtime = time.perf_counter() - started
     final.update(train_runtime=runtime, seconds_per_step=runtime / total)
-    if evaluate:
+    if evaluate and before is not None:
         final.update(_before_after(before, evaluate(models.unwrap(models.policy)), scorer))
     final["judge_cache_hits"] = scorer.hits
     return final
@@ -352,8 +356,7 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
 def _refuse_unsupported(config: Any) -> None:
     from molting.errors import ConfigError
 
-    unsupported = [flag for flag, value in (("--resume", config.resume), ("--save-steps", config.save_steps),
-                                            ("--padding-free", config.padding_free),
+    unsupported = [flag for flag, value in (("--padding-free", config.padding_free),
                                             ("--precompute-ref", config.precompute_ref)) if value]
     if unsupported:
         raise ConfigError(f"the ppo stage does not support {', '.join(unsupported)} yet")
@@ -434,8 +437,16 @@ def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Mod
     return _Models(policy, reference, critic, critic_source, tokenizer, optimizer, scheduler, accelerator)
 
 
-def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: Any) -> dict[str, Any]:
-    """``total`` PPO steps, each a rollout of ``batch_size`` prompts and the passes over it; the last log."""
+def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: Any,
+           resumed: dict[str, Any] | None = None, before: dict[str, float] | None = None) -> dict[str, Any]:
+    """``total`` PPO steps, each a rollout of ``batch_size`` prompts and the passes over it; the last log.
+
+    Every ``--save-steps`` steps (and at the last) a checkpoint keeps the
+    policy, the critic and everything the next steps depend on — the
+    optimizer and scheduler, the prompt order, the KL coefficient, the
+    random state — so a run resumed from it (``resumed``, what
+    :func:`_resume` read) follows the uninterrupted one.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -447,14 +458,20 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
     log = _Logger(config.logging_steps, events)
     kl = AdaptiveKL(params.kl_coef, params.kl_target, params.kl_horizon)
     generator = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
-    skipped_in_a_row = 0
+    loop = {"step": 0, "order": [], "skipped_in_a_row": 0}
+    if resumed is not None:
+        loop.update(step=resumed["step"], order=resumed["order"], skipped_in_a_row=resumed["skipped_in_a_row"])
+        generator.set_state(resumed["generator"])
+        kl.value = resumed["kl"]
+        log.pending, log.last = resumed["log_pending"], resumed["log_last"]
+        events.state.global_step = loop["step"]
     events.train_begin()
-    for step in tqdm(range(1, total + 1), desc="ppo", disable=not m.accelerator.is_local_main_process):
+    for step in tqdm(range(loop["step"] + 1, total + 1), desc="ppo", initial=loop["step"], total=total,
+                     disable=not m.accelerator.is_local_main_process):
         events.step_begin()
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(rows), generator=generator).tolist()
-        indices, order = order[: config.batch_size], order[config.batch_size :]
+        if len(loop["order"]) < config.batch_size:
+            loop["order"] += torch.randperm(len(rows), generator=generator).tolist()
+        indices, loop["order"] = loop["order"][: config.batch_size], loop["order"][config.batch_size :]
         m.policy.eval(), m.critic.eval()
         batch, stats = rollout(m.policy, m.reference, m.critic, m.tokenizer, scorer, rows, indices, params, kl.value,
                                m.unwrap, m.under_reference, max(1, config.max_length - params.max_new_tokens))
@@ -462,16 +479,46 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
         trained, skipped = optimise(m.policy, m.critic, m.optimizer, m.accelerator, batch, params, config.seed + step,
                                     config.max_grad_norm)
         m.scheduler.step()
-        skipped_in_a_row = skipped_in_a_row + 1 if skipped and not trained else 0
-        if skipped_in_a_row >= config.max_skipped_steps:
-            raise MoltingError(f"PPO step {step}: {skipped_in_a_row} steps in a row had only non-finite losses; stopping")
+        loop["skipped_in_a_row"] = loop["skipped_in_a_row"] + 1 if skipped and not trained else 0
+        if loop["skipped_in_a_row"] >= config.max_skipped_steps:
+            raise MoltingError(f"PPO step {step}: {loop['skipped_in_a_row']} steps in a row had only non-finite "
+                               "losses; stopping")
         if params.adaptive_kl:
             kl.update(float(stats["objective/kl"]), config.batch_size * m.accelerator.num_processes)
         stats.update(trained, kl_coef=kl.value, learning_rate=m.scheduler.get_last_lr()[0])
         events.step_end()
         log(step, stats, last=step == total)
+        loop["step"] = step
+        if config.save_steps and (step % config.save_steps == 0 or step == total) and m.accelerator.is_main_process:
+            _save(context, m, {**loop, "generator": generator.get_state(), "kl": kl.value, "log_pending": log.pending,
+                               "log_last": log.last, "before": before})
     events.train_end()
     return dict(log.last)
+
+
+def _save(context: StageContext, m: _Models, loop: dict[str, Any]) -> None:
+    from molting.training import save_loop_checkpoint
+
+    save_loop_checkpoint(context.output_dir, loop["step"], {"policy": m.unwrap(m.policy), "critic": m.unwrap(m.critic)},
+                         {**loop, "optimizer": m.optimizer.state_dict(), "scheduler": m.scheduler.state_dict()},
+                         context.config.save_total_limit)
+
+
+def _resume(context: StageContext, m: _Models, total: int) -> dict[str, Any] | None:
+    """The loop state of the checkpoint ``--resume`` names, its models, optimizer and scheduler loaded; ``None``
+    when there is nothing to resume. A checkpoint at the last step leaves nothing to train."""
+    from molting.training import load_loop_checkpoint, resume_checkpoint
+
+    checkpoint = resume_checkpoint(context.config, context.output_dir)
+    if checkpoint is None:
+        return None
+    state = load_loop_checkpoint(checkpoint, {"policy": m.unwrap(m.policy), "critic": m.unwrap(m.critic)})
+    m.optimizer.load_state_dict(state.pop("optimizer"))
+    m.scheduler.load_state_dict(state.pop("scheduler"))
+    if state["step"] >= total:
+        print(f"molting: {checkpoint} is at step {state['step']} of {total}: nothing left to train; it is the result",
+              file=sys.stderr)
+    return state
 
 
 def _before_after(before: dict[str, float], after: dict[str, float], scorer: Any) -> dict[str, float]:

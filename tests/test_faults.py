@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
 import molting
 from broken_losses import BROKEN
-from molting.errors import ConfigError, MoltingError, PluginError
+from molting.errors import ConfigError, DiskFullError, MoltingError, PluginError
 
 
 class Broken:
@@ -207,15 +208,73 @@ def test_a_crash_during_the_final_save_leaves_no_half_model_and_a_resume_finishe
         return save(self, directory, *args, **kwargs)
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=r"the disk is full: writing the model in .*out failed \(No space left on "
+                                            r"device\); nothing half-written is kept and checkpoint-2 is whole\. Free "
+                                            r"space, then rerun with --resume auto"):
         sft(tmp_path, save_steps=2)
     assert not (out / "model.safetensors").exists()  # the weights were written, but into the staging folder
+    assert not (out / ".staging-final").exists()  # and that is gone: the space it held is what was missing
     assert json.loads((out / "molting_run.json").read_text())["status"] == "failed"
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save)
     sft(tmp_path, save_steps=2, resume="auto")
     assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
     assert not (out / ".staging-final").exists()
     assert json.loads((out / "molting_run.json").read_text())["status"] == "completed"
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_a_clear_error_and_the_last_checkpoint_stays_whole(
+        tmp_path, monkeypatch):
+    import errno
+
+    from transformers import AutoModelForCausalLM
+
+    from molting.training import RunLoss
+
+    out = tmp_path / "out"
+    save = RunLoss.save
+
+    def full(self, checkpoint, total):
+        if checkpoint.endswith("checkpoint-4"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(self, checkpoint, total)
+
+    monkeypatch.setattr(RunLoss, "save", full)
+    with pytest.raises(DiskFullError, match=r"writing checkpoint-4 in .*out failed \(No space left on device\); "
+                                            r"nothing half-written is kept and checkpoint-2 is whole"):
+        sft(tmp_path, save_steps=2, max_steps=4)
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+    assert json.loads((out / "molting_run.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(RunLoss, "save", save)
+    sft(tmp_path, save_steps=2, max_steps=4, resume="auto")  # space freed: the run continues from checkpoint-2
+    assert json.loads((out / "molting_run.json").read_text())["status"] == "completed"
+
+
+def test_a_running_record_names_its_process_and_keeps_a_heartbeat(tmp_path, monkeypatch):
+    import itertools
+    import socket
+
+    import molting.training
+    from molting.training import Heartbeat
+
+    seen = []
+
+    class Watch:
+        @molting.hookimpl
+        def molting_on_log(self, metrics, step):
+            if "loss" in metrics:  # a step's log (not the summary at the end)
+                seen.append(json.loads((tmp_path / "out" / "molting_run.json").read_text()))
+
+    clock = itertools.count(1)
+    monkeypatch.setattr(Heartbeat, "interval", 0.0)  # a beat at every step
+    monkeypatch.setattr(molting.training, "now_utc", lambda: f"2026-12-03T00:00:{next(clock):02d}+00:00")
+    sft(tmp_path, plugin=Watch(), max_steps=3)
+    running = [r for r in seen if r["status"] == "running"]
+    assert len(running) == 3
+    assert all(r["pid"] == os.getpid() and r["host"] == socket.gethostname() for r in running)
+    beats = [r["heartbeat"] for r in running]
+    assert beats == sorted(beats) and len(set(beats)) == len(beats)  # a fresh beat at each step
+    assert json.loads((tmp_path / "out" / "molting_run.json").read_text())["status"] == "completed"
 
 
 class CrashAt:
