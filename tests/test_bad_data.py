@@ -18,7 +18,7 @@ import math
 
 import pytest
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from molting.errors import MoltingError
@@ -113,7 +113,7 @@ def prepare(stage: str, rows: list[dict], tokenizer, source: str) -> list:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("stage", sorted(SCHEMAS))
 def test_generated_rows_train_or_fail_with_a_molting_error_naming_the_file(tmp_path_factory, tokenizer, stage, fmt):
-    from molting.data import read_rows
+    from molting.data import read_data
 
     directory = tmp_path_factory.mktemp(f"{stage}-{fmt}")
 
@@ -124,11 +124,56 @@ def test_generated_rows_train_or_fail_with_a_molting_error_naming_the_file(tmp_p
         if not write(rows, path):
             return
         try:
-            prepare(stage, read_rows(path), tokenizer, str(path))
+            prepare(stage, read_data(path), tokenizer, str(path))  # as a run reads it: a dataset, or a list
         except MoltingError as exc:
             assert str(path) in str(exc), f"the error does not name the file: {exc}"
 
     check()
+
+
+WHOLE_RUN = {"sft": {"prompt": "Q: 1 + 1?\nA:", "completion": " 2"},
+             "dpo": {"prompt": "Q: 1 + 1?\nA:", "chosen": " 2", "rejected": " 3"}}
+"""Each plugin taken through a whole run, with a valid row it must train on (beside the generated ones)."""
+
+
+@pytest.mark.parametrize("plugin", sorted(WHOLE_RUN))
+def test_generated_rows_near_the_schema_through_a_whole_run_train_or_fail_naming_the_file(tmp_path_factory, plugin):
+    """Rows close to valid, taken through ``molting run`` itself (one step): the run completes and saves a model
+    that loads, or ends with a ``MoltingError`` naming the file — never a traceback, never a broken model."""
+    from transformers import AutoModelForCausalLM
+
+    from molting.discovery import load_plugins
+    from molting.pipeline import run
+    from molting.resolve import resolve_config
+
+    directory = tmp_path_factory.mktemp(plugin)
+    valid = WHOLE_RUN[plugin]
+    near = st.lists(st.fixed_dictionaries({c: NEAR[c] for c in valid}), min_size=1, max_size=4)
+    outcomes = []
+
+    @settings(max_examples=4, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(near)
+    @example([valid, valid])
+    def check(rows):
+        path = directory / "data.jsonl"
+        write(rows, path)
+        out = directory / f"out-{len(outcomes)}"
+        host = load_plugins()
+        config, steps = resolve_config(host, [plugin], flags={
+            "data": str(path), "output_dir": str(out), "max_steps": 1, "batch_size": 2, "eval": "off",
+            "max_length": 64, "precision": "fp32"})
+        try:
+            run(config, steps, host)
+        except MoltingError as exc:
+            assert str(path) in str(exc), f"the error does not name the file: {exc}"
+            outcomes.append("refused")
+            return
+        assert json.loads((out / "molting_run.json").read_text())["status"] == "completed"
+        AutoModelForCausalLM.from_pretrained(out)
+        outcomes.append("trained")
+
+    check()
+    assert "trained" in outcomes and len(outcomes) >= 2  # the valid rows trained; generated ones ran too
 
 
 def test_non_finite_numbers_in_text_fields_are_refused_not_tokenized(tmp_path, tokenizer):

@@ -69,6 +69,11 @@ def test_a_batch_that_does_not_hold_whole_groups_is_a_config_error(tmp_path):
         run_stage(tmp_path, batch_size=6)
 
 
+def test_checkpoints_inside_a_generation_batch_s_iterations_are_refused(tmp_path):
+    with pytest.raises(molting.ConfigError, match=r"--save-steps \(3\) must be a multiple of num_iterations \(2\)"):
+        run_stage(tmp_path, save_steps=3, num_iterations=2)
+
+
 # --------------------------------------------------------------------------- runs
 
 

@@ -122,6 +122,11 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
     if config.precompute_ref or config.padding_free:
         raise ConfigError("the grpo stage samples new completions every step: --precompute-ref and --padding-free "
                           "do not apply to it")
+    if params.num_iterations > 1 and config.save_steps % params.num_iterations:
+        raise ConfigError(
+            f"--save-steps ({config.save_steps}) must be a multiple of num_iterations ({params.num_iterations}): a "
+            "checkpoint between the optimizer steps that share one generation batch could not be resumed exactly "
+            "(the batch is not in the checkpoint)")
     limit = config.max_length - params.max_new_tokens
     if limit < 1:
         raise ConfigError(f"max_length ({config.max_length}) must exceed max_new_tokens ({params.max_new_tokens}): "

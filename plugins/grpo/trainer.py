@@ -47,6 +47,8 @@ class GRPOTrainer(MoltingTrainer):
                              shuffle=True, seed=self.args.seed)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        if self._buffered is None:  # the first micro-step of this process: after a resume, not the run's first
+            self._step = self.state.global_step * self.steps_per_generation
         loss = super().training_step(model, inputs, num_items_in_batch)  # inputs is a list of rows
         self._step += 1
         return loss
