@@ -575,7 +575,6 @@ def beat(record: Path) -> None:
         write_json_atomic(record, {**current, "heartbeat": now_utc()})
 
 
-
 def announce(trainer: MoltingTrainer, what: str, reference: str) -> None:
     args = trainer.args
     print(
@@ -789,8 +788,7 @@ def load_loop_checkpoint(checkpoint: str | Path, models: Mapping[str, Any]) -> d
     checkpoint = Path(checkpoint)
     for model_name, model in models.items():
         saved = load_file(str(checkpoint / f"{model_name}.safetensors"))
-        expected = _trainable_state(model)
-        if set(saved) != set(expected):
+        if set(saved) != {name for name, p in model.named_parameters() if p.requires_grad}:
             raise ConfigError(f"--resume {checkpoint}: {model_name}.safetensors holds other parameters than this run "
                               "trains (another model, or LoRA settings)")
         with torch.no_grad():
