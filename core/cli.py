@@ -103,8 +103,20 @@ def _parse_set(values: tuple[str, ...], option: str = "--set") -> dict[str, Any]
             reason = str(getattr(exc, "problem", None) or exc).splitlines()[0]
             raise click.BadParameter(f"{item!r}: the value is read as YAML, and this is not ({reason}); quote it, "
                                      f"e.g. {key}='\"...\"'", param_hint=option) from None
-        parsed[key if option == "--loss" else key.replace("-", "_")] = value
+        parsed[key if option in ("--loss", "--judge-arg") else key.replace("-", "_")] = value
     return parsed
+
+
+def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
+    """``NAME[=WEIGHT]`` options as {name: weight} (weight 1 when not given)."""
+    judges = {}
+    for name, _, weight in (j.partition("=") for j in values):
+        try:
+            judges[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise click.BadParameter(f"expected NAME or NAME=WEIGHT with a numeric weight, got {name}={weight}",
+                                     param_hint=option) from None
+    return judges
 
 
 @cli.command(epilog=RUN_EPILOG)
@@ -206,13 +218,7 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
 
     host = _host()
     recipe = read_recipe(config_path) if config_path else {}
-    judges = {}
-    for name, _, weight in (j.partition("=") for j in judge_weights):
-        try:
-            judges[name] = float(weight) if weight else 1.0
-        except ValueError:
-            raise click.BadParameter(f"expected NAME or NAME=WEIGHT with a numeric weight, got {name}={weight}",
-                                     param_hint="--judge") from None
+    judges = _parse_judges(judge_weights, "--judge")
     flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges, **_parse_set(settings)}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     if dry_run or memory_budget is not None:
@@ -307,45 +313,147 @@ def plugins_command(as_json: bool) -> None:
 # --------------------------------------------------------------------------- eval
 
 
-@cli.command("eval")
-@click.option("--model", "model_dir", required=True, help="Model directory to evaluate (a run's output dir works).")
-@click.option("--ref-model", help="Reference for preference accuracy. Default: the model the run started from.")
-@click.option("--baseline", help="Model to compute the win rate against. Default: the reference model.")
-@click.option("--n", "limit", type=click.IntRange(1, 256), help="Evaluate on the first N held-out prompts (default: all 256).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+EVAL_EPILOG = """\b
+Examples:
+  molting eval --model ./dpo-out                 # the demo task: against the model the run started from
+  molting eval --model ./dpo-out --baseline ./sft --data heldout.jsonl --judge llm-pairwise \\
+      --judge-arg llm-pairwise.model=Qwen/Qwen2.5-7B-Instruct
+  molting eval --model ./grpo-out --data test.jsonl --judge rule --judge-arg rule.column=answer --json
+
+\b
+Figures: each judge's mean score with a 95% bootstrap interval; with a
+baseline, the win rate (a pairwise judge, asked in both orders, else the
+pointwise scores; ties count one half) and its length-controlled version,
+mean lengths, and KL(model || baseline) on the model's own answers; with
+chosen/rejected columns, the preference accuracy of log pi/pi_ref. Then a few
+prompts with both answers.
+"""
+
+
+@cli.command("eval", epilog=EVAL_EPILOG)
+@click.option("--model", "model_dir", required=True, help="Model to evaluate: a directory (a run's output works) or "
+                                                         "a hub id.")
+@click.option("--baseline", help="Model to compare with (win rate, KL).  [default: --ref-model]")
+@click.option("--ref-model", help="pi_ref of the preference accuracy.  [default: the baseline, else the model the "
+                                  "run started from]")
+@click.option("--data", help="Held-out prompts: a file, saved dataset, registered dataset or hub dataset id, with a "
+                             "prompt column (and chosen/rejected for preference accuracy).  [default: the demo task's "
+                             "held-out split]")
+@click.option("--data-split", default="train", show_default=True, help="Split of a hub or saved dataset.")
+@click.option("--judge", "judge_weights", multiple=True, metavar="NAME[=WEIGHT]",
+              help="Judge of the answers; repeat for several (one may be pairwise).  [default: demo-rule on the demo]")
+@click.option("--judge-arg", "judge_settings", multiple=True, metavar="JUDGE.KEY=VALUE",
+              help="A judge's setting, e.g. --judge-arg rule.column=answer (as judge_args in a recipe).")
+@click.option("--n", "limit", type=click.IntRange(1), default=256, show_default=True,
+              help="Evaluate on the first N prompts.")
+@click.option("--max-new-tokens", type=click.IntRange(1), help="Longest answer.  [default: 20 on the demo, else 256]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (both models use it).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--show", type=click.IntRange(0), default=3, show_default=True, help="Prompts printed with both answers.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model directories to run their own code.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def eval_command(model_dir, ref_model, baseline, limit, seed, temperature, trust_remote_code, as_json) -> None:
-    """Evaluate a model on the demo task's held-out split.
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (every figure and the samples).")
+def eval_command(model_dir, baseline, ref_model, data, data_split, judge_weights, judge_settings, limit, max_new_tokens,
+                 seed, temperature, show, trust_remote_code, as_json) -> None:
+    """Evaluate a model on held-out prompts: judges, win rate, length, KL.
 
-    Reports task correctness, persona-style rate and the rule judge's score of
-    sampled answers; with a reference model, the preference accuracy of the
-    implicit reward on held-out pairs; with a baseline, the win rate of its
-    answers against the baseline's, judged pairwise.
+    Without --data, the demo task's held-out split, with today's task figures
+    (correctness, persona rate) as well.
     """
-    from pathlib import Path
-
-    from molting.evaluation import evaluate, format_table, load_for_eval
+    from molting import demo
+    from molting.compare import compare, format_comparison
     from molting.models import resolve_model_path
 
     path = resolve_model_path(model_dir)
-    record_path = path / "molting_run.json"
-    if ref_model is None and record_path.exists():
-        ref_model = json.loads(record_path.read_text()).get("model")
+    record = path / "molting_run.json"
+    ref_model = ref_model or baseline or (json.loads(record.read_text()).get("model") if record.exists() else None)
     baseline = baseline or ref_model
-    model, tokenizer = load_for_eval(path, trust_remote_code)
-    ref = load_for_eval(resolve_model_path(ref_model), trust_remote_code)[0] if ref_model else None
-    baseline_completions = None
-    if baseline:
-        baseline_model = ref if baseline == ref_model else load_for_eval(resolve_model_path(baseline), trust_remote_code)[0]
-        _, baseline_completions = evaluate(baseline_model, tokenizer, n=limit, seed=seed, temperature=temperature)
-    metrics, _ = evaluate(model, tokenizer, ref_model=ref, baseline_completions=baseline_completions,
-                          n=limit, seed=seed, temperature=temperature)
+    loaded = _eval_models({"model": model_dir, "baseline": baseline, "reference": ref_model}, trust_remote_code)
+    rows, source = _eval_rows(data, data_split, limit)
+    scorer = _eval_scorer(_parse_judges(judge_weights, "--judge") or ({"demo-rule": 1.0} if data is None else {}),
+                          judge_settings)
+    pairs = demo.preference_rows("test", limit) if data is None else None
+    report = compare(loaded["model"], loaded.get("baseline"), rows, scorer, reference=loaded.get("reference"),
+                     pair_rows=pairs,
+                     max_new_tokens=max_new_tokens or (20 if data is None else 256), temperature=temperature,
+                     seed=seed, shown=show, source=source)
+    if data is None:
+        report["demo"] = _demo_figures(loaded, limit, seed, temperature)
     if as_json:
-        click.echo(json.dumps({"model": str(path), "ref_model": ref_model, "baseline": baseline, "metrics": metrics}, indent=2))
-    else:
-        click.echo(format_table({Path(path).name or str(path): metrics}))
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(format_comparison(report))
+    if data is None:
+        from molting.evaluation import format_table
+
+        click.echo("\nThe demo task (correct: greedy answers; persona, judge: sampled answers):")
+        click.echo(format_table(report["demo"]))
+
+
+def _eval_models(names: dict[str, str | None], trust_remote_code: bool) -> dict[str, Any]:
+    """Each named model loaded once (the baseline and the reference are often the same)."""
+    from molting.compare import Contender
+    from molting.evaluation import load_for_eval
+    from molting.models import resolve_model_path
+
+    cache: dict[str, Any] = {}
+    loaded = {}
+    for role, name in names.items():
+        if name:
+            if name not in cache:
+                click.echo(f"molting: loading {name}", err=True)
+                cache[name] = load_for_eval(resolve_model_path(name), trust_remote_code)
+            loaded[role] = Contender(str(name), *cache[name])
+    return loaded
+
+
+def _eval_rows(data: str | None, split: str, limit: int) -> tuple[list[dict[str, Any]], str]:
+    """The first ``limit`` rows with a prompt, and where they came from (the demo's held-out prompts without ``data``)."""
+    from molting import demo
+    from molting.config import RunConfig
+    from molting.data import check_prompts, iter_rows, is_dataset
+    from molting.pipeline import load_rows
+
+    if data is None:
+        return demo.prompt_rows("test", limit), "the demo task's held-out split"
+    rows, source = load_rows(_host(), None, data, config=RunConfig(plugins=(), data_split=split))
+    if is_dataset(rows):
+        rows = rows.select(range(min(limit, len(rows))))
+    rows = list(iter_rows(rows))[:limit]
+    check_prompts(rows, str(source), "eval")
+    return rows, str(source)
+
+
+def _eval_scorer(judges: dict[str, float], settings: tuple[str, ...]) -> Any:
+    from molting.config import RunConfig
+    from molting.judging import Scorer, resolve_judges
+
+    if not judges:
+        return None
+    judge_args: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_set(settings, "--judge-arg").items():
+        judge, dot, setting = key.partition(".")
+        if not dot or not setting:
+            raise click.BadParameter(f"expected JUDGE.KEY=VALUE, got {key!r}", param_hint="--judge-arg")
+        judge_args.setdefault(judge, {})[setting] = value
+    config = RunConfig(plugins=(), judges=judges, judge_args=judge_args)
+    specs = resolve_judges(_host(), config, {}, stage="molting eval")
+    if sum(spec.judge.kind == "pairwise" for spec in specs) > 1:
+        raise click.BadParameter("at most one pairwise judge decides the win rate", param_hint="--judge")
+    return Scorer(specs, pairwise=True)
+
+
+def _demo_figures(loaded: dict[str, Any], limit: int, seed: int, temperature: float) -> dict[str, dict[str, float]]:
+    """Today's demo-task table: the model (and the baseline), with preference accuracy against the reference."""
+    from molting.evaluation import evaluate
+
+    model, baseline, reference = loaded["model"], loaded.get("baseline"), loaded.get("reference")
+    columns, baseline_texts = {}, None
+    if baseline is not None:
+        columns["baseline"], baseline_texts = evaluate(baseline.model, baseline.tokenizer, n=limit, seed=seed,
+                                                          temperature=temperature)
+    columns["model"], _ = evaluate(model.model, model.tokenizer, ref_model=reference.model if reference else None,
+                                      baseline_completions=baseline_texts, n=limit, seed=seed, temperature=temperature)
+    return columns
 
 
 # --------------------------------------------------------------------------- plot

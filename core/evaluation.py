@@ -31,25 +31,23 @@ MAX_NEW_TOKENS = 20
 
 
 @torch.no_grad()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    temperature: float = EVAL_TEMPERATURE,
-    seed: int = 0,
-    batch_size: int = 64,
-    top_p: float = 1.0,
-) -> list[str]:
-    """One completion per prompt (:func:`molting.sampling.sample`), from a fixed seed that leaves the caller's
-    random state alone."""
+def seeded_sample(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int = MAX_NEW_TOKENS,
+                  temperature: float = EVAL_TEMPERATURE, seed: int = 0, batch_size: int = 64, top_p: float = 1.0):
+    """One completion per prompt (:func:`molting.sampling.sample`, with its token ids), from a fixed seed that
+    leaves the caller's random state alone: the same prompts and seed give the same answers."""
     from molting.sampling import sample
 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, batch_size=batch_size).texts
+                      top_p=top_p, batch_size=batch_size)
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS,
+             temperature: float = EVAL_TEMPERATURE, seed: int = 0, batch_size: int = 64, top_p: float = 1.0) -> list[str]:
+    """The texts of :func:`seeded_sample`."""
+    return seeded_sample(model, tokenizer, prompts, max_new_tokens, temperature, seed, batch_size, top_p).texts
 
 
 def task_metrics(prompts: list[str], completions: list[str]) -> dict[str, float]:

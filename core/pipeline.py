@@ -32,13 +32,14 @@ from molting.resolve import make_loss_params, make_stage_params
 __all__ = ["load_rows", "run"]
 
 
-def load_rows(host: PluginHost, step: Step, data: str | Path | None, made_from: DataSource | None = None,
+def load_rows(host: PluginHost, step: Step | None, data: str | Path | None, made_from: DataSource | None = None,
               config: RunConfig | None = None) -> tuple[Rows, DataSource]:
     """The training rows for ``step`` (a ``datasets.Dataset`` for files and hub datasets, a list of dicts for a
     registered dataset) and where they came from.
 
     ``data`` is a file or directory, a registered dataset's name, a hub
-    dataset id (in that order), or ``None`` (the stage's default dataset).
+    dataset id (in that order), or ``None`` (the stage's default dataset;
+    ``step`` may be ``None`` when ``data`` is given).
     ``made_from`` is the source of the data an earlier step produced ``data``
     from: the new source says so, and is demo data when that was. ``config``
     gives the hub subset, the split and the ``columns`` renaming.
@@ -50,15 +51,16 @@ def load_rows(host: PluginHost, step: Step, data: str | Path | None, made_from: 
     return rename_columns(rows, dict(config.columns), str(source)), source
 
 
-def _read(host: PluginHost, step: Step, data: str | Path | None, made_from: DataSource | None,
+def _read(host: PluginHost, step: Step | None, data: str | Path | None, made_from: DataSource | None,
           config: RunConfig) -> tuple[Rows, DataSource]:
     from molting.data import read_data, read_hub_dataset
     from molting.hub import is_hub_id
 
     split = config.data_split
     if data is None:
-        if step.stage.default_data is None:
-            raise DataError(f"stage {step.stage.name!r} has no built-in data; give one with --data PATH")
+        if step is None or step.stage.default_data is None:
+            raise DataError(f"{f'stage {step.stage.name!r}' if step else 'this'} has no built-in data; give one with "
+                            "--data PATH")
         return _dataset_rows(host, step.stage.default_data, split)
     path = Path(data)
     if path.exists():

@@ -110,9 +110,14 @@ def test_eval_command_reports_against_the_start_model(dpo_run):
     result = run_molting("eval", "--model", str(out), "--n", "32", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["ref_model"].endswith("demo_model")
-    assert set(report["metrics"]) == {"correct", "persona", "judge", "preference_accuracy", "win_rate"}
-    assert report["metrics"]["persona"] > 0.8
+    assert report["baseline"].endswith("demo_model") and report["prompts"] == 32
+    assert set(report["demo"]["model"]) == {"correct", "persona", "judge", "preference_accuracy", "win_rate"}
+    assert report["demo"]["model"]["persona"] > 0.8
+    # the general figures: the demo's rule judge of both sides, the win rate, the KL, the preference accuracy
+    assert set(report["judges"]["demo-rule"]) == {"model", "baseline"}
+    assert report["win_rate"]["wins"] + report["win_rate"]["ties"] + report["win_rate"]["losses"] == 32
+    assert report["win_rate"]["mean"] > 0.5 and report["kl"]["mean"] > 0
+    assert report["preference_accuracy"]["mean"] > 0.8
 
 
 def write(path, text):
