@@ -154,6 +154,21 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--report-to", help="Trainer integration to report to (none, tensorboard, wandb, ...).  [default: none]")
 @click.option("--eval", type=click.Choice(["auto", "on", "off"]),
               help="Evaluate the start and trained models on the held-out demo split (auto: when trained on demo data).")
+@click.option("--eval-data", metavar="DATA", help="Held-out data to evaluate on during training (as --data; pairs "
+                                                 "for offline stages, prompts for online ones).")
+@click.option("--eval-data-split", metavar="NAME", help="Split of a hub, saved or registered --eval-data.  "
+                                                       "[default: --data-split]")
+@click.option("--eval-split", type=float, metavar="FRACTION",
+              help="Hold this fraction of --data out for evaluation during training (shuffled with --seed; recorded).")
+@click.option("--eval-steps", type=int, metavar="N",
+              help="With held-out data, evaluate every N steps (and at the end).  [default: 0, at the end only]")
+@click.option("--eval-judge", "eval_judge_weights", multiple=True, metavar="NAME[=WEIGHT]",
+              help="Held-out judge of online stages' answers during training (may differ from --judge); repeat to sum.")
+@click.option("--keep-best", metavar="METRIC[:min|max]",
+              help="Keep the best evaluation's model in OUTPUT/best (e.g. eval_loss, eval_reward) and record its step.")
+@click.option("--stop-on-hacking", is_flag=True, default=None,
+              help="Stop when the reward-hacking watch fires (online stages: training reward up while the held-out "
+                   "judges' score falls, answers growing, KL running away).")
 @click.option("--trust-remote-code", is_flag=True, default=None,
               help="Allow model directories to run their own Python code. Off by default.")
 @click.option("--lora-r", type=int, help="Train LoRA adapters of this rank instead of every weight (peft).")
@@ -209,8 +224,8 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
                    "would make it; for a run, refuse one that would not fit before loading anything.")
 @click.option("--estimate-device", type=click.Choice(["cpu", "cuda"]), hidden=True)
 def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[str, ...], judge_weights: tuple[str, ...],
-        settings: tuple[str, ...], dry_run: bool, memory_budget: int | None, estimate_device: str | None,
-        **flags: Any) -> None:
+        eval_judge_weights: tuple[str, ...], settings: tuple[str, ...], dry_run: bool, memory_budget: int | None,
+        estimate_device: str | None, **flags: Any) -> None:
     """Train a model with one plugin, or several in a row."""
     from molting.config import read_recipe
     from molting.resolve import resolve_config
@@ -219,7 +234,8 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
     host = _host()
     recipe = read_recipe(config_path) if config_path else {}
     judges = _parse_judges(judge_weights, "--judge")
-    flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges, **_parse_set(settings)}
+    flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges,
+             "eval_judges": _parse_judges(eval_judge_weights, "--eval-judge"), **_parse_set(settings)}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     if dry_run or memory_budget is not None:
         _check_memory(config, steps, host, memory_budget, dry_run, estimate_device)

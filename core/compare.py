@@ -120,19 +120,27 @@ def sequence_kl(model: Any, baseline: Any, samples: Any, temperature: float, bat
     """Per answer, ``Σ_t log π(y_t|…) − log π_baseline(y_t|…)`` over the model's own sampled tokens.
 
     Its mean is an unbiased estimate of KL(π ‖ π_baseline) per answer, both
-    distributions taken at the sampling temperature.
+    distributions taken at the sampling temperature. ``baseline`` is a model,
+    or a function that runs a function of a model under the baseline (a
+    stage's reference: the policy with its LoRA adapter disabled).
     """
     from molting.logps import completion_token_logps
 
+    under = (lambda compute: compute(baseline)) if isinstance(baseline, torch.nn.Module) else baseline
     values = []
     for start in range(0, samples.completion_ids.size(0), batch_size):
         part = slice(start, start + batch_size)
         args = (samples.prompt_ids[part], samples.prompt_mask[part], samples.completion_ids[part],
                 samples.completion_mask[part])
-        ours, _ = completion_token_logps(model.eval(), *(a.to(model.device) for a in args), temperature=temperature)
-        theirs, _ = completion_token_logps(baseline.eval(), *(a.to(baseline.device) for a in args),
-                                           temperature=temperature)
-        values += (ours.float().cpu() - theirs.float().cpu()).sum(dim=1).tolist()
+
+        def logps(network: Any) -> torch.Tensor:
+            was_training = network.training
+            device = next(network.parameters()).device
+            out = completion_token_logps(network.eval(), *(a.to(device) for a in args), temperature=temperature)[0]
+            network.train(was_training)
+            return out.float().cpu()
+
+        values += (logps(model) - under(logps)).sum(dim=1).tolist()
     return values
 
 

@@ -44,6 +44,17 @@ def _number(kind: type):
     return convert
 
 
+def _fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"{attribute.name} must be a fraction between 0 and 1 (exclusive), got {value!r}")
+
+
+def _best_metric(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    name, _, direction = str(value).partition(":")
+    if not name or direction not in ("", "min", "max"):
+        raise ValueError(f"{attribute.name} must be a metric name, optionally with :min or :max, got {value!r}")
+
+
 def _weights(value: Any, key: str) -> dict[str, float]:
     """``{name: weight}`` from a mapping, a list of names (weight 1 each) or one name."""
     if value is None:
@@ -144,6 +155,36 @@ class RunConfig:
         converter=lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v,  # YAML reads off as False
         validator=attrs.validators.in_(("auto", "on", "off")),
     )
+    eval_data: str | None = None
+    """Held-out data for evaluation during training (a file, saved dataset, registered dataset or hub id), in the
+    stage's schema: pairs for offline stages, prompts for online ones."""
+    eval_data_split: str | None = None
+    """The split of a hub or saved ``eval_data`` (default: ``data_split``)."""
+    eval_split: float | None = attrs.field(default=None, converter=attrs.converters.optional(_number(float)),
+                                           validator=attrs.validators.optional(_fraction))
+    """Hold this fraction of ``data`` out for evaluation during training (shuffled with ``seed``; recorded)."""
+    eval_steps: int = attrs.field(default=0, converter=_number(int), validator=attrs.validators.ge(0))
+    """With held-out data: evaluate every N optimizer steps (and at the end); 0: at the end only."""
+    eval_judges: Mapping[str, float] = attrs.field(factory=dict, converter=lambda v: _weights(v, "eval_judges"))
+    """Judges (name → weight) of online stages' held-out answers; empty: the run's own judges. Settings in
+    ``judge_args``, like the run's."""
+    eval_temperature: float | None = attrs.field(default=None, converter=attrs.converters.optional(_number(float)),
+                                                 validator=attrs.validators.optional(attrs.validators.ge(0)))
+    """The temperature online stages sample held-out answers at (0: greedy); None: the stage's own."""
+    eval_max_prompts: int = attrs.field(default=64, converter=_number(int), validator=_positive)
+    """Held-out prompts an online stage samples at each evaluation (the first N)."""
+    keep_best: str | None = attrs.field(default=None, validator=attrs.validators.optional(_best_metric))
+    """Keep the model of the best evaluation in OUTPUT/best: a logged metric (``eval_loss``, ``eval_reward``),
+    lower is better for names ending in ``loss``; ``:min``/``:max`` says so explicitly."""
+    stop_on_hacking: bool = False
+    """Stop training when the reward-hacking watch fires (the best model is kept with ``keep_best``)."""
+    hacking_window: int = attrs.field(default=3, converter=_number(int), validator=attrs.validators.ge(2))
+    """Evaluations the watch compares: training reward up while the held-out judges' score goes down over them."""
+    hacking_length_factor: float = attrs.field(default=2.0, converter=_number(float), validator=_positive)
+    """The watch fires when held-out answers grow past this factor of their length at the first evaluation."""
+    hacking_max_kl: float | None = attrs.field(default=None, converter=attrs.converters.optional(_number(float)),
+                                               validator=attrs.validators.optional(_positive))
+    """The watch fires when the held-out answers' KL to the reference passes this (nats per answer); None: off."""
     trust_remote_code: bool = False
     # parameter-efficient training
     lora_r: int = attrs.field(default=0, validator=attrs.validators.ge(0))
@@ -215,6 +256,7 @@ class RunConfig:
         data["loss_params"] = dict(self.loss_params)
         data["losses"] = dict(self.losses)
         data["judges"] = dict(self.judges)
+        data["eval_judges"] = dict(self.eval_judges)
         data["columns"] = dict(self.columns)
         data["judge_args"] = {name: dict(args) for name, args in self.judge_args.items()}
         return data

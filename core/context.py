@@ -96,6 +96,11 @@ class StageContext:
     """An instance of the stage's own ``params`` class (PPO's γ, GRPO's group size), from the config."""
     artifacts: Mapping[str, Path] = attrs.field(factory=dict)
     """The latest output of each kind (``policy``, ``reward-model``, ``dataset``) of the run's earlier steps."""
+    eval_rows: Any = None
+    """Held-out rows to evaluate on during training (``--eval-data``, or ``--eval-split`` of the data, which
+    ``rows`` then lacks), as read, like ``rows``; ``None``: no evaluation during training."""
+    eval_data: DataSource | None = None
+    """Where ``eval_rows`` came from."""
 
     @property
     def stage(self) -> Stage:

@@ -254,6 +254,23 @@ def _rename_dataset_columns(rows: datasets.Dataset, columns: dict[str, str], sou
 # --------------------------------------------------------------------------- rows, lists or Arrow
 
 
+def hold_out(rows: Rows, fraction: float, seed: int, source: str) -> tuple[Rows, Rows]:
+    """``rows`` split into the rows to train on and ``fraction`` of them held out, shuffled with ``seed``: the same
+    data, fraction and seed hold out the same rows (``datasets``' ``train_test_split`` for a Dataset)."""
+    import random
+
+    held = round(len(rows) * fraction)
+    if not 0 < held < len(rows):
+        raise DataError(f"--eval-split {fraction} of {source}'s {len(rows)} rows leaves no rows to "
+                        f"{'evaluate on' if held == 0 else 'train on'}; use a larger fraction or more data")
+    if is_dataset(rows):
+        parts = rows.train_test_split(test_size=held, seed=seed, shuffle=True)
+        return parts["train"], parts["test"]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in sorted(order[held:])], [rows[i] for i in sorted(order[:held])]
+
+
 def is_dataset(rows: Any) -> bool:
     """Whether ``rows`` is a ``datasets.Dataset`` (rather than a list of dicts)."""
     return hasattr(rows, "column_names") and hasattr(rows, "map")

@@ -61,7 +61,7 @@ def resolve_judges(host: Any, config: Any, default: Mapping[str, float], artifac
     weights = dict(config.judges or default)
     if not weights:
         raise ConfigError(f"{stage} scores samples with judges, but none was given: use --judge NAME (see `molting plugins`)")
-    unused = sorted(set(config.judge_args) - set(weights))
+    unused = sorted(set(config.judge_args) - set(weights) - set(getattr(config, "eval_judges", None) or {}))
     if unused:
         raise ConfigError(
             f"judge_args gives settings for {', '.join(unused)}, which the run does not use (its judges: "

@@ -21,9 +21,9 @@ import molting
 from molting.card import write_model_card
 from molting.config import RunConfig
 from molting.context import DataSource, StageContext, Step, is_main_process
-from molting.data import Rows
+from molting.data import Rows, hold_out
 from molting.discovery import PluginHost
-from molting.errors import DataError
+from molting.errors import ConfigError, DataError
 from molting.files import now_utc, write_json_atomic, write_text_atomic
 from molting.hub import hub_origin
 from molting.models import describe_model
@@ -184,6 +184,7 @@ def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, ar
     produced = artifacts.get("dataset") if made is not None else None
     data_path = data if data is not None else produced
     rows, source = load_rows(host, step, data_path, made_from=made if data is None else None, config=step_config)
+    rows, eval_rows, eval_source = _held_out(host, step, rows, source, step_config)
     if step_config.lora_r and not step_config.merge and step.stage.produces == "policy" and index + 1 < len(steps):
         print(f"molting: {step.name}: LoRA step inside a pipeline: its output is merged (as --merge) so the next "
               "step starts from its full weights", file=sys.stderr)
@@ -195,10 +196,34 @@ def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, ar
 
         step_config = attrs.evolve(step_config, dtype=config_dtype(model_path))
     context = StageContext(step_config, step, loss_params, model_path, rows, source, output_dir, host,
-                           stage_params=stage_params, artifacts=dict(artifacts))
+                           stage_params=stage_params, artifacts=dict(artifacts), eval_rows=eval_rows,
+                           eval_data=eval_source)
     record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
     record["data_fingerprint"] = _fingerprint(data_path)
+    if eval_source is not None:
+        record["eval_data"] = {"source": eval_source.description, "rows": len(eval_rows),
+                               **({"fraction": step_config.eval_split, "seed": step_config.seed}
+                                  if step_config.eval_split else {"fingerprint": _fingerprint(step_config.eval_data)})}
     return _Planned(context, data_path, record)
+
+
+def _held_out(host: PluginHost, step: Step, rows: Rows, source: DataSource,
+              config: RunConfig) -> tuple[Rows, Rows | None, DataSource | None]:
+    """The rows to train on, the held-out rows (``--eval-data``, or ``--eval-split`` of ``rows``) and their source."""
+    if config.eval_data and config.eval_split:
+        raise ConfigError("give --eval-data (held-out data of its own) or --eval-split (a fraction of --data), not both")
+    if config.eval_split:
+        train, held = hold_out(rows, config.eval_split, config.seed, str(source))
+        return train, held, attrs.evolve(source, description=f"{source}, {len(held)} rows held out (--eval-split "
+                                                             f"{config.eval_split:g}, seed {config.seed})")
+    if config.eval_data:
+        split = attrs.evolve(config, data_split=config.eval_data_split or config.data_split)
+        held, held_source = load_rows(host, step, config.eval_data, config=split)
+        return rows, held, held_source
+    if config.keep_best or config.eval_steps or config.eval_judges:
+        raise ConfigError("--eval-steps, --eval-judge and --keep-best evaluate on held-out data: give --eval-data "
+                          "or --eval-split")
+    return rows, None, None
 
 
 def _fingerprint(data: str | Path | None) -> list[int] | None:
@@ -273,6 +298,10 @@ def _run_claimed(planned: _Planned) -> dict[str, Any]:
     with logits_chunk_size(config.logits_chunk_size), _failure_recorded(record, output_dir / "molting_run.json"):
         host.hook.molting_before_stage(stage=step.stage, config=config)
         metrics = record["metrics"] = dict(step.stage.run(context))
+        for key in ("best", "watch"):  # what molting.watch kept: the best evaluation, the reward-hacking watch
+            value = metrics.pop(key, None)
+            if value is not None:
+                record[key] = value
         if _should_evaluate(context):
             record["eval"] = _evaluate(context.model_path, output_dir, config)
         record.update(status="completed", heartbeat=now_utc())

@@ -198,6 +198,12 @@ class MoltingTrainer(Trainer):
                 recorded.update(zip(masked, (total[:-1] / total[-1].clamp(min=1.0)).tolist()))
         self.record(recorded)
 
+    def prediction_step(self, model: Any, inputs: Any, prediction_loss_only: bool, ignore_keys: Any = None) -> Any:
+        """The loss of a held-out batch, its metrics recorded as ``eval_*`` (as trl's trainers evaluate)."""
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         averaged = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
@@ -436,16 +442,29 @@ def _last_checkpoint(output_dir: str) -> str | None:
 
 def build_trainer(trainer_class: type, collator: Any, model: Any, tokenizer: Any, examples: Any,
                   config: RunConfig, loss: Any, loss_params: Any, output_dir: Path, callbacks: Any = (),
-                  ref_model: Any = None, adapter_reference: bool = False) -> MoltingTrainer:
-    """A stage's Trainer over tokenized ``examples`` (a ``datasets.Dataset``, or a list of dicts)."""
+                  ref_model: Any = None, adapter_reference: bool = False, eval_examples: Any = None) -> MoltingTrainer:
+    """A stage's Trainer over tokenized ``examples`` (a ``datasets.Dataset``, or a list of dicts).
+
+    With ``eval_examples`` (tokenized as ``examples`` are, from the held-out
+    rows: :func:`held_out_examples`) the Trainer evaluates every
+    ``--eval-steps`` steps and :func:`train_and_save` once more at the end
+    (``eval_loss`` and the stage's metrics as ``eval_*``, as trl logs them);
+    ``--keep-best`` keeps the best evaluation's model (:mod:`molting.watch`).
+    """
     import datasets
 
     from molting.data import is_dataset
 
-    return trainer_class(
+    def as_dataset(rows: Any) -> Any:
+        return rows if rows is None or is_dataset(rows) else datasets.Dataset.from_list(rows)
+
+    evaluating = {"eval_strategy": "steps", "eval_steps": config.eval_steps} if config.eval_steps and \
+        eval_examples is not None else {}
+    trainer = trainer_class(
         model=model,
-        args=training_arguments(config, output_dir),
-        train_dataset=examples if is_dataset(examples) else datasets.Dataset.from_list(examples),
+        args=training_arguments(config, output_dir, **evaluating),
+        train_dataset=as_dataset(examples),
+        eval_dataset=as_dataset(eval_examples),
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=list(callbacks),
@@ -454,6 +473,18 @@ def build_trainer(trainer_class: type, collator: Any, model: Any, tokenizer: Any
         ref_model=ref_model,
         adapter_reference=adapter_reference,
     )
+    if eval_examples is not None and config.keep_best:
+        from molting.watch import BestKeeper, KeepBestCallback
+
+        trainer.add_callback(KeepBestCallback(BestKeeper(config.keep_best, output_dir), trainer))
+    return trainer
+
+
+def held_out_examples(context: StageContext, prepare: Any) -> Any:
+    """``prepare(rows, source)`` (the stage's own formatting and tokenizing) of the held-out rows, or ``None``."""
+    if context.eval_rows is None:
+        return None
+    return prepare(context.eval_rows, str(context.eval_data))
 
 
 def load_policy(context: StageContext, keep_dropout: bool = False) -> tuple[Any, Any]:
@@ -599,12 +630,25 @@ def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: StageContex
         result_metrics: dict[str, Any] = {"train_loss": trainer.run_loss.mean(trainer.accelerator)}
     else:
         result_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
+    if trainer.eval_dataset is not None:
+        result_metrics.update(_final_evaluation(trainer))
     if save is not None:
         save()
     else:
         save_final(trainer, tokenizer, context.output_dir, merge=context.config.merge,
                    trust_remote_code=context.config.trust_remote_code)
     return {**last_values(trainer.state.log_history), **result_metrics}
+
+
+def _final_evaluation(trainer: MoltingTrainer) -> dict[str, Any]:
+    """The held-out figures of the trained model (an evaluation at the last step, unless one ran there), and the
+    best model ``--keep-best`` kept (``best``)."""
+    done = [log for log in trainer.state.log_history if "eval_loss" in log and log.get("step") == trainer.state.global_step]
+    metrics = {k: v for k, v in done[-1].items() if k.startswith("eval_")} if done else trainer.evaluate()
+    from molting.watch import KeepBestCallback
+
+    keepers = [c for c in trainer.callback_handler.callbacks if isinstance(c, KeepBestCallback)]
+    return {**metrics, **({"best": keepers[0].keeper.summary()} if keepers else {})}
 
 
 def _finished(trainer: MoltingTrainer, checkpoint: str) -> bool:

@@ -336,13 +336,14 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
         file=sys.stderr,
     )
     evaluate = _demo_eval(context, models.tokenizer, scorer, params)
+    held_out = _held_out(context, models.tokenizer, params)
     resumed = _resume(context, models, total)
     if resumed is not None:  # the start model's figures were taken before the run was interrupted
         before = resumed.get("before")
     else:
         before = evaluate(models.unwrap(models.policy)) if evaluate else None
     started = time.perf_counter()
-    final = _train(context, models, scorer, total, events, resumed, before)
+    final = _train(context, models, scorer, total, events, resumed, before, held_out)
     save_final_model(models.unwrap(models.policy), models.tokenizer, context.output_dir,
                      accelerator.is_main_process, merge=config.merge, trust_remote_code=config.trust_remote_code)
     runtime = time.perf_counter() - started
@@ -350,7 +351,19 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
     if evaluate and before is not None:
         final.update(_before_after(before, evaluate(models.unwrap(models.policy)), scorer))
     final["judge_cache_hits"] = scorer.hits
+    if held_out is not None:
+        final.update(held_out.summary())
     return final
+
+
+def _held_out(context: StageContext, tokenizer: Any, params: PPOParams) -> Any:
+    """The evaluation during training on ``--eval-data`` / ``--eval-split`` (``None`` without held-out data)."""
+    from molting.watch import HeldOutJudging
+
+    if context.eval_rows is None:
+        return None
+    return HeldOutJudging(context, tokenizer, {"max_new_tokens": params.max_new_tokens,
+                                               "temperature": params.temperature, "top_p": params.top_p})
 
 
 def _refuse_unsupported(config: Any) -> None:
@@ -438,7 +451,8 @@ def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Mod
 
 
 def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: Any,
-           resumed: dict[str, Any] | None = None, before: dict[str, float] | None = None) -> dict[str, Any]:
+           resumed: dict[str, Any] | None = None, before: dict[str, float] | None = None,
+           held_out: Any = None) -> dict[str, Any]:
     """``total`` PPO steps, each a rollout of ``batch_size`` prompts and the passes over it; the last log.
 
     Every ``--save-steps`` steps (and at the last) a checkpoint keeps the
@@ -458,14 +472,19 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
     log = _Logger(config.logging_steps, events)
     kl = AdaptiveKL(params.kl_coef, params.kl_target, params.kl_horizon)
     generator = torch.Generator().manual_seed(config.seed)
-    loop = {"step": 0, "order": [], "skipped_in_a_row": 0}
+    loop = {"step": 0, "order": [], "skipped_in_a_row": 0, "scores": [], "watch": None}
     if resumed is not None:
-        loop.update(step=resumed["step"], order=resumed["order"], skipped_in_a_row=resumed["skipped_in_a_row"])
+        loop.update(step=resumed["step"], order=resumed["order"], skipped_in_a_row=resumed["skipped_in_a_row"],
+                    scores=resumed.get("scores", []), watch=resumed.get("watch"))
+        if held_out is not None and loop["watch"] is not None:
+            held_out.restore(loop["watch"])
         generator.set_state(resumed["generator"])
         kl.value = resumed["kl"]
         log.pending, log.last = resumed["log_pending"], resumed["log_last"]
         events.state.global_step = loop["step"]
     events.train_begin()
+    if held_out is not None and loop["step"] == 0:
+        _evaluate_held_out(held_out, m, 0, None, events)
     for step in tqdm(range(loop["step"] + 1, total + 1), desc="ppo", initial=loop["step"], total=total,
                      disable=not m.accelerator.is_local_main_process):
         events.step_begin()
@@ -489,11 +508,29 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
         events.step_end()
         log(step, stats, last=step == total)
         loop["step"] = step
-        if config.save_steps and (step % config.save_steps == 0 or step == total) and m.accelerator.is_main_process:
+        loop["scores"].append(float(stats["objective/scores"]))
+        if held_out is not None and (step == total or (config.eval_steps and step % config.eval_steps == 0)):
+            _evaluate_held_out(held_out, m, step, sum(loop["scores"]) / len(loop["scores"]), events)
+            loop["scores"], loop["watch"] = [], held_out.state()
+        stopping = held_out is not None and held_out.stopped_at is not None
+        if config.save_steps and (step % config.save_steps == 0 or step == total or stopping) \
+                and m.accelerator.is_main_process:
             _save(context, m, {**loop, "generator": generator.get_state(), "kl": kl.value, "log_pending": log.pending,
                                "log_last": log.last, "before": before})
+        if stopping:
+            break
     events.train_end()
     return dict(log.last)
+
+
+def _evaluate_held_out(held_out: Any, m: _Models, step: int, train_reward: float | None, events: Any) -> None:
+    """Sample, judge and measure the held-out prompts; log the figures (``eval_reward``, ``eval_kl``, ...)."""
+    from molting.watch import saver
+
+    policy = m.unwrap(m.policy)
+    reference = m.reference if m.reference is not None else m.under_reference
+    metrics = held_out(policy, step, train_reward, reference=reference, save=saver(policy, m.tokenizer))
+    events.log(metrics)
 
 
 def _save(context: StageContext, m: _Models, loop: dict[str, Any]) -> None:

@@ -156,7 +156,15 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
         loss_params=context.loss_params, ref_model=ref_model, adapter_reference=adapter_reference, grpo=params,
         scorer=scorer, max_prompt_length=limit if config.overlong != "drop" else None,
     )
+    judging = None
+    if context.eval_rows is not None:
+        from molting.watch import HeldOutCallback, HeldOutJudging
+
+        judging = HeldOutJudging(context, tokenizer, {"max_new_tokens": params.max_new_tokens, "top_p": params.top_p,
+                                                      "temperature": params.temperature})
+        trainer.add_callback(HeldOutCallback(judging, trainer, context))
     judges = ", ".join(f"{spec.name} x{spec.weight:g}" for spec in scorer.specs)
     announce(trainer, f"{len(rows)} prompts, {g} completions each, {completions // g} prompts per optimizer step, "
                       f"judges {judges}", reference)
-    return train_and_save(trainer, tokenizer, context)
+    final = train_and_save(trainer, tokenizer, context)
+    return {**final, **(judging.summary() if judging else {})}

@@ -34,7 +34,7 @@ def molting_register_stages(register):
 
 
 def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None,
-                  adapter_reference=False):
+                  adapter_reference=False, eval_examples=None):
     """The preference Trainer for tokenized ``examples`` (see :func:`molting.pairs.tokenize_pairs`)."""
     from molting import training
     from molting.pairs import PackedPairCollator, PairCollator
@@ -43,12 +43,12 @@ def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_
 
     collator = PackedPairCollator() if config.padding_free else PairCollator(tokenizer.pad_token_id)
     return training.build_trainer(PreferenceTrainer, collator, model, tokenizer, examples, config, loss,
-                                  loss_params, output_dir, callbacks, ref_model, adapter_reference)
+                                  loss_params, output_dir, callbacks, ref_model, adapter_reference, eval_examples)
 
 
 def run_preference(context: StageContext) -> dict[str, Any]:
     from molting.pairs import PairCollator, format_pairs, tokenize_pairs
-    from molting.training import announce, load_policy, reference_for, stage_callbacks, train_and_save
+    from molting.training import announce, held_out_examples, load_policy, reference_for, stage_callbacks, train_and_save
 
     config = context.config
     model, tokenizer = load_policy(context)
@@ -56,19 +56,24 @@ def run_preference(context: StageContext) -> dict[str, Any]:
         from molting.packing import use_varlen_attention
 
         use_varlen_attention(model)
-    pairs = format_pairs(context.rows, tokenizer, context.data_source, num_proc=config.num_proc)
-    examples = tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source,
-                              num_proc=config.num_proc)
+
+    def prepare(rows: Any, source: str) -> Any:
+        pairs = format_pairs(rows, tokenizer, source, num_proc=config.num_proc)
+        return tokenize_pairs(pairs, tokenizer, config.max_length, config.overlong, source, num_proc=config.num_proc)
+
+    examples, eval_examples = prepare(context.rows, context.data_source), held_out_examples(context, prepare)
     if config.precompute_ref and context.loss.needs_reference:
         from molting.refcache import precomputed_reference
 
         # the policy has not trained yet: it is the reference (its base, with LoRA), so no copy is ever made
-        examples = precomputed_reference(model, bool(config.lora_r), examples, tokenizer, context,
-                                         PairCollator(tokenizer.pad_token_id))
+        examples, eval_examples = (
+            None if part is None else precomputed_reference(model, bool(config.lora_r), part, tokenizer, context,
+                                                            PairCollator(tokenizer.pad_token_id))
+            for part in (examples, eval_examples))
         ref_model, adapter_reference, reference = None, False, "precomputed (none held while training)"
     else:
         ref_model, adapter_reference, reference = reference_for(model, context)
     trainer = build_trainer(model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir,
-                            stage_callbacks(context), ref_model, adapter_reference)
+                            stage_callbacks(context), ref_model, adapter_reference, eval_examples)
     announce(trainer, f"{len(examples)} pairs", reference)
     return train_and_save(trainer, tokenizer, context)

@@ -259,14 +259,15 @@ def save_reward_model(trainer: Any, tokenizer: Any, output_dir: Any, merge: bool
 # --------------------------------------------------------------------------- training
 
 
-def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=()):
+def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), eval_examples=None):
     """The reward-model Trainer for tokenized ``examples`` (see :func:`tokenize_reward_pairs`)."""
     from molting import training
 
     from .trainer import RewardTrainer
 
     return training.build_trainer(RewardTrainer, RewardCollator(tokenizer.pad_token_id), model, tokenizer,
-                                  examples, config, loss, loss_params, output_dir, callbacks)
+                                  examples, config, loss, loss_params, output_dir, callbacks,
+                                  eval_examples=eval_examples)
 
 
 def score_pairs(model: Any, examples: Rows, pad_token_id: int, batch_size: int = 32) -> tuple[Any, Any]:
@@ -303,17 +304,20 @@ def demo_held_out_accuracy(model: Any, tokenizer: Any, config: Any) -> float:
 
 def run_reward_model(context: StageContext) -> dict[str, Any]:
     from molting.errors import ConfigError
-    from molting.training import announce, stage_callbacks, train_and_save
+    from molting.training import announce, held_out_examples, stage_callbacks, train_and_save
 
     config = context.config
     if config.padding_free:
         raise ConfigError("--padding-free is not supported by the reward-model stage yet: drop it (batches are padded)")
     model, tokenizer = load_reward_model(context)
-    pairs = format_reward_pairs(context.rows, tokenizer, context.data_source, config.num_proc)
-    examples = tokenize_reward_pairs(pairs, tokenizer, config.max_length, config.overlong, context.data_source,
-                                     config.num_proc)
+
+    def prepare(rows: Any, source: str) -> Any:
+        pairs = format_reward_pairs(rows, tokenizer, source, config.num_proc)
+        return tokenize_reward_pairs(pairs, tokenizer, config.max_length, config.overlong, source, config.num_proc)
+
+    examples, eval_examples = prepare(context.rows, context.data_source), held_out_examples(context, prepare)
     trainer = build_trainer(model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir,
-                            stage_callbacks(context))
+                            stage_callbacks(context), eval_examples)
     margins = " with margins" if "margin" in examples[0] else ""
     announce(trainer, f"{len(examples)} pairs{margins}, reward model {type(trainer.model).__name__}", "none")
     # a LoRA reward model is saved merged, as plain weights (save_reward_model)

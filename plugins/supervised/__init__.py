@@ -174,30 +174,37 @@ class SFTCollator:
 # --------------------------------------------------------------------------- training
 
 
-def build_trainer(model, tokenizer, examples, config, output_dir, callbacks=()):
+def build_trainer(model, tokenizer, examples, config, output_dir, callbacks=(), eval_examples=None):
     """The SFT Trainer for tokenized ``examples`` (see :func:`tokenize_sft`)."""
     from molting import training
 
     from .trainer import SFTTrainer
 
     return training.build_trainer(SFTTrainer, SFTCollator(tokenizer.pad_token_id), model, tokenizer, examples,
-                                  config, None, None, output_dir, callbacks)
+                                  config, None, None, output_dir, callbacks, eval_examples=eval_examples)
 
 
 def run_sft(context: StageContext) -> dict[str, Any]:
     from molting.errors import ConfigError
     from molting.tokenization import token_count
-    from molting.training import announce, load_policy, stage_callbacks, train_and_save
+    from molting.training import announce, held_out_examples, load_policy, stage_callbacks, train_and_save
 
     config = context.config
     if config.padding_free:
         raise ConfigError("--padding-free is not supported by the sft stage yet: drop it (batches are padded)")
     checked = check_sft_rows(context.rows, context.data_source)  # bad rows fail before the model loads
+    held_out = check_sft_rows(context.eval_rows, str(context.eval_data)) if context.eval_rows is not None else None
     model, tokenizer = load_policy(context, keep_dropout=True)
-    formatted, conversational = format_sft(context.rows, tokenizer, context.data_source, checked, config.num_proc)
-    examples = tokenize_sft(formatted, tokenizer, config.max_length, config.overlong, context.data_source, conversational,
+
+    def prepare(rows: Any, source: str) -> Any:
+        formatted, conversational = format_sft(rows, tokenizer, source, checked if rows is context.rows else held_out,
+                                               config.num_proc)
+        return tokenize_sft(formatted, tokenizer, config.max_length, config.overlong, source, conversational,
                             config.num_proc)
-    trainer = build_trainer(model, tokenizer, examples, config, context.output_dir, stage_callbacks(context))
+
+    examples, eval_examples = prepare(context.rows, context.data_source), held_out_examples(context, prepare)
+    trainer = build_trainer(model, tokenizer, examples, config, context.output_dir, stage_callbacks(context),
+                            eval_examples)
     tokens = token_count(examples, "completion_ids")
     announce(trainer, f"{len(examples)} examples ({tokens} completion tokens)", "none (SFT needs none)")
     return train_and_save(trainer, tokenizer, context)

@@ -228,7 +228,7 @@ def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_
 
 def run_unpaired(context: StageContext) -> dict[str, Any]:
     from molting.errors import ConfigError
-    from molting.training import announce, load_policy, reference_for, stage_callbacks, train_and_save
+    from molting.training import announce, held_out_examples, load_policy, reference_for, stage_callbacks, train_and_save
 
     config = context.config
     if config.padding_free:
@@ -243,9 +243,12 @@ def run_unpaired(context: StageContext) -> dict[str, Any]:
     if config.precompute_ref:
         raise ConfigError("--precompute-ref is not supported by the unpaired stage yet: its KL pairs change with each batch")
     model, tokenizer = load_policy(context)
-    formatted = format_unpaired(context.rows, tokenizer, context.data_source, config.num_proc)
-    examples = tokenize_unpaired(formatted, tokenizer, config.max_length, config.overlong, context.data_source,
-                                 config.num_proc)
+
+    def prepare(rows: Any, source: str) -> Any:
+        formatted = format_unpaired(rows, tokenizer, source, config.num_proc)
+        return tokenize_unpaired(formatted, tokenizer, config.max_length, config.overlong, source, config.num_proc)
+
+    examples, eval_examples = prepare(context.rows, context.data_source), held_out_examples(context, prepare)
     labels = list(examples["label"])
     weights = (getattr(context.loss_params, "desirable_weight", None), getattr(context.loss_params, "undesirable_weight", None))
     if None not in weights:
@@ -254,7 +257,7 @@ def run_unpaired(context: StageContext) -> dict[str, Any]:
             print(warning, file=sys.stderr)
     ref_model, adapter_reference, reference = reference_for(model, context)
     trainer = build_trainer(model, tokenizer, examples, config, context.loss, context.loss_params, context.output_dir,
-                            stage_callbacks(context), ref_model, adapter_reference)
+                            stage_callbacks(context), ref_model, adapter_reference, eval_examples)
     desirable = sum(labels)
     announce(trainer, f"{len(examples)} examples ({desirable} desirable, {len(labels) - desirable} undesirable)", reference)
     return train_and_save(trainer, tokenizer, context)
