@@ -57,12 +57,42 @@ def model_card(record: Mapping[str, Any], output_dir: str | Path | None = None) 
             format_table(evaluation),
             "```",
         ]
+    lines += _held_out_section(record)
     lines += ["", "## Plugins", "", "| plugin | distribution | version |", "| --- | --- | --- |"]
     for name, info in record["plugins"].items():
         lines.append(f"| {name} | {info['distribution']} | {info['version']} |")
     lines += ["", "## Use", ""] + _usage(record.get("produces", "policy"), where)
     lines += ["", f"Rerun: `molting run --config {where}/recipe.yaml`.", ""]
     return "\n".join(lines)
+
+
+def _held_out_section(record: Mapping[str, Any]) -> list[str]:
+    """Evaluation during training: the held-out data, the last figures, the best model kept, the watch's alarms."""
+    held = record.get("eval_data")
+    if not held:
+        return []
+    metrics = record.get("metrics") or {}
+    lines = ["", "## Held-out evaluation during training", "", f"On {held['source']} ({held['rows']} rows).", ""]
+    figures = {k: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))
+               and not k.endswith(("_runtime", "_per_second", "_before", "_after"))}
+    if figures:
+        lines += ["| metric (last evaluation) | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in figures.items()]
+    best = record.get("best")
+    if best:
+        lines += ["", f"Best {best['metric']}: {best['value']:.4g} at step {best['step']}, kept in `{best['path']}`."]
+    watch = record.get("watch")
+    if watch:
+        lines += ["", f"Reward-hacking watch: {len(watch['evaluations'])} evaluations, "
+                      + (f"{len(watch['alarms'])} alarms." if watch["fired"] else "silent.")]
+        seen: set[str] = set()
+        for alarm in watch["alarms"]:
+            if alarm["kind"] not in seen:
+                seen.add(alarm["kind"])
+                lines.append(f"- possible reward hacking at step {alarm['step']}: {alarm['message']}")
+        if watch.get("stopped_at") is not None:
+            lines.append(f"- the run stopped at step {watch['stopped_at']} (--stop-on-hacking)")
+    return lines
 
 
 def _usage(produces: str, where: str) -> list[str]:
