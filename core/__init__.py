@@ -62,6 +62,8 @@ TOOLKIT = (
     "ranking",  # sampled completions into chosen/rejected pairs (pointwise best vs worst, pairwise wins)
     "losses",  # helpers of the preference losses, weighted sums
     "evaluation",  # the demo task's held-out evaluation, generation with a fixed seed
+    "compare",  # a model against a baseline on any prompts: intervals, win rates, length control, KL
+    "watch",  # evaluation during training: the best model kept, the reward-hacking watch
     "demo",  # the demo task's data, grading and model
 )
 """The stage toolkit: the core modules a plugin may import. ``tests/test_imports.py`` holds plugins to it."""

@@ -479,13 +479,31 @@ def _demo_figures(loaded: dict[str, Any], limit: int, seed: int, temperature: fl
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write the PNGs. Default: RUN_DIR/plots.")
 def plot_command(run_dir: str, out: str | None) -> None:
-    """Draw a run's training curves and its before/after evaluation as PNG files."""
+    """Draw a run's training curves, its held-out evaluation curves and its before/after evaluation as PNG files."""
     from pathlib import Path
 
     from molting.plots import plot_run
 
     for path in plot_run(Path(run_dir), Path(out) if out else None):
         click.echo(str(path))
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write the HTML.  [default: RUN_DIR/report.html]")
+def report_command(run_dir: str, out: str | None) -> None:
+    """Write one self-contained HTML page about a run (or each step of a pipeline).
+
+    Training and held-out evaluation curves, the before/after table, the
+    held-out answers before and after side by side, the reward-hacking
+    watch's alarms and the settings; images are embedded, so the file opens
+    anywhere, offline.
+    """
+    from pathlib import Path
+
+    from molting.report import write_report
+
+    click.echo(str(write_report(Path(run_dir), Path(out) if out else None)))
 
 
 # --------------------------------------------------------------------------- check

@@ -113,13 +113,35 @@ def load_for_eval(path: Any, trust_remote_code: bool = False):
     return model.eval(), tokenizer
 
 
-def before_after(start: Any, trained: Any, seed: int = 0, n: int | None = None, trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
-    """Held-out metrics of the starting model and of the trained one (judged against the start)."""
+SAMPLES_FILE = "eval_samples.jsonl"
+"""Held-out prompts with the starting model's and the trained model's answers, side by side (``molting report``)."""
+SHOWN_SAMPLES = 32
+
+
+def before_after(start: Any, trained: Any, seed: int = 0, n: int | None = None, trust_remote_code: bool = False,
+                 samples: Any = None) -> dict[str, dict[str, float]]:
+    """Held-out metrics of the starting model and of the trained one (judged against the start); with ``samples``
+    (a path), the first prompts' answers of both written there as JSON lines (:data:`SAMPLES_FILE`)."""
     start_model, tokenizer = load_for_eval(start, trust_remote_code)
     before, baseline = evaluate(start_model, tokenizer, n=n, seed=seed)
     trained_model, trained_tokenizer = load_for_eval(trained, trust_remote_code)
-    after, _ = evaluate(trained_model, trained_tokenizer, ref_model=start_model, baseline_completions=baseline, n=n, seed=seed)
+    after, answers = evaluate(trained_model, trained_tokenizer, ref_model=start_model, baseline_completions=baseline,
+                              n=n, seed=seed)
+    if samples is not None:
+        prompts = [r["prompt"] for r in demo.prompt_rows("test", n)]
+        write_samples(samples, [{"prompt": p, "before": b, "after": a, "before_score": demo.score(p, b),
+                                 "after_score": demo.score(p, a)}
+                                for p, b, a in list(zip(prompts, baseline, answers))[:SHOWN_SAMPLES]])
     return {"before": before, "after": after}
+
+
+def write_samples(path: Any, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as JSON lines, written atomically."""
+    import json
+
+    from molting.files import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def format_table(columns: dict[str, dict[str, float]]) -> str:

@@ -302,6 +302,9 @@ def _run_claimed(planned: _Planned) -> dict[str, Any]:
             value = metrics.pop(key, None)
             if value is not None:
                 record[key] = value
+        if context.eval_rows is not None and "watch" not in record and not any(k.startswith("eval_") for k in metrics):
+            print(f"molting: warning: stage {step.stage.name!r} does not evaluate during training: the held-out "
+                  f"{context.eval_data} went unused", file=sys.stderr)
         if _should_evaluate(context):
             record["eval"] = _evaluate(context.model_path, output_dir, config)
         record.update(status="completed", heartbeat=now_utc())
@@ -373,7 +376,10 @@ def _evaluate(model_path: Path, output_dir: Path, config: RunConfig) -> dict[str
     from molting.evaluation import before_after, format_table
 
     print("molting: evaluating the starting and the trained model on the held-out demo split...", file=sys.stderr)
-    result = before_after(model_path, output_dir, seed=config.seed, trust_remote_code=config.trust_remote_code)
+    from molting.evaluation import SAMPLES_FILE
+
+    result = before_after(model_path, output_dir, seed=config.seed, trust_remote_code=config.trust_remote_code,
+                          samples=output_dir / SAMPLES_FILE)
     print(format_table(result), file=sys.stderr)
     return result
 

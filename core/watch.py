@@ -173,6 +173,8 @@ class HeldOutJudging:
         self.watch = HackingWatch(config.hacking_window, config.hacking_length_factor, config.hacking_max_kl)
         self.stop = config.stop_on_hacking
         self.stopped_at: int | None = None
+        self.output_dir = context.output_dir
+        self.answers: dict[str, tuple[list[str], list[float]]] = {}  # the first and the latest evaluation's
 
     def __call__(self, policy: Any, step: int, train_reward: float | None, reference: Any = None,
                  save: Callable[[Path], None] | None = None) -> dict[str, float]:
@@ -186,6 +188,8 @@ class HeldOutJudging:
 
         samples = seeded_sample(policy, self.tokenizer, self.prompts, **self.sampling)
         totals, per_judge = self.scorer(self.prompts, samples.texts, self.columns)
+        self.answers.setdefault("before", (samples.texts, totals))
+        self.answers["after"] = (samples.texts, totals)
         lengths = samples.lengths.float()
         metrics = {"eval_reward": sum(totals) / len(totals), "eval_reward_std": float(_std(totals)),
                    **{f"eval_rewards/{name}/mean": sum(v) / len(v) for name, v in per_judge.items()},
@@ -214,7 +218,16 @@ class HeldOutJudging:
         self.stopped_at = state["stopped_at"]
 
     def summary(self) -> dict[str, Any]:
-        """``best`` and ``watch`` for the stage's final metrics."""
+        """``best`` and ``watch`` for the stage's final metrics; the first and the last evaluation's answers to the
+        first held-out prompts written side by side (:data:`molting.evaluation.SAMPLES_FILE`)."""
+        from molting.context import is_main_process
+        from molting.evaluation import SAMPLES_FILE, SHOWN_SAMPLES, write_samples
+
+        if "before" in self.answers and is_main_process():
+            (before, before_scores), (after, after_scores) = self.answers["before"], self.answers["after"]
+            write_samples(self.output_dir / SAMPLES_FILE, [
+                {"prompt": p, "before": b, "after": a, "before_score": bs, "after_score": s_}
+                for p, b, a, bs, s_ in list(zip(self.prompts, before, after, before_scores, after_scores))[:SHOWN_SAMPLES]])
         return {"best": self.keeper.summary() if self.keeper else None,
                 "watch": {**self.watch.summary(), "stopped_at": self.stopped_at}}
 

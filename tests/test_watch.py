@@ -132,6 +132,17 @@ def test_sft_evaluates_on_held_out_data_of_its_own(tmp_path):
     assert "eval_loss" in record["metrics"] and "best" not in record
 
 
+@pytest.mark.parametrize("plugin, metric", [("kto", "eval_rewards/chosen"), ("reward-model", "eval_accuracy")])
+def test_every_offline_stage_evaluates_its_held_out_split(plugin, metric, tmp_path):
+    out = tmp_path / "out"
+    result = run_molting("run", "--plugin", plugin, "--eval-split", "0.05", "--max-steps", "4", "--eval", "off",
+                         "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "molting_run.json").read_text())["metrics"]
+    assert "eval_loss" in metrics and metric in metrics, sorted(metrics)
+    assert "does not evaluate during training" not in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--keep-best", "eval_loss"], "give --eval-data or --eval-split"),
     (["--eval-split", "0.1", "--eval-data", "demo-preference"], "not both"),
@@ -172,6 +183,10 @@ def test_the_watch_catches_the_demo_ppo_exploiting_its_reward_model(tmp_path):
     assert record["best"]["metric"] == "eval_reward" and record["best"]["step"] < watch["stopped_at"]
     assert (out / "best" / "model.safetensors").exists() and record["status"] == "completed"
     assert "possible reward hacking" in (out / "README.md").read_text()
+    # and the report shows it: the alarm in a banner, the training reward against the held-out judges
+    assert run_molting("report", str(tmp_path / "out")).returncode == 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count('class="alarm"') == 1 and "training reward against the held-out judges" in page
 
 
 def test_a_healthy_grpo_run_keeps_the_watch_silent(tmp_path):

@@ -215,7 +215,7 @@ class UnpairedCollator:
 
 
 def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_dir, callbacks=(), ref_model=None,
-                  adapter_reference=False):
+                  adapter_reference=False, eval_examples=None):
     """The unpaired Trainer for tokenized ``examples`` (see :func:`tokenize_unpaired`)."""
     from molting import training
 
@@ -223,7 +223,7 @@ def build_trainer(model, tokenizer, examples, config, loss, loss_params, output_
     from .trainer import UnpairedTrainer
 
     return training.build_trainer(UnpairedTrainer, collator, model, tokenizer, examples, config, loss,
-                                  loss_params, output_dir, callbacks, ref_model, adapter_reference)
+                                  loss_params, output_dir, callbacks, ref_model, adapter_reference, eval_examples)
 
 
 def run_unpaired(context: StageContext) -> dict[str, Any]:
