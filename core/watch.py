@@ -59,14 +59,18 @@ class BestKeeper:
             return False
         if self.best is not None and (value >= self.best["value"] if self.lower else value <= self.best["value"]):
             return False
+        from molting.context import is_main_process
         from molting.training import disk_full_is_an_error
 
         staging, final = self.output_dir / f".staging-{BEST_DIR}", self.output_dir / BEST_DIR
-        shutil.rmtree(staging, ignore_errors=True)
+        main = is_main_process()  # every process calls save (a sharded model gathers); only the first writes
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         with disk_full_is_an_error(staging, f"the best model (step {step}) in {self.output_dir}", self.output_dir):
             save(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        if main:
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
         self.best = {"metric": self.metric, "value": value, "step": step, "path": str(final),
                      "direction": "min" if self.lower else "max"}
         return True
@@ -209,13 +213,15 @@ class HeldOutJudging:
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the evaluations so far (:meth:`restore` reads it back)."""
         return {"evaluations": list(self.watch.evaluations), "alarms": list(self.watch.alarms),
-                "best": self.keeper.best if self.keeper else None, "stopped_at": self.stopped_at}
+                "best": self.keeper.best if self.keeper else None, "stopped_at": self.stopped_at,
+                "answers": {k: [list(v[0]), list(v[1])] for k, v in self.answers.items()}}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.watch.evaluations, self.watch.alarms = list(state["evaluations"]), list(state["alarms"])
         if self.keeper is not None:
             self.keeper.best = state["best"]
         self.stopped_at = state["stopped_at"]
+        self.answers = {k: (list(texts), list(scores)) for k, (texts, scores) in state.get("answers", {}).items()}
 
     def summary(self) -> dict[str, Any]:
         """``best`` and ``watch`` for the stage's final metrics; the first and the last evaluation's answers to the
@@ -236,8 +242,11 @@ def saver(model: Any, tokenizer: Any) -> Callable[[Path], None]:
     """A ``save(directory)`` for :class:`BestKeeper`: the model (a LoRA run: its adapter) and tokenizer, safetensors."""
 
     def save(directory: Path) -> None:
-        model.save_pretrained(str(directory), safe_serialization=True)
-        tokenizer.save_pretrained(str(directory))
+        from molting.context import is_main_process
+
+        if is_main_process():
+            model.save_pretrained(str(directory), safe_serialization=True)
+            tokenizer.save_pretrained(str(directory))
 
     return save
 
@@ -283,8 +292,9 @@ class KeepBestCallback(_trainer_callback()):
         self.keeper.consider(metrics or {}, state.global_step, self._save)
 
     def _save(self, directory: Path) -> None:
-        self.trainer.save_model(str(directory))
-        (directory / "training_args.bin").unlink(missing_ok=True)
+        self.trainer.save_model(str(directory))  # every process; the Trainer writes on the first
+        if self.trainer.is_world_process_zero():
+            (directory / "training_args.bin").unlink(missing_ok=True)
 
 
 class HeldOutCallback(_trainer_callback()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -201,3 +202,26 @@ def test_a_healthy_grpo_run_keeps_the_watch_silent(tmp_path):
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs if "eval_reward" in log] == steps
     assert "possible reward hacking" not in result.stderr
+
+
+def test_a_resumed_ppo_run_keeps_its_watch(tmp_path):
+    """The watch's evaluations travel in PPO's checkpoints: a run resumed half way records what the whole one did."""
+    args = ["run", "--plugin", "ppo", "--judge", "rule", "--max-steps", "8", "--batch-size", "4", "--eval", "off",
+            "--set", "eval_prompts=0", "--eval-data", "demo-prompts", "--eval-data-split", "test", "--eval-steps", "4",
+            "--set", "eval_max_prompts=16", "--save-steps", "4"]
+    out = tmp_path / "out"
+    assert run_molting(*args, "--output-dir", str(out)).returncode == 0
+    whole = tmp_path / "whole"
+    shutil.copytree(out, whole)
+    for path in out.iterdir():  # back to the state of a run killed after its checkpoint at step 4
+        if path.name not in ("checkpoint-4", "molting_run.json"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = run_molting(*args, "--output-dir", str(out), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = (json.loads((d / "molting_run.json").read_text())["watch"]["evaluations"] for d in (whole, out))
+    assert [e["step"] for e in got] == [0, 4, 8]
+    for ours, theirs in zip(got, expected):
+        assert ours["held_out"] == pytest.approx(theirs["held_out"], abs=1e-5)
+        assert ours["train_reward"] == pytest.approx(theirs["train_reward"], abs=1e-5)
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and samples == [json.loads(line) for line in (whole / "eval_samples.jsonl").read_text().splitlines()]
