@@ -193,12 +193,12 @@ def test_the_watch_catches_the_demo_ppo_exploiting_its_reward_model(tmp_path):
 def test_a_healthy_grpo_run_keeps_the_watch_silent(tmp_path):
     out = tmp_path / "out"
     result = run_molting("run", "--plugin", "grpo", "--eval-data", "demo-prompts", "--eval-data-split", "test",
-                         "--eval-judge", "rule", "--eval-steps", "40", "--set", "eval_max_prompts=128",
+                         "--eval-judge", "rule", "--eval-steps", "40", "--max-steps", "80", "--set", "eval_max_prompts=128",
                          "--eval", "off", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     record = json.loads((out / "molting_run.json").read_text())
     steps = [e["step"] for e in record["watch"]["evaluations"]]
-    assert steps == [0, 40, 80, 120] and not record["watch"]["fired"], record["watch"]
+    assert steps == [0, 40, 80] and not record["watch"]["fired"], record["watch"]
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs if "eval_reward" in log] == steps
     assert "possible reward hacking" not in result.stderr
