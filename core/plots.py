@@ -141,12 +141,15 @@ def before_after_figure(evaluation: Mapping[str, Mapping[str, float]], title: st
     return fig
 
 
-def run_figures(run_dir: Path) -> dict[str, Any]:
-    """``{"training": fig, "eval_curves": fig, "eval": fig, "watch": fig}``, those the run has data for."""
+def run_figures(run_dir: Path, records: Sequence[Mapping[str, Any]] | None = None,
+                record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"training": fig, "eval_curves": fig, "eval": fig, "watch": fig}``, those the run has data for; ``records``
+    (metrics.jsonl) and ``record`` (molting_run.json) are read from ``run_dir`` unless the caller has them."""
     import matplotlib
 
     matplotlib.use("Agg")
-    records, record = read_metrics(run_dir), read_record(run_dir)
+    records = read_metrics(run_dir) if records is None else records
+    record = read_record(run_dir) if record is None else record
     alarms = (record.get("watch") or {}).get("alarms", [])
     figures = {
         "training": training_figure(records, f"{run_dir.name}: training"),

@@ -79,8 +79,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 
 def render(run_dir: Path) -> str:
     steps = step_dirs(run_dir)
-    sections = "\n".join(_step_section(step, index) for index, step in enumerate(steps))
     records = [json.loads((step / "molting_run.json").read_text()) for step in steps]
+    sections = "\n".join(_step_section(step, record, index) for index, (step, record) in enumerate(zip(steps, records)))
     subtitle = " → ".join(r["plugin"] for r in records) + f" · molting {records[-1].get('molting_version', '')}"
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -89,11 +89,11 @@ def render(run_dir: Path) -> str:
             f"<script>{_SCRIPT}</script></body></html>\n")
 
 
-def _step_section(step: Path, index: int) -> str:
+def _step_section(step: Path, record: Mapping[str, Any], index: int) -> str:
     from molting.plots import read_metrics, run_figures
 
-    record = json.loads((step / "molting_run.json").read_text())
-    figures = run_figures(step) if (step / "metrics.jsonl").exists() else {}
+    logged = read_metrics(step) if (step / "metrics.jsonl").exists() else []
+    figures = run_figures(step, logged, record) if (step / "metrics.jsonl").exists() else {}
     parts = [f"<h2>{_e(step.name)}: {_e(record['plugin'])}</h2>", _facts(record), _watch(record)]
     if "watch" in figures:
         parts.append(_image(figures["watch"], "training reward against the held-out judges"))
@@ -107,7 +107,7 @@ def _step_section(step: Path, index: int) -> str:
         parts.append(f"<h3>Before and after (the demo task's held-out split)</h3>{_before_after(record['eval'])}{chart}")
     parts.append(_samples(step, index))
     parts.append(_settings(record))
-    if not (step / "metrics.jsonl").exists() or not read_metrics(step):
+    if not logged:
         parts.append("<p>No metrics were logged.</p>")
     return f"<section class=\"step\">{''.join(parts)}</section>"
 
