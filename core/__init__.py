@@ -61,6 +61,7 @@ TOOLKIT = (
     "judging",  # judges: resolution, weights, caching, errors
     "ranking",  # sampled completions into chosen/rejected pairs (pointwise best vs worst, pairwise wins)
     "losses",  # helpers of the preference losses, weighted sums
+    "group_losses",  # what the grpo stage's losses share: importance weights, KL, entropy mask, normalisers
     "evaluation",  # the demo task's held-out evaluation, generation with a fixed seed
     "compare",  # a model against a baseline on any prompts: intervals, win rates, length control, KL
     "watch",  # evaluation during training: the best model kept, the reward-hacking watch

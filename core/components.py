@@ -241,6 +241,11 @@ class GroupInputs:
     generation batch on every process, DAPO's normaliser),
     ``num_processes`` and ``steps_per_generation`` (micro-batches per
     generation batch on each process) let a loss normalise as trl's variants do.
+    ``entropy_mask`` (``(batch, tokens)``, 1 on the tokens that train; ``None``
+    when all do) is the stage's ``top_entropy_quantile`` selection: it
+    multiplies the policy term, not the KL term, and the normaliser still
+    counts every completion token (trl's rule; :func:`molting.group_losses.finish`
+    applies it).
 
     The loss returns one value per completion (``LossOutput.losses``, shape
     ``(batch,)``) whose *mean* is the micro-batch's loss; the trainer then
@@ -261,3 +266,4 @@ class GroupInputs:
     num_items_in_batch: Any = None
     num_processes: int = 1
     steps_per_generation: int = 1
+    entropy_mask: Any = None

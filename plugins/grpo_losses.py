@@ -34,6 +34,7 @@ import attrs
 
 import molting
 from molting.components import GroupInputs, Loss, LossOutput
+from molting.group_losses import KLParams, advantages_2d, clipped_surrogate, finish, importance_weights
 
 
 def _optional_positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -42,83 +43,34 @@ def _optional_positive(instance: Any, attribute: attrs.Attribute, value: Any) ->
 
 
 @attrs.frozen
-class GRPOLossParams:
-    beta: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
-    """KL coefficient to the reference model; 0 (trl's default) loads no reference. DeepSeek-R1 uses 0.001."""
+class GRPOLossParams(KLParams):
     epsilon: float = attrs.field(default=0.2, validator=attrs.validators.gt(0))
     """Lower clipping bound of the importance ratio: 1 - epsilon."""
     epsilon_high: float | None = attrs.field(default=None, validator=_optional_positive)
     """Upper clipping bound 1 + epsilon_high; null: the same as epsilon. DAPO recommends 0.28."""
-    use_bias_correction_kl: bool = True
-    """Multiply the per-token KL by the importance ratio (unbiased reverse-KL gradient), as trl 1.16 does by default."""
 
 
 def per_token_losses(inputs: GroupInputs, params: GRPOLossParams) -> tuple[Any, dict[str, Any]]:
-    """``(ℓ, metrics)``: the clipped surrogate plus β·KL per token ``(B, T)``, and per-token metric maps."""
-    import torch
+    """``(ℓ, metrics)``: the clipped surrogate per token ``(B, T)`` (no KL yet), and the clip-ratio maps."""
+    return _surrogate(importance_weights(inputs), inputs, params)
 
-    advantages = inputs.advantages
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)
+
+def _surrogate(weights: Any, inputs: GroupInputs, params: GRPOLossParams) -> tuple[Any, dict[str, Any]]:
     epsilon_high = params.epsilon if params.epsilon_high is None else params.epsilon_high
-    coef_1 = torch.exp(inputs.logps - inputs.old_logps)
-    coef_2 = torch.clamp(coef_1, 1 - params.epsilon, 1 + epsilon_high)
-    losses = -torch.min(coef_1 * advantages, coef_2 * advantages)
-    low = ((coef_1 < 1 - params.epsilon) & (advantages < 0)).detach()
-    high = ((coef_1 > 1 + epsilon_high) & (advantages > 0)).detach()
-    metrics: dict[str, Any] = {
-        "clip_ratio/low_mean": low.float(),
-        "clip_ratio/high_mean": high.float(),
-        "clip_ratio/region_mean": (low | high).float(),
-    }
-    if params.beta != 0.0:
-        if inputs.ref_logps is None:
-            raise ValueError("beta > 0 needs the reference model's per-token log-probs (ref_logps)")
-        diff = inputs.ref_logps - inputs.logps
-        kl = torch.exp(diff) - diff - 1
-        if params.use_bias_correction_kl:
-            kl = kl * coef_1
-        losses = losses + params.beta * kl
-        metrics["kl"] = kl.detach()
-    return losses, metrics
+    return clipped_surrogate(weights, advantages_2d(inputs), params.epsilon, epsilon_high)
 
 
-def _masked_row_sums(losses: Any, mask: Any) -> Any:
-    return (losses * mask).sum(dim=-1)
+def _variant(how: str):
+    def compute(inputs: GroupInputs, params: GRPOLossParams) -> LossOutput:
+        weights = importance_weights(inputs)
+        losses, metrics = _surrogate(weights, inputs, params)
+        return finish(losses, inputs, params, weights, how, metrics)
+
+    compute.__name__ = compute.__qualname__ = f"{how}_loss"
+    return compute
 
 
-def grpo_loss(inputs: GroupInputs, params: GRPOLossParams) -> LossOutput:
-    losses, metrics = per_token_losses(inputs, params)
-    mask = inputs.mask.to(losses.dtype)
-    return LossOutput(losses=_masked_row_sums(losses, mask) / mask.sum(dim=-1).clamp(min=1.0), metrics=metrics)
-
-
-def bnpo_loss(inputs: GroupInputs, params: GRPOLossParams) -> LossOutput:
-    losses, metrics = per_token_losses(inputs, params)
-    mask = inputs.mask.to(losses.dtype)
-    scale = losses.size(0) / mask.sum().clamp(min=1.0)
-    return LossOutput(losses=_masked_row_sums(losses, mask) * scale, metrics=metrics)
-
-
-def dr_grpo_loss(inputs: GroupInputs, params: GRPOLossParams) -> LossOutput:
-    if not inputs.max_completion_length:
-        raise ValueError("the dr_grpo loss needs max_completion_length (its constant normaliser)")
-    losses, metrics = per_token_losses(inputs, params)
-    mask = inputs.mask.to(losses.dtype)
-    return LossOutput(losses=_masked_row_sums(losses, mask) / inputs.max_completion_length, metrics=metrics)
-
-
-def dapo_loss(inputs: GroupInputs, params: GRPOLossParams) -> LossOutput:
-    import torch
-
-    if inputs.num_items_in_batch is None:
-        raise ValueError("the dapo loss needs num_items_in_batch (the generation batch's completion tokens)")
-    losses, metrics = per_token_losses(inputs, params)
-    mask = inputs.mask.to(losses.dtype)
-    total = torch.as_tensor(inputs.num_items_in_batch, dtype=losses.dtype, device=losses.device).clamp(min=1.0)
-    per_micro_batch = total / inputs.num_processes / inputs.steps_per_generation
-    return LossOutput(losses=_masked_row_sums(losses, mask) * (losses.size(0) / per_micro_batch), metrics=metrics)
-
+grpo_loss, bnpo_loss, dr_grpo_loss, dapo_loss = (_variant(how) for how in ("grpo", "bnpo", "dr_grpo", "dapo"))
 
 VARIANTS = (
     ("grpo", grpo_loss, "GRPO: clipped importance-ratio surrogate on group-relative advantages, mean per completion."),

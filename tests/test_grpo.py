@@ -252,6 +252,28 @@ def test_advantages_are_trls(tmp_path, scale):
 @pytest.mark.parametrize("loss_name", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_whole_model_loss_and_gradient_equal_trls_grpo_trainer(tmp_path, loss_name):
     """Same weights, same sampled batch: molting's compute_loss and trl's GRPOTrainer._compute_loss agree."""
+    _whole_model_agrees(tmp_path, loss_name, GRPOLossParams(beta=0.04, epsilon_high=0.28),
+                        dict(loss_type=loss_name, epsilon_high=0.28))
+
+
+@pytest.mark.parametrize(("loss_name", "settings", "trl_settings"), [
+    ("gspo", dict(epsilon=0.05, epsilon_high=0.1), dict(loss_type="grpo", importance_sampling_level="sequence",
+                                                       epsilon=0.05, epsilon_high=0.1)),
+    ("cispo", dict(epsilon_high=1.5), dict(loss_type="cispo", epsilon_high=1.5)),
+    ("sapo", dict(temperature_pos=0.8, temperature_neg=1.2), dict(loss_type="sapo", sapo_temperature_pos=0.8,
+                                                                  sapo_temperature_neg=1.2)),
+    ("dapo", dict(epsilon_high=0.28), dict(loss_type="dapo", epsilon_high=0.28, top_entropy_quantile=0.3)),
+    ("cispo", dict(), dict(loss_type="cispo", epsilon_high=5.0, top_entropy_quantile=0.5)),
+], ids=["gspo", "cispo", "sapo", "dapo-entropy-mask", "cispo-entropy-mask"])
+def test_whole_model_new_losses_and_the_entropy_mask_equal_trls(tmp_path, loss_name, settings, trl_settings):
+    from molting.discovery import load_plugins
+
+    params = load_plugins().get("loss", loss_name).params(beta=0.04, **settings)
+    _whole_model_agrees(tmp_path, loss_name, params, trl_settings,
+                        quantile=trl_settings.get("top_entropy_quantile", 1.0))
+
+
+def _whole_model_agrees(tmp_path, loss_name, loss_params, trl_settings, quantile=1.0):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -261,13 +283,14 @@ def test_whole_model_loss_and_gradient_equal_trls_grpo_trainer(tmp_path, loss_na
 
     beta, temperature = 0.04, 0.7
     trainer, model, tokenizer = make_trainer(
-        tmp_path, loss_name, GRPOLossParams(beta=beta, epsilon_high=0.28),
-        GRPOParams(num_generations=4, max_new_tokens=20, temperature=temperature, beta=beta),
+        tmp_path, loss_name, loss_params,
+        GRPOParams(num_generations=4, max_new_tokens=20, temperature=temperature, beta=beta,
+                   top_entropy_quantile=quantile),
     )
     trl_model = copy.deepcopy(model)
     config = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, num_generations=4,
-                        max_completion_length=20, beta=beta, loss_type=loss_name, epsilon_high=0.28,
-                        temperature=temperature, use_cpu=True, bf16=False, report_to=[])
+                        max_completion_length=20, beta=beta, temperature=temperature, use_cpu=True, bf16=False,
+                        report_to=[], **trl_settings)
     prompts = [r["prompt"] for r in prompt_rows("train", 2)]
     theirs = GRPOTrainer(model=trl_model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer)
@@ -295,8 +318,24 @@ def test_whole_model_loss_and_gradient_equal_trls_grpo_trainer(tmp_path, loss_na
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
     ours_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     trl_metrics = {k: v[-1] for k, v in theirs._metrics["train"].items()}
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        assert ours_metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                 "cispo_clip_ratio"):
+        if name in trl_metrics:
+            assert ours_metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+
+
+@pytest.mark.parametrize(("plugin", "settings"), [("gspo", {}), ("cispo", {}), ("sapo", {}),
+                                                   ("grpo", {"top_entropy_quantile": 0.2})])
+def test_the_new_losses_and_the_entropy_mask_train_in_the_stage(tmp_path, plugin, settings):
+    records = run_stage(tmp_path, plugin=plugin, learning_rate=3e-4, **settings)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    logged = json.loads((tmp_path / "run" / "molting_run.json").read_text())
+    assert logged["loss"] == plugin
+    if settings:
+        assert logged["stage_params"]["top_entropy_quantile"] == 0.2
+    if plugin == "cispo":
+        assert "cispo_clip_ratio" in set().union(*records)
 
 
 # --------------------------------------------------------------------------- the measured effect

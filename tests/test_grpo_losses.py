@@ -38,29 +38,40 @@ def make_batch(seed: int = 0, batch: int = 6, width: int = 9):
 
 
 def trl_stand_in(loss_type: str, beta: float, epsilon: float, epsilon_high: float | None, token_logps: torch.Tensor,
-                 accumulation: int = 1, num_processes: int = 1, bias_correction: bool = True):
+                 accumulation: int = 1, num_processes: int = 1, bias_correction: bool = True, level: str = "token",
+                 entropies: torch.Tensor | None = None, quantile: float = 1.0, sapo: tuple[float, float] = (1.0, 1.05)):
     """The least of a ``GRPOTrainer`` that ``_compute_loss`` reads: one process view, training mode."""
-    accelerator = SimpleNamespace(num_processes=num_processes, gather=lambda x: x, reduce=lambda x, reduction: x)
-    return SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (token_logps, torch.zeros_like(token_logps), None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=epsilon,
+    from trl import GRPOTrainer
+
+    accelerator = SimpleNamespace(num_processes=num_processes, gather=lambda x: x, reduce=lambda x, reduction: x,
+                                  pad_across_processes=lambda x, dim, pad_index: x)
+    entropies = torch.zeros_like(token_logps) if entropies is None else entropies
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (token_logps, entropies, None),
+        aux_loss_enabled=False, top_entropy_quantile=quantile, off_policy_mask_threshold=None,
+        importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=epsilon,
         epsilon_high=epsilon if epsilon_high is None else epsilon_high, use_vllm=False,
         vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=accumulation, max_completion_length=MAX_COMPLETION_LENGTH,
         accelerator=accelerator, _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)},
-        args=SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None, steps_per_generation=accumulation),
+        args=SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None, steps_per_generation=accumulation,
+                             sapo_temperature_pos=sapo[0], sapo_temperature_neg=sapo[1]),
     )
+    fake.get_high_entropy_mask = lambda *a: GRPOTrainer.get_high_entropy_mask(fake, *a)
+    return fake
 
 
 def trl_loss(loss_type, logps, old_logps, ref_logps, advantages, mask, num_items, beta=0.0, epsilon=0.2,
-             epsilon_high=None, accumulation=1, num_processes=1, bias_correction=True):
-    """(loss, d loss / d logps, metrics) from trl's ``GRPOTrainer._compute_loss``."""
+             epsilon_high=None, accumulation=1, num_processes=1, bias_correction=True, **extra):
+    """(loss, d loss / d logps, metrics) from trl's ``GRPOTrainer._compute_loss``.
+
+    ``extra``: ``level`` (importance sampling), ``entropies`` and ``quantile``, ``sapo`` temperatures.
+    """
     from trl import GRPOTrainer
 
     token_logps = logps.clone().requires_grad_(True)
     fake = trl_stand_in(loss_type, beta, epsilon, epsilon_high, token_logps, accumulation, num_processes,
-                        bias_correction)
+                        bias_correction, **extra)
     n, width = mask.shape
     inputs = {
         "prompt_ids": torch.zeros(n, 3, dtype=torch.long), "prompt_mask": torch.ones(n, 3, dtype=torch.long),

@@ -78,6 +78,9 @@ class GRPOParams:
     """Leave completions cut at max_new_tokens (no end-of-sequence token) out of the loss, as DAPO does."""
     beta: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
     """KL coefficient (shared with the loss); > 0 loads the reference model."""
+    top_entropy_quantile: float = attrs.field(default=1.0, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    """Train the policy term only on the tokens in this top fraction of entropy (trl's; 0.2 in "Beyond the 80/20
+    rule", arXiv:2506.01939); 1.0: every token."""
 
 
 @molting.hookimpl

@@ -14,6 +14,7 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor_dict
 
 from molting.components import GroupInputs
+from molting.group_losses import high_entropy_mask
 from molting.judging import data_columns
 from molting.logps import completion_token_logps
 from molting.sampling import sample
@@ -149,13 +150,25 @@ class GRPOTrainer(MoltingTrainer):
                                                 inputs["completion_ids"], mask, temperature=self.grpo.temperature,
                                                 with_entropy=True)
         old_logps = inputs.get("old_logps")
+        entropy_mask = None
+        if self.grpo.top_entropy_quantile < 1.0:
+            entropy_mask = high_entropy_mask(entropy.detach(), mask, self.grpo.top_entropy_quantile, self._gather_all)
         group = GroupInputs(
             logps=logps, old_logps=logps.detach() if old_logps is None else old_logps,
             advantages=inputs["advantages"], mask=mask.to(logps.dtype), ref_logps=inputs.get("ref_logps"),
             max_completion_length=self.grpo.max_new_tokens, num_items_in_batch=inputs["num_items_in_batch"],
             num_processes=self.accelerator.num_processes, steps_per_generation=self.steps_per_generation,
+            entropy_mask=entropy_mask,
         )
         out = self.apply_loss(group, logps.size(0))
         self.record_masked({"entropy": entropy, **out.metrics}, mask)  # trl: over every process's tokens
         loss = out.losses.mean()
         return (loss, {"losses": out.losses}) if return_outputs else loss
+
+    def _gather_all(self, values: Any) -> Any:
+        """Every process's ``values`` (1-D, of different lengths), as trl's entropy mask gathers them."""
+        if self.accelerator.num_processes == 1:
+            return values
+        padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=-1e9)  # entropies are >= 0
+        every = self.accelerator.gather(padded)
+        return every[every != -1e9]
