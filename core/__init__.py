@@ -26,6 +26,9 @@ import logging as _logging
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 from molting.components import (  # noqa: E402
+    Advantage,
+    AdvantageInputs,
+    AdvantageOutput,
     Dataset,
     GroupInputs,
     Judge,
@@ -62,6 +65,7 @@ TOOLKIT = (
     "ranking",  # sampled completions into chosen/rejected pairs (pointwise best vs worst, pairwise wins)
     "losses",  # helpers of the preference losses, weighted sums
     "group_losses",  # what the grpo stage's losses share: importance weights, KL, entropy mask, normalisers
+    "advantages",  # what advantage estimators share: masked whitening, group statistics, discounted sums
     "evaluation",  # the demo task's held-out evaluation, generation with a fixed seed
     "compare",  # a model against a baseline on any prompts: intervals, win rates, length control, KL
     "watch",  # evaluation during training: the best model kept, the reward-hacking watch
@@ -81,6 +85,9 @@ def __getattr__(name: str):  # PEP 562: molting.training etc. load on first use,
 
 
 __all__ = [
+    "Advantage",
+    "AdvantageInputs",
+    "AdvantageOutput",
     "ConfigError",
     "DataError",
     "DataSource",

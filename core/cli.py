@@ -207,6 +207,9 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--resume", metavar="auto|PATH", help="Resume from the latest checkpoint in --output-dir, or from PATH.")
 @click.option("--judge", "judge_weights", multiple=True, metavar="NAME[=WEIGHT]",
               help="Judge that scores samples in online stages (ppo, grpo, sample-pairs); repeat to sum several.")
+@click.option("--advantage", metavar="NAME",
+              help="Advantage estimator of an online stage (grpo: grpo, rloo, reinforce++, remax; ppo: gae); "
+                   "`molting plugins` lists them.  [default: the stage's]")
 @click.option("--overwrite", is_flag=True, default=None,
               help="Replace another run left in --output-dir (its record, checkpoints and model); refused otherwise.")
 @click.option("--force", is_flag=True, default=None,
@@ -321,7 +324,7 @@ def plugins_command(as_json: bool) -> None:
         status = entry["status"] if entry["status"] == "ok" else f"{entry['status']}: {entry['error']}"
         click.echo(f"{entry['name']}  ({source})  {status}")
         for comp in entry["components"]:
-            click.echo(f"    {comp['kind']:<8} {comp['name']:<20} {comp['description']}")
+            click.echo(f"    {comp['kind']:<9} {comp['name']:<20} {comp['description']}")
         if entry["hooks"]:
             click.echo(f"    hooks: {', '.join(entry['hooks'])}")
 
@@ -525,6 +528,7 @@ def check_command(name: str, skip_slow: bool, expect: tuple[str, ...], as_json: 
     """
     import attrs
 
+    from molting.components import KINDS
     from molting.testing import check_plugin, checks_for
 
     expected = {}
@@ -535,7 +539,7 @@ def check_command(name: str, skip_slow: bool, expect: tuple[str, ...], as_json: 
     if as_json:
         click.echo(json.dumps([attrs.asdict(r) for r in results], indent=2))
     else:
-        docs = {c.name: c.doc for c in checks_for("any") + [c for k in ("loss", "stage", "judge", "dataset") for c in checks_for(k)]}
+        docs = {c.name: c.doc for c in checks_for("any") + [c for k in KINDS for c in checks_for(k)]}
         current = None
         for r in results:
             if r.component != current:

@@ -1,4 +1,4 @@
-"""The four kinds of component a plugin can register, and what losses exchange.
+"""The kinds of component a plugin can register, and what losses and advantage estimators exchange.
 
 Components are small frozen attrs classes: a name, a one-line description
 and the callables that do the work. Building one imports nothing heavy, so a
@@ -15,15 +15,15 @@ import attrs
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from molting.context import StageContext
 
-KINDS = ("stage", "loss", "judge", "dataset")
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
+KINDS = ("stage", "loss", "judge", "dataset", "advantage")
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*\+*$")  # a trailing "+" or two: reinforce++
 
 
 def _check_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if not isinstance(value, str) or not NAME_PATTERN.match(value):
         raise ValueError(
             f"{type(instance).__name__} name {value!r} is not well formed: use lower-case letters, "
-            "digits, '-' or '_', starting with a letter (e.g. 'dpo', 'sigmoid-norm')"
+            "digits, '-' or '_', starting with a letter, perhaps ending in '+' (e.g. 'dpo', 'sigmoid-norm')"
         )
 
 
@@ -97,6 +97,9 @@ class Stage:
     demo_defaults: Mapping[str, Any] = attrs.field(factory=dict)
     default_judges: Mapping[str, float] = attrs.field(factory=dict)
     """Judges (name → weight) an online stage scores with when the run names none."""
+    default_advantage: str | None = None
+    """The advantage estimator (``molting plugins``, kind ``advantage``) the stage uses unless ``--advantage``
+    names another; ``None``: the stage takes none."""
     inputs: type | None = None
     """The class of what the stage hands its loss (:class:`PreferenceInputs`, ...); ``None`` for a stage
     without a loss plugin. A loss of another stage with the same inputs runs here too (``--loss NAME=1``), and
@@ -147,7 +150,48 @@ class Dataset:
     the task's held-out split, and stages may apply demo-only settings (:attr:`molting.DataSource.demo`)."""
 
 
-COMPONENT_TYPES: dict[str, type] = {"stage": Stage, "loss": Loss, "judge": Judge, "dataset": Dataset}
+NEEDS = ("values", "token_rewards", "reference", "greedy")
+"""What an advantage estimator may need beyond rewards, groups and the mask (:attr:`Advantage.needs`)."""
+
+
+def _check_needs(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if callable(value):
+        return
+    unknown = [need for need in value if need not in NEEDS]
+    if not isinstance(value, tuple) or unknown:
+        raise ValueError(f"Advantage {instance.name!r}: needs must be a tuple of {', '.join(NEEDS)} (or a callable "
+                         f"of the params returning one), got {value!r}")
+
+
+@attrs.frozen
+class Advantage:
+    """An advantage estimator: a pure function from rewards, group ids and masks to advantages.
+
+    ``compute(inputs, params)`` receives an :class:`AdvantageInputs` and an
+    instance of ``params`` and returns an :class:`AdvantageOutput`. ``needs``
+    names what it reads beyond ``rewards``, ``groups`` and ``mask`` (see
+    :data:`NEEDS`): the critic's ``values``, the stage's per-token
+    ``token_rewards``, the per-token log-ratio to the ``reference`` (``kl``)
+    or the reward of each prompt's ``greedy`` completion (``baselines``); a
+    callable of the params when that depends on them (REINFORCE++ needs the
+    reference only with a KL coefficient). ``stages`` lists the stages that
+    can provide what it needs.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    compute: Callable[[Any, Any], Any]
+    description: str = attrs.field(validator=_check_description)
+    params: type = attrs.field(default=NoParams, validator=_check_params)
+    needs: Any = attrs.field(default=(), validator=_check_needs)
+    stages: tuple[str, ...] = ("grpo",)
+
+    def requirements(self, params: Any) -> tuple[str, ...]:
+        """What this estimator needs with these hyperparameters."""
+        return tuple(self.needs(params)) if callable(self.needs) else self.needs
+
+
+COMPONENT_TYPES: dict[str, type] = {"stage": Stage, "loss": Loss, "judge": Judge, "dataset": Dataset,
+                                    "advantage": Advantage}
 
 
 # --------------------------------------------------------------------------- loss inputs and outputs
@@ -267,3 +311,42 @@ class GroupInputs:
     num_processes: int = 1
     steps_per_generation: int = 1
     entropy_mask: Any = None
+
+
+# --------------------------------------------------------------------------- advantage estimators' inputs and outputs
+
+
+@attrs.frozen
+class AdvantageInputs:
+    """What an online stage hands an advantage estimator: one generation batch, every process's rows.
+
+    ``rewards`` ``(N,)`` is each completion's weighted judge reward;
+    ``groups`` ``(N,)`` (long) gives completions of the same prompt the same
+    id (GRPO's groups of G; each completion its own in PPO); ``mask``
+    ``(N, T)`` is 1 on the completion tokens. The others are ``None`` unless
+    the estimator :attr:`~Advantage.needs` them: ``values`` ``(N, T)``, the
+    critic's value of each token (PPO); ``token_rewards`` ``(N, T)``, the
+    stage's shaped per-token rewards (PPO: the score on the last token minus
+    ``kl_coef``·KL); ``kl`` ``(N, T)``, log π_old − log π_ref per token
+    (masked); ``baselines`` ``(N,)``, the reward of the greedy completion of
+    each row's prompt (ReMax).
+    """
+
+    rewards: Any
+    groups: Any
+    mask: Any
+    values: Any = None
+    token_rewards: Any = None
+    kl: Any = None
+    baselines: Any = None
+
+
+@attrs.frozen
+class AdvantageOutput:
+    """What an estimator returns: ``advantages`` ``(N,)`` (one per completion) or ``(N, T)`` (per token), zero
+    off the mask; ``returns`` ``(N, T)`` the value targets (PPO's critic; ``None`` otherwise); ``metrics``
+    scalars logged under their names."""
+
+    advantages: Any
+    returns: Any = None
+    metrics: Mapping[str, Any] = attrs.field(factory=dict)

@@ -248,6 +248,8 @@ class RunConfig:
     """Each judge's settings, e.g. {rule: {mode: numeric, column: answer}, python: {function: "mod:fn"}}."""
     losses: Mapping[str, float] = attrs.field(factory=dict, converter=dict)
     """Several losses of one stage and their weights ({name: weight}); empty: the plugin's own loss."""
+    advantage: str | None = None
+    """The advantage estimator of an online stage (``molting plugins``, kind ``advantage``); None: the stage's."""
     loss_params: Mapping[str, Any] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import attrs
 
-from molting.components import Loss, Stage
+from molting.components import Advantage, Loss, Stage
 from molting.config import RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -41,11 +41,14 @@ class Step:
     loss_names: tuple[str, ...] = ()
     """The registered losses behind ``loss`` (several when combined with ``--loss a=w --loss b=w``)."""
     config: RunConfig | None = None
+    advantage: Advantage | None = None
+    """The advantage estimator of an online stage (``--advantage``, else the stage's ``default_advantage``)."""
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        """The hyperparameters this step reads: its loss's and its stage's."""
+        """The hyperparameters this step reads: its loss's, its stage's and its advantage estimator's."""
         classes = [self.stage.params] + ([self.loss.params] if self.loss else [])
+        classes += [self.advantage.params] if self.advantage else []
         return tuple(sorted({f.name for cls in classes for f in attrs.fields(cls)}))
 
 
@@ -101,6 +104,8 @@ class StageContext:
     ``rows`` then lacks), as read, like ``rows``; ``None``: no evaluation during training."""
     eval_data: DataSource | None = None
     """Where ``eval_rows`` came from."""
+    advantage_params: Any = None
+    """An instance of the advantage estimator's ``params`` class (``None`` for a stage that takes none)."""
 
     @property
     def stage(self) -> Stage:
@@ -109,6 +114,11 @@ class StageContext:
     @property
     def loss(self) -> Loss | None:
         return self.step.loss
+
+    @property
+    def advantage(self) -> Advantage | None:
+        """The step's advantage estimator: call ``advantage.compute(AdvantageInputs(...), advantage_params)``."""
+        return self.step.advantage
 
     @property
     def data_source(self) -> str:

@@ -28,6 +28,7 @@ _REGISTER_HOOKS = {
     "loss": "molting_register_losses",
     "judge": "molting_register_judges",
     "dataset": "molting_register_datasets",
+    "advantage": "molting_register_advantages",
 }
 
 

@@ -7,7 +7,8 @@ functions marked by :data:`molting.hookimpl`; it is found through the
 Two families of hooks exist:
 
 * **registration hooks** (``molting_register_*``) receive a ``register``
-  callable and hand it components: stages, losses, judges and datasets. They
+  callable and hand it components: stages, losses, judges, datasets and
+  advantage estimators. They
   are called once, when the registry is built.
 * **lifecycle hooks** let a library extend a run without owning a component:
   see or change the configuration, act before and after each stage, watch the
@@ -26,7 +27,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import click
 
-    from molting.components import Dataset, Judge, Loss, Stage
+    from molting.components import Advantage, Dataset, Judge, Loss, Stage
     from molting.config import RunConfig
 
 PROJECT_NAME = "molting"
@@ -76,6 +77,19 @@ def molting_register_datasets(register: Callable[[Dataset], None]) -> None:
     Called once while the registry is built. Call ``register(dataset)`` with a
     :class:`molting.Dataset` for each source; ``molting run --data NAME`` then
     loads it. The return value is ignored.
+    """
+
+
+@hookspec
+def molting_register_advantages(register: Callable[[Advantage], None]) -> None:
+    """Register advantage estimators for the online stages.
+
+    Called once while the registry is built. Call ``register(advantage)``
+    with a :class:`molting.Advantage` for each estimator: a pure function of
+    a batch's rewards, group ids, masks (and, when it says it needs them,
+    values, shaped token rewards, the KL to the reference or greedy
+    baselines) that returns the advantages. ``molting run --plugin grpo
+    --advantage NAME`` uses it. The return value is ignored.
     """
 
 

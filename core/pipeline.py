@@ -27,7 +27,7 @@ from molting.errors import ConfigError, DataError
 from molting.files import now_utc, write_json_atomic, write_text_atomic
 from molting.hub import hub_origin
 from molting.models import describe_model
-from molting.resolve import make_loss_params, make_stage_params
+from molting.resolve import make_advantage_params, make_loss_params, make_stage_params
 
 __all__ = ["load_rows", "run"]
 
@@ -87,8 +87,10 @@ def _dataset_rows(host: PluginHost, name: str, split: str = "train") -> tuple[li
 
 
 def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path, data: DataSource, host: PluginHost,
-               stage_params: Any = None) -> dict[str, Any]:
+               stage_params: Any = None, advantage_params: Any = None) -> dict[str, Any]:
     """The content of a step's ``molting_run.json`` before it runs (``status: running``)."""
+    advantage = {"advantage": step.advantage.name, "advantage_params": attrs.asdict(advantage_params)} \
+        if step.advantage is not None and advantage_params is not None else {}
     return {
         "molting_version": molting.__version__,
         "plugin": step.name,
@@ -97,6 +99,7 @@ def run_record(config: RunConfig, step: Step, loss_params: Any, model_path: Path
         "loss": step.loss.name if step.loss else None,
         "loss_params": attrs.asdict(loss_params) if loss_params is not None else {},
         "stage_params": attrs.asdict(stage_params) if stage_params is not None else {},
+        **advantage,
         "model": str(model_path),
         "model_hub": _hub_record(model_path),
         "data": data.description,
@@ -189,6 +192,8 @@ def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, ar
         print(f"molting: {step.name}: LoRA step inside a pipeline: its output is merged (as --merge) so the next "
               "step starts from its full weights", file=sys.stderr)
         step_config = attrs.evolve(step_config, merge=True)
+    if step.advantage is None and step.stage.default_advantage:  # a Step built by hand, not by resolve_config
+        step = attrs.evolve(step, advantage=host.get("advantage", step.stage.default_advantage))
     loss_params, stage_params = make_loss_params(step, step_config), make_stage_params(step, step_config)
     model_path = artifacts["policy"]
     if step_config.dtype == "auto":  # the dtype the model's config.json names: what the run record then says
@@ -197,8 +202,9 @@ def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, ar
         step_config = attrs.evolve(step_config, dtype=config_dtype(model_path))
     context = StageContext(step_config, step, loss_params, model_path, rows, source, output_dir, host,
                            stage_params=stage_params, artifacts=dict(artifacts), eval_rows=eval_rows,
-                           eval_data=eval_source)
-    record = run_record(step_config, step, loss_params, model_path, source, host, stage_params)
+                           eval_data=eval_source, advantage_params=make_advantage_params(step, step_config))
+    record = run_record(step_config, step, loss_params, model_path, source, host, stage_params,
+                        context.advantage_params)
     record["data_fingerprint"] = _fingerprint(data_path)
     if eval_source is not None:
         record["eval_data"] = {"source": eval_source.description, "rows": len(eval_rows),
@@ -242,7 +248,8 @@ def _completed(output_dir: Path, record: Mapping[str, Any]) -> dict[str, Any] | 
         return None
     if previous.get("status") != "completed":
         return None
-    same = ("plugin", "stage", "loss", "loss_params", "stage_params", "model", "data", "data_fingerprint")
+    same = ("plugin", "stage", "loss", "loss_params", "stage_params", "advantage", "advantage_params", "model", "data",
+            "data_fingerprint")
     ignored = ("force", "resume", "overwrite", "num_proc")
     settings = {k: v for k, v in record["config"].items() if k not in ignored}
     before = {k: v for k, v in previous.get("config", {}).items() if k not in ignored}

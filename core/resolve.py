@@ -21,7 +21,7 @@ from molting.context import Step
 from molting.discovery import PluginHost
 from molting.errors import ConfigError, PluginError
 
-__all__ = ["Step", "make_loss_params", "make_stage_params", "resolve_config", "resolve_step"]
+__all__ = ["Step", "make_advantage_params", "make_loss_params", "make_stage_params", "resolve_config", "resolve_step"]
 
 
 def resolve_step(host: PluginHost, name: str, as_loss: bool = False) -> Step:
@@ -76,6 +76,7 @@ def resolve_config(
     if losses:
         steps = [_combined_step(host, steps, losses)]
     overrides = [keys for _, keys in stage_entries] or [{} for _ in steps]
+    steps = _with_advantages(host, steps, overrides, flags.get("advantage", recipe.get("advantage")))
     param_names = tuple(sorted({name for step in steps for name in step.param_names}))
     demo = "model" not in recipe and "model" not in flags
 
@@ -93,6 +94,38 @@ def resolve_config(
         values = {**defaults([step]), **recipe, **keys, **flags, **own_data, "plugins": names}
         configured.append(attrs.evolve(step, config=_configured(host, build_config(values, param_names, where))))
     return config, configured
+
+
+def _with_advantages(host: PluginHost, steps: list[Step], overrides: list[Mapping[str, Any]],
+                     run_wide: str | None) -> list[Step]:
+    """Each step with its advantage estimator: the step's own ``advantage:``, else the run's (for the steps
+    whose stage takes one), else the stage's default."""
+    takers = [step for step in steps if step.stage.default_advantage]
+    if run_wide is not None and not takers:
+        names = ", ".join(step.stage.name for step in steps)
+        raise ConfigError(f"--advantage {run_wide}: no stage of this run ({names}) takes an advantage estimator; "
+                          "the online stages grpo and ppo do")
+    return [_with_advantage(host, step, keys.get("advantage", run_wide if step in takers else None))
+            for step, keys in zip(steps, overrides)]
+
+
+def _with_advantage(host: PluginHost, step: Step, name: Any) -> Step:
+    stage = step.stage
+    if name is None:
+        name = stage.default_advantage
+        if name is None:
+            return step
+    elif stage.default_advantage is None:
+        raise ConfigError(f"advantage {name!r}: stage {stage.name!r} takes no advantage estimator")
+    if not isinstance(name, str):
+        raise ConfigError(f"advantage must be the name of an advantage estimator, got {name!r}")
+    advantage = host.get("advantage", name)
+    if stage.name not in advantage.stages:
+        raise ConfigError(
+            f"advantage {name!r} runs in {', '.join(advantage.stages)}, not in stage {stage.name!r} (it needs "
+            f"{', '.join(advantage.requirements(advantage.params())) or 'nothing'} that this stage does not give); "
+            f"{host.available('advantage')}")
+    return attrs.evolve(step, advantage=advantage)
 
 
 def _recipe_plugins(recipe: dict[str, Any], stage_entries: list[tuple[str, dict[str, Any]]], plugins: list[str],
@@ -218,6 +251,12 @@ def make_loss_params(step: Step, config: RunConfig) -> Any:
 
 def make_stage_params(step: Step, config: RunConfig) -> Any:
     return _make_params(step.stage.params, config, f"stage {step.stage.name!r}")
+
+
+def make_advantage_params(step: Step, config: RunConfig) -> Any:
+    if step.advantage is None:
+        return None
+    return _make_params(step.advantage.params, config, f"advantage {step.advantage.name!r}")
 
 
 def _make_params(params: type, config: RunConfig, owner: str) -> Any:

@@ -8,7 +8,8 @@ Each step takes ``batch_size`` prompts and
    an earlier ``reward-model`` step of the run trained);
 3. computes the per-token reward −β·(log π − log π_ref) on every completion
    token plus the judge's score on the last one, the critic's values, and
-   GAE advantages and returns (γ, λ), advantages whitened;
+   the advantages and returns of the advantage estimator (``gae``: γ, λ,
+   advantages whitened; see ``molting.plugins.advantages``);
 4. optimises the clipped surrogate and the clipped value loss for
    ``num_ppo_epochs`` passes over ``num_mini_batches`` minibatches.
 
@@ -55,7 +56,6 @@ METRICS = (
 )
 
 _positive = attrs.validators.gt(0)
-_unit = [attrs.validators.ge(0), attrs.validators.le(1)]
 
 
 def _penalty(value: Any) -> None:
@@ -74,8 +74,6 @@ class PPOParams:
     adaptive_kl: bool = False
     kl_target: float = attrs.field(default=6.0, validator=_positive)
     kl_horizon: float = attrs.field(default=10000.0, validator=_positive)
-    gamma: float = attrs.field(default=1.0, validator=_unit)
-    lam: float = attrs.field(default=0.95, validator=_unit)
     cliprange: float = attrs.field(default=0.2, validator=_positive)
     cliprange_value: float = attrs.field(default=0.2, validator=_positive)
     vf_coef: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
@@ -98,6 +96,7 @@ def molting_register_stages(register):
             description="Online RLHF: sample, score with a judge (a reward model), PPO with a critic and a KL penalty.",
             columns=("prompt",),
             default_data="demo-prompts",
+            default_advantage="gae",
             metrics=METRICS,
             params=PPOParams,
             produces="policy",
@@ -110,36 +109,11 @@ def molting_register_stages(register):
 # --------------------------------------------------------------------------- the math
 
 
-def masked_mean(values, mask):
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(values, mask, shift_mean: bool = True):
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
-    whitened = (values - mean) * (variance + 1e-8).rsqrt()
-    return whitened if shift_mean else whitened + mean
-
-
-def gae(rewards, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimates and returns over the completion tokens (``(batch, tokens)``)."""
-    import torch
-
-    values = values * mask
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.size(1))):
-        following = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * following - values[:, t]
-        last = delta + gamma * lam * last
-        advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, advantages + values
-
-
 def ppo_losses(logps, old_logps, advantages, values, old_values, returns, mask, params: PPOParams):
     """The clipped surrogate and the clipped value loss, with their statistics."""
     import torch
+
+    from molting.advantages import masked_mean
 
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
@@ -221,10 +195,13 @@ def load_critic(path, trust_remote_code: bool, dtype: Any = None):
 
 
 def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params: PPOParams, kl_coef: float,
-            unwrap, policy_under_reference, max_prompt_length: int | None = None):
+            unwrap, policy_under_reference, max_prompt_length: int | None = None, advantage: Any = None,
+            advantage_params: Any = None):
     """Sample, score and evaluate one batch of prompts; everything the optimisation passes need."""
     import torch
 
+    from molting.advantages import masked_whiten
+    from molting.components import AdvantageInputs
     from molting.judging import data_columns
     from molting.logps import completion_token_logps
     from molting.sampling import sample
@@ -251,8 +228,9 @@ def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params:
     rewards[torch.arange(len(last)), last] += scores
     if params.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-    advantages, returns = gae(rewards, values, mask, params.gamma, params.lam)
-    advantages = masked_whiten(advantages, mask) * mask
+    estimated = advantage.compute(AdvantageInputs(rewards=scores, groups=torch.arange(len(scores)), mask=mask,
+                                                  values=values, token_rewards=rewards, kl=kl), advantage_params)
+    advantages, returns = estimated.advantages, estimated.returns
     non_score = (-kl_coef * kl).sum(dim=1)
     stats = {
         "objective/scores": scores.mean(),
@@ -493,7 +471,8 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
         indices, loop["order"] = loop["order"][: config.batch_size], loop["order"][config.batch_size :]
         m.policy.eval(), m.critic.eval()
         batch, stats = rollout(m.policy, m.reference, m.critic, m.tokenizer, scorer, rows, indices, params, kl.value,
-                               m.unwrap, m.under_reference, max(1, config.max_length - params.max_new_tokens))
+                               m.unwrap, m.under_reference, max(1, config.max_length - params.max_new_tokens),
+                               context.advantage, context.advantage_params)
         m.policy.train(), m.critic.train()
         trained, skipped = optimise(m.policy, m.critic, m.optimizer, m.accelerator, batch, params, config.seed + step,
                                     config.max_grad_norm)

@@ -49,7 +49,7 @@ def run_stage(tmp_path: Path, plugin: str = "grpo", host=None, rows: list | None
 
 def test_params_validate():
     GRPOParams()
-    for bad in (dict(num_generations=1), dict(num_generations=2.5), dict(scale_rewards="mean"), dict(top_p=0.0),
+    for bad in (dict(num_generations=1), dict(num_generations=2.5), dict(top_entropy_quantile=0), dict(top_p=0.0),
                 dict(temperature=0), dict(num_iterations=0), dict(beta=-1.0), dict(max_new_tokens=float("nan"))):
         with pytest.raises((ValueError, TypeError)):
             GRPOParams(**bad)
@@ -203,7 +203,8 @@ def test_a_failing_judge_is_a_judge_error_naming_it_and_the_prompt(tmp_path, jud
 # --------------------------------------------------------------------------- pieces against trl
 
 
-def make_trainer(tmp_path, loss_name="grpo", loss_params=None, grpo=None, ref_model=None, scorer=None):
+def make_trainer(tmp_path, loss_name="grpo", loss_params=None, grpo=None, ref_model=None, scorer=None,
+                 advantage_params=None):
     from trl.trainer.utils import identity
 
     from molting.config import RunConfig
@@ -219,6 +220,7 @@ def make_trainer(tmp_path, loss_name="grpo", loss_params=None, grpo=None, ref_mo
         model=model, args=args, train_dataset=rows, data_collator=identity, processing_class=tokenizer,
         loss=load_plugins().get("loss", loss_name), loss_params=loss_params or GRPOLossParams(),
         ref_model=ref_model, grpo=grpo or GRPOParams(num_generations=4, max_new_tokens=20), scorer=scorer,
+        advantage=load_plugins().get("advantage", "grpo"), advantage_params=advantage_params,
     )
     return trainer, model, tokenizer
 
@@ -231,7 +233,10 @@ def test_advantages_are_trls(tmp_path, scale):
         assert columns["answer"] and list(rows) == list(range(12))
         return totals, {"a": totals}
 
-    trainer, _, _ = make_trainer(tmp_path, grpo=GRPOParams(num_generations=4, scale_rewards=scale), scorer=scorer)
+    from molting.plugins.advantages import GRPOAdvantageParams
+
+    trainer, _, _ = make_trainer(tmp_path, grpo=GRPOParams(num_generations=4), scorer=scorer,
+                                 advantage_params=GRPOAdvantageParams(scale_rewards=scale))
     rows = [{"prompt": "p", "answer": "1"}] * 12
     trainer.model.train()  # metrics are filed under the mode, as in a training step
     advantages = trainer.advantages(["p"] * 12, ["c"] * 12, rows, list(range(12)))

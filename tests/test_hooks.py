@@ -232,6 +232,13 @@ class LossPlugin:
         register(molting.Loss(name="zero", compute=lambda inputs, params: None, description="Nothing."))
 
 
+class AdvantagePlugin:
+    @molting.hookimpl
+    def molting_register_advantages(self, register):
+        register(molting.Advantage(name="raw", compute=lambda inputs, params: molting.AdvantageOutput(inputs.rewards),
+                                   description="The reward itself."))
+
+
 def _registers(plugin, kind, name):
     host = load_plugins(disabled=[])
     info = host.register(plugin, "extra")
@@ -252,3 +259,7 @@ def test_hook_molting_register_datasets():
 
 def test_hook_molting_register_losses():
     _registers(LossPlugin(), "loss", "zero")
+
+
+def test_hook_molting_register_advantages():
+    _registers(AdvantagePlugin(), "advantage", "raw")

@@ -11,7 +11,8 @@ import molting
 from molting.components import Judge
 from molting.discovery import load_plugins
 from molting.errors import JudgeError
-from molting.plugins.ppo import METRICS, AdaptiveKL, PPOParams, gae, masked_whiten, ppo_losses
+from molting.advantages import gae, masked_whiten
+from molting.plugins.ppo import METRICS, AdaptiveKL, PPOParams, ppo_losses
 from molting.pipeline import run
 from molting.resolve import resolve_config
 
@@ -76,7 +77,11 @@ def test_params_reject_bad_values():
     with pytest.raises(ValueError):
         PPOParams(num_ppo_epochs=0)
     with pytest.raises(ValueError):
-        PPOParams(lam=1.5)
+        PPOParams(cliprange=0)
+    from molting.plugins.advantages import GAEParams
+
+    with pytest.raises(ValueError):
+        GAEParams(lam=1.5)
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ from molting.testing.inputs import (
     with_logps,
 )
 
-_CLASSES = ("ComponentTests", "DatasetTests", "JudgeTests", "LossTests", "PluginTests", "StageTests")
+_CLASSES = ("AdvantageTests", "ComponentTests", "DatasetTests", "JudgeTests", "LossTests", "PluginTests", "StageTests")
 
 
 def __getattr__(name: str):

@@ -559,7 +559,7 @@ def _one_thread():
 
 
 def _run_stage(subject: Subject, rows: list[dict[str, Any]], where: Path, loss: Any = None, steps: int = _STEPS,
-               batch_size: int = _BATCH, quick: bool = True) -> StageRun:
+               batch_size: int = _BATCH, quick: bool = True, advantage: Any = None) -> StageRun:
     """Run the stage alone through molting.pipeline.run on ``rows`` (written to ``where/data.jsonl``) into
     ``where/run``, with a :class:`HookRecorder` on the host; the run's error is kept, not raised.
 
@@ -596,7 +596,7 @@ def _run_stage(subject: Subject, rows: list[dict[str, Any]], where: Path, loss: 
     host.pm.register(recorder, name=name)
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _one_thread():
-            run(config, [Step(config.plugins[0], stage, loss)], host)
+            run(config, [Step(config.plugins[0], stage, loss, advantage=advantage)], host)
     except Exception as exc:
         outcome.error = exc
     finally:
@@ -960,6 +960,190 @@ def check_bad_row_rejected(subject: Subject) -> None:
             raise CheckFailed(f"the error does not name row {bad}: {exc}")
         return
     raise CheckFailed(f"row {bad} without column {dataset.columns[-1]!r} was accepted.")
+
+
+# --------------------------------------------------------------------------- advantage estimators
+
+_GROUPS, _G, _WIDTH = 3, 4, 6
+
+
+def _advantage_inputs(advantage: Any, seed: int = 0, **overrides: Any) -> Any:
+    """A generation batch of 3 prompts x 4 completions, ragged masks, with only the fields the estimator needs."""
+    import torch
+
+    from molting.advantages import last_token_rewards
+    from molting.components import AdvantageInputs
+
+    g = torch.Generator().manual_seed(seed)
+    n = _GROUPS * _G
+    lengths = torch.randint(1, _WIDTH + 1, (n,), generator=g)
+    mask = (torch.arange(_WIDTH)[None, :] < lengths[:, None]).float()
+    rewards = torch.randint(0, 3, (n,), generator=g).float() + 0.1 * torch.randn(n, generator=g)
+    kl = 0.2 * torch.randn(n, _WIDTH, generator=g) * mask
+    fields = dict(rewards=rewards, groups=torch.arange(n) // _G, mask=mask,
+                  values=torch.randn(n, _WIDTH, generator=g) * mask,
+                  token_rewards=last_token_rewards(rewards, mask) - 0.05 * kl, kl=kl,
+                  baselines=torch.randn(_GROUPS, generator=g).repeat_interleave(_G))
+    fields.update(overrides)
+    needs = advantage.requirements(advantage.params())
+    wanted = {"values": "values", "token_rewards": "token_rewards", "reference": "kl", "greedy": "baselines"}
+    for need, name in wanted.items():
+        if need not in needs:
+            fields[name] = None
+    return AdvantageInputs(**fields)
+
+
+def _estimate(subject: Subject, inputs: Any) -> Any:
+    """The estimator's output, checked: an AdvantageOutput whose advantages are (N,) or (N, T), finite."""
+    import torch
+
+    from molting.components import AdvantageOutput
+
+    advantage = subject.component
+    try:
+        out = advantage.compute(inputs, advantage.params())
+    except Exception as exc:
+        raise CheckFailed(f"{subject.label} raised {type(exc).__name__}: {exc} on inputs holding only what it "
+                          f"declares it needs ({advantage.requirements(advantage.params()) or 'nothing more'}).",
+                          "declare what compute reads in Advantage.needs") from exc
+    if not isinstance(out, AdvantageOutput):
+        raise CheckFailed(f"{subject.label} returned {type(out).__name__}; expected a molting.AdvantageOutput.")
+    n, shape = inputs.rewards.numel(), tuple(out.advantages.shape)
+    if shape not in ((n,), tuple(inputs.mask.shape)):
+        raise CheckFailed(f"advantages have shape {shape}; expected ({n},) or {tuple(inputs.mask.shape)}.")
+    if not out.advantages.is_floating_point() or not torch.isfinite(out.advantages).all():
+        raise CheckFailed(f"advantages are not finite floating-point values: {_show(out.advantages)}.")
+    return out
+
+
+def _first_token(advantages: Any) -> Any:
+    return advantages[:, 0] if advantages.dim() == 2 else advantages
+
+
+@check("advantage")
+def check_advantage_shapes(subject: Subject) -> None:
+    """One finite advantage per completion (N,) or per token (N, T), zero off the mask; returns (N, T) or None."""
+    inputs = _advantage_inputs(subject.component)
+    out = _estimate(subject, inputs)
+    if out.advantages.dim() == 2 and (out.advantages * (1 - inputs.mask)).abs().sum() > 0:
+        raise CheckFailed("per-token advantages are not zero on the padding.", "multiply by inputs.mask")
+    if out.returns is not None and tuple(out.returns.shape) != tuple(inputs.mask.shape):
+        raise CheckFailed(f"returns have shape {tuple(out.returns.shape)}; expected {tuple(inputs.mask.shape)}.")
+
+
+@check("advantage")
+def check_advantage_finite_on_extreme_inputs(subject: Subject) -> None:
+    """Advantages stay finite for rewards of ±1e4, all-equal rewards, a fully masked completion, a batch of 2."""
+    import torch
+
+    advantage = subject.component
+    n = _GROUPS * _G
+    cases = {
+        "rewards of ±1e4": dict(rewards=1e4 * torch.linspace(-1, 1, n)),
+        "all-equal rewards": dict(rewards=torch.ones(n), baselines=torch.ones(n)),
+        "a fully masked completion": dict(mask=torch.ones(n, _WIDTH).index_fill_(0, torch.tensor([1]), 0.0)),
+    }
+    for name, overrides in cases.items():
+        try:
+            _estimate(subject, _advantage_inputs(advantage, **overrides))
+        except CheckFailed as exc:
+            raise CheckFailed(f"with {name}: {exc}") from exc
+    pair = _advantage_inputs(advantage)
+    two = {f.name: None if getattr(pair, f.name) is None else getattr(pair, f.name)[:2]
+           for f in attrs.fields(type(pair))}
+    try:
+        _estimate(subject, type(pair)(**two))
+    except CheckFailed as exc:
+        raise CheckFailed(f"with a batch of one group of 2: {exc}") from exc
+
+
+@check("advantage")
+def check_advantage_order(subject: Subject) -> None:
+    """Within a group of equal-length completions with equal values, a higher reward never gets a lower advantage."""
+    import torch
+
+    n = _GROUPS * _G
+    rewards = torch.arange(n, dtype=torch.float32).flip(0) % 5
+    base = _advantage_inputs(subject.component, rewards=rewards, mask=torch.ones(n, _WIDTH),
+                             values=torch.zeros(n, _WIDTH), kl=torch.zeros(n, _WIDTH))
+    if base.token_rewards is not None:
+        from molting.advantages import last_token_rewards
+
+        base = attrs.evolve(base, token_rewards=last_token_rewards(rewards, base.mask))
+    first = _first_token(_estimate(subject, base).advantages)
+    for group in range(_GROUPS):
+        rows = torch.arange(group * _G, (group + 1) * _G)
+        order = torch.argsort(rewards[rows])
+        if (first[rows][order].diff() < -1e-6).any():
+            raise CheckFailed(f"group {group}: rewards {rewards[rows].tolist()} got advantages "
+                              f"{[round(v, 4) for v in first[rows].tolist()]}: a better completion ranks lower.")
+
+
+@check("advantage")
+def check_advantage_equal_rows(subject: Subject) -> None:
+    """Identical completions of one prompt (same reward, mask, values, KL) get identical advantages."""
+    import torch
+
+    inputs = _advantage_inputs(subject.component)
+    copies = {}
+    for f in attrs.fields(type(inputs)):
+        value = getattr(inputs, f.name)
+        if value is not None and f.name != "groups":
+            value = value.clone()
+            value[1:_G] = value[0]  # the first group's rows all equal the first
+        copies[f.name] = value
+    out = _estimate(subject, type(inputs)(**copies)).advantages
+    if not torch.allclose(out[:_G], out[:1].expand_as(out[:_G]), atol=1e-6):
+        raise CheckFailed(f"four identical completions got advantages {_show(_first_token(out[:_G]))}.")
+
+
+@check("advantage")
+def check_advantage_permutation(subject: Subject) -> None:
+    """Shuffling the batch (rows and their group ids together) shuffles the advantages the same way."""
+    import torch
+
+    inputs = _advantage_inputs(subject.component, seed=1)
+    order = torch.randperm(inputs.rewards.numel(), generator=torch.Generator().manual_seed(3))
+    shuffled = type(inputs)(**{f.name: None if getattr(inputs, f.name) is None else getattr(inputs, f.name)[order]
+                               for f in attrs.fields(type(inputs))})
+    before, after = _estimate(subject, inputs).advantages, _estimate(subject, shuffled).advantages
+    if not torch.allclose(before[order], after, atol=1e-5):
+        raise CheckFailed(f"advantages {_show(before[order])} became {_show(after)} once the batch was shuffled.")
+
+
+@check("advantage")
+def check_advantage_deterministic(subject: Subject) -> None:
+    """Two calls on the same inputs give identical advantages and leave the inputs unchanged."""
+    import torch
+
+    inputs = _advantage_inputs(subject.component, seed=2)
+    kept = {f.name: getattr(inputs, f.name).clone() for f in attrs.fields(type(inputs)) if getattr(inputs, f.name) is not None}
+    first, second = _estimate(subject, inputs).advantages, _estimate(subject, inputs).advantages
+    if not torch.equal(first, second):
+        raise CheckFailed(f"two calls gave {_show(first)} and {_show(second)}.")
+    changed = [name for name, value in kept.items() if not torch.equal(value, getattr(inputs, name))]
+    if changed:
+        raise CheckFailed(f"the estimator changed its inputs in place: {', '.join(changed)}.", "clone before editing")
+
+
+@check("advantage", slow=True)
+def check_advantage_trains(subject: Subject) -> None:
+    """Two optimiser steps of its first stage on the built-in tiny model with this estimator: finite losses."""
+    advantage, host = subject.component, subject.host
+    try:
+        stage = host.get("stage", advantage.stages[0])
+    except Exception as exc:
+        raise CheckFailed(f"stage {advantage.stages[0]!r} of {subject.label} is not available: {exc}") from exc
+    rows = host.get("dataset", stage.default_data).load("train")[:8]
+    loss = host.get("loss", stage.default_loss) if stage.default_loss else None
+    result = _run_stage(attrs.evolve(subject, kind="stage", component=stage), rows, subject.workdir, loss=loss,
+                        steps=2, batch_size=8, advantage=advantage)
+    if result.error is not None:
+        raise CheckFailed(f"training raised {type(result.error).__name__}: {result.error}. "
+                          f"Output:\n{result.log[-2000:]}") from result.error
+    losses = [v for r in result.records() for k, v in r.items() if k == "loss" or k.startswith("loss/")]
+    if not losses or not all(math.isfinite(x) for x in losses):
+        raise CheckFailed(f"training logged losses {losses}; expected finite ones (loss, or PPO's loss/*).")
 
 
 # --------------------------------------------------------------------------- running

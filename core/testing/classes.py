@@ -72,6 +72,10 @@ class DatasetTests(ComponentTests):
     kind = "dataset"
 
 
+class AdvantageTests(ComponentTests):
+    kind = "advantage"
+
+
 class PluginTests(ComponentTests):
     """Every component of one plugin (``name = "plugin"``) or of a whole distribution (``distribution = ...``)."""
 

@@ -1,12 +1,14 @@
 """The ``grpo`` stage: Group Relative Policy Optimization (Shao et al., 2024, DeepSeekMath, arXiv:2402.03300).
 
 For each prompt the policy samples G completions (``num_generations``); the
-run's judges score them; each completion's advantage is its reward minus the
-mean of its group, divided by the group's standard deviation (or the
-batch's, or not at all: ``scale_rewards``); the loss plugin (``grpo``,
-``bnpo``, ``dr_grpo``, ``dapo``: see ``molting.plugins.grpo_losses``)
-applies the clipped importance-ratio objective, with a KL penalty to the
-starting model when β > 0. No value model, and no reference model at β = 0.
+run's judges score them; the advantage estimator (``--advantage``; by
+default ``grpo``: each completion's reward minus the mean of its group,
+divided by the group's standard deviation, or the batch's, or not at all:
+``scale_rewards``; also ``rloo``, ``reinforce++``, ``remax``: see
+``molting.plugins.advantages``) turns the rewards into advantages; the loss
+plugin (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``cispo``,
+``sapo``) applies its objective, with a KL penalty to the starting model
+when β > 0. No value model, and no reference model at β = 0.
 
 Batches are trl's ``GRPOTrainer``'s: ``batch_size`` counts completions per
 device and micro-step (``per_device_train_batch_size``); one generation
@@ -72,8 +74,6 @@ class GRPOParams:
     """0: no top-k filtering."""
     num_iterations: int = attrs.field(default=1, validator=_whole(1))
     """Optimizer steps per generation batch (μ in the paper)."""
-    scale_rewards: str = attrs.field(default="group", validator=attrs.validators.in_(("group", "batch", "none")))
-    """Divide the advantages by the group's reward std, the whole batch's, or nothing (Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave completions cut at max_new_tokens (no end-of-sequence token) out of the loss, as DAPO does."""
     beta: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
@@ -92,6 +92,7 @@ def molting_register_stages(register):
             description="Online RL: G sampled completions per prompt, judged, group-relative advantages, clipped ratio.",
             columns=("prompt",),
             default_loss="grpo",
+            default_advantage="grpo",
             default_data="demo-prompts",
             metrics=METRICS,
             inputs=molting.GroupInputs,
@@ -150,7 +151,9 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
     if len(rows) < completions // g:
         raise DataError(f"{context.data_source} has {len(rows)} usable prompts; one generation batch needs "
                         f"{completions // g} ({completions} completions / {g} per prompt)")
-    ref_model, adapter_reference, reference = reference_for(model, context, needed=params.beta > 0)
+    needs = context.advantage.requirements(context.advantage_params)
+    ref_model, adapter_reference, reference = reference_for(model, context,
+                                                            needed=params.beta > 0 or "reference" in needs)
     from .trainer import GRPOTrainer
 
     trainer = GRPOTrainer(
@@ -158,6 +161,7 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
         data_collator=identity, processing_class=tokenizer, callbacks=stage_callbacks(context), loss=context.loss,
         loss_params=context.loss_params, ref_model=ref_model, adapter_reference=adapter_reference, grpo=params,
         scorer=scorer, max_prompt_length=limit if config.overlong != "drop" else None,
+        advantage=context.advantage, advantage_params=context.advantage_params,
     )
     judging = None
     if context.eval_rows is not None:
@@ -168,6 +172,6 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
         trainer.add_callback(HeldOutCallback(judging, trainer, context))
     judges = ", ".join(f"{spec.name} x{spec.weight:g}" for spec in scorer.specs)
     announce(trainer, f"{len(rows)} prompts, {g} completions each, {completions // g} prompts per optimizer step, "
-                      f"judges {judges}", reference)
+                      f"judges {judges}, advantages {context.advantage.name}", reference)
     final = train_and_save(trainer, tokenizer, context)
     return {**final, **(judging.summary() if judging else {})}

@@ -13,7 +13,8 @@ import torch
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor_dict
 
-from molting.components import GroupInputs
+from molting.advantages import group_stats
+from molting.components import AdvantageInputs, GroupInputs
 from molting.group_losses import high_entropy_mask
 from molting.judging import data_columns
 from molting.logps import completion_token_logps
@@ -26,10 +27,13 @@ from . import GRPOParams
 class GRPOTrainer(MoltingTrainer):
     """Samples and scores a generation batch every μ optimizer steps, then applies the loss plugin to it."""
 
-    def __init__(self, *args: Any, grpo: GRPOParams, scorer: Any, max_prompt_length: int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, grpo: GRPOParams, scorer: Any, advantage: Any, max_prompt_length: int | None = None,
+                 advantage_params: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.grpo, self.scorer, self.max_prompt_length = grpo, scorer, max_prompt_length
+        self.advantage = advantage
+        self.advantage_params = advantage.params() if advantage_params is None else advantage_params
+        self.needs = advantage.requirements(self.advantage_params)
         self.steps_per_generation = self.args.gradient_accumulation_steps
         self._step = 0  # micro-steps taken
         self._buffered: list[dict[str, Any]] | None = None
@@ -75,6 +79,7 @@ class GRPOTrainer(MoltingTrainer):
                 samples = sample(unwrapped, self.processing_class, prompts, n=1, max_new_tokens=p.max_new_tokens,
                                  temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, batch_size=len(prompts),
                                  max_prompt_length=self.max_prompt_length)
+                baselines = self.greedy_rewards(unwrapped, items) if "greedy" in self.needs else None
         mask = samples.completion_mask
         if p.mask_truncated_completions:
             mask = mask * (~samples.truncated).unsqueeze(1).to(mask.dtype)
@@ -88,9 +93,14 @@ class GRPOTrainer(MoltingTrainer):
             batch["old_logps"] = self.batched_logps(self.model, batch)
         if self.has_reference:
             batch["ref_logps"] = self.under_reference(self.model, lambda m: self.batched_logps(m, batch))
+        kl = None
+        if "reference" in self.needs:  # log π_old − log π_ref per token: the estimator's KL in the reward
+            old = batch["old_logps"] if "old_logps" in batch else self.batched_logps(self.model, batch)
+            kl = (old - batch["ref_logps"]) * mask
         completions = [[{"role": "assistant", "content": t}] if not isinstance(q, str) else t
                        for q, t in zip(prompts, samples.texts)]
-        batch["advantages"] = self.advantages(prompts, completions, rows, [item["index"] for item in items])
+        batch["advantages"] = self.advantages(prompts, completions, rows, [item["index"] for item in items],
+                                              mask=mask, kl=kl, baselines=baselines)
         self.record_completions(samples)
         return batch
 
@@ -104,32 +114,56 @@ class GRPOTrainer(MoltingTrainer):
         ])
 
     def advantages(self, prompts: list[Any], completions: list[Any], rows: list[dict[str, Any]],
-                   indices: list[int]) -> Any:
-        """Judge this process's completions, then normalise within each group over every process's rewards."""
+                   indices: list[int], mask: Any = None, kl: Any = None, baselines: Any = None) -> Any:
+        """Judge this process's completions, then run the advantage estimator on every process's rewards."""
         totals, per_judge = self.scorer(prompts, completions, data_columns(rows), indices)
         device, g = self.accelerator.device, self.grpo.num_generations
-
-        def gathered(values: list[float]) -> Any:
-            return self.accelerator.gather(torch.tensor(values, dtype=torch.float32, device=device))
-
-        rewards = gathered(totals)
-        grouped = rewards.view(-1, g)
-        advantages = rewards - grouped.mean(dim=1).repeat_interleave(g)
-        if self.grpo.scale_rewards == "batch":
-            std = rewards.std().expand_as(rewards)
-        else:  # with "none" the group std only says which groups had no signal
-            std = grouped.std(dim=1).repeat_interleave(g)
-        if self.grpo.scale_rewards != "none":
-            advantages = advantages / (std + 1e-4)
+        rewards = self._gathered(totals)
+        if mask is None:
+            mask = torch.ones(len(prompts), 1, device=device)
+        width = mask.size(1)
+        out = self.advantage.compute(AdvantageInputs(
+            rewards=rewards, groups=torch.arange(rewards.numel(), device=device) // g,
+            mask=self._gathered_rows(mask.float()), kl=None if kl is None else self._gathered_rows(kl),
+            baselines=None if baselines is None else self._gathered(baselines),
+        ), self.advantage_params)
+        std = group_stats(rewards, torch.arange(rewards.numel(), device=device) // g)[1]
         metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                   "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item()}
+                   "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item(),
+                   **{name: float(value) for name, value in out.metrics.items()}}
         for name, scores in per_judge.items():
-            values = gathered(scores)
+            values = self._gathered(scores)
             metrics[f"rewards/{name}/mean"] = values.mean().item()
             metrics[f"rewards/{name}/std"] = values.std().item()
         self.record(metrics)
         start = self.accelerator.process_index * len(prompts)
-        return advantages[start : start + len(prompts)]
+        advantages = out.advantages[start : start + len(prompts)]
+        return advantages[:, :width] if advantages.dim() == 2 else advantages
+
+    def _gathered(self, values: Any) -> Any:
+        values = torch.as_tensor(values, dtype=torch.float32, device=self.accelerator.device)
+        return self.accelerator.gather(values)
+
+    def _gathered_rows(self, values: Any) -> Any:
+        """Every process's ``(B, T)`` rows, padded with zeros to the widest T."""
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.pad_across_processes(values, dim=1, pad_index=0)
+        return self.accelerator.gather(values)
+
+    @torch.no_grad()
+    def greedy_rewards(self, model: Any, items: list[dict[str, Any]]) -> list[float]:
+        """ReMax's baseline: each completion's prompt answered greedily once, judged by the run's judges."""
+        g = self.grpo.num_generations
+        firsts = items[::g]  # the generation batch holds each prompt's G copies in a row
+        prompts = [item["row"]["prompt"] for item in firsts]
+        greedy = sample(model, self.processing_class, prompts, n=1, max_new_tokens=self.grpo.max_new_tokens,
+                        temperature=0, batch_size=len(prompts), max_prompt_length=self.max_prompt_length)
+        completions = [[{"role": "assistant", "content": t}] if not isinstance(q, str) else t
+                       for q, t in zip(prompts, greedy.texts)]
+        totals, _ = self.scorer(prompts, completions, data_columns([item["row"] for item in firsts]),
+                                [item["index"] for item in firsts])
+        self.record({"baseline_reward": sum(totals) / len(totals)})
+        return [total for total in totals for _ in range(g)]
 
     def record_completions(self, samples: Any) -> None:
         lengths = self.accelerator.gather(samples.lengths).float()
