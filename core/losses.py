@@ -76,6 +76,13 @@ def per_token(values: Any, lengths: Any) -> Any:
     return values / lengths.clamp(min=1)
 
 
+def chosen_nll(inputs: PreferenceInputs) -> Any:
+    """The mean negative log-likelihood over every chosen token of the batch (a scalar, as trl computes it)."""
+    if inputs.chosen_token_logps is None or inputs.chosen_mask is None:
+        raise ValueError("this loss needs the chosen tokens' log-probs (chosen_token_logps, chosen_mask)")
+    return -inputs.chosen_token_logps[inputs.chosen_mask.bool()].mean()
+
+
 def smoothed_sigmoid(logits: Any, label_smoothing: float) -> Any:
     """``-(1-ε)·log σ(z) - ε·log σ(-z)``: the (conservative) DPO loss of a logit."""
     import torch.nn.functional as F

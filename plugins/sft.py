@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import molting
 from molting.components import Loss, LossOutput, PreferenceInputs
-from molting.losses import BetaParams, logratios, output
+from molting.losses import BetaParams, chosen_nll, logratios, output
 
 
 def sft_loss(inputs: PreferenceInputs, params: BetaParams) -> LossOutput:
-    if inputs.chosen_token_logps is None or inputs.chosen_mask is None:
-        raise ValueError("the sft loss needs chosen_token_logps and chosen_mask")
-    token_logps = inputs.chosen_token_logps
-    nll = -token_logps[inputs.chosen_mask.bool()].mean()
-    losses = nll.expand(token_logps.size(0))
+    losses = chosen_nll(inputs).expand(inputs.chosen_logps.size(0))
     if inputs.ref_chosen_logps is None or inputs.ref_rejected_logps is None:
         return LossOutput(losses=losses)
     return output(losses, params.beta, *logratios(inputs))
