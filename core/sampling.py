@@ -87,7 +87,7 @@ def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
-           max_prompt_length: int | None = None) -> Samples:
+           max_prompt_length: int | None = None, seeds: Sequence[int] | None = None) -> Samples:
     """``n`` completions for each prompt (temperature 0: greedy), each ending at the first of :func:`stop_token_ids`.
 
     Generation follows exactly the settings given, as trl's online trainers
@@ -97,6 +97,13 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     drawn by :class:`InverseCdfSampler`. ``max_prompt_length`` keeps the last
     tokens of a longer prompt (its end, where the answer starts), as trl
     truncated prompts.
+
+    ``seeds`` (one per completion, in the order returned) gives each
+    completion a random stream of its own instead of the global one: its
+    tokens then do not depend on which other completions share its batch or
+    process, so one process sampling 16 completions and two sampling 8 each
+    draw the same ones (what a multi-process online stage needs to follow the
+    one-process run).
     """
     was_training = model.training
     model.eval()
@@ -110,18 +117,23 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     stops = stop_token_ids(model, tokenizer)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    generation, processors = generation_settings(max_new_tokens, temperature, top_p, top_k, stops, pad)
+    if seeds is not None and len(seeds) != len(repeated):
+        raise ValueError(f"{len(seeds)} seeds for {len(repeated)} completions")
     prompt_chunks, completion_chunks = [], []
     try:
-        with _generation_config(model, generation):
-            for start in range(0, len(repeated), batch_size):
-                chunk = [texts[i] for i in repeated[start : start + batch_size]]
+        for start in range(0, len(repeated), batch_size):
+            chunk = [texts[i] for i in repeated[start : start + batch_size]]
+            streams = None if seeds is None else [torch.Generator().manual_seed(int(s))
+                                                  for s in seeds[start : start + batch_size]]
+            generation, processors = generation_settings(max_new_tokens, temperature, top_p, top_k, stops, pad,
+                                                         streams)
+            with _generation_config(model, generation):
                 encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
                                     truncation=max_prompt_length is not None, max_length=max_prompt_length)
                 encoded = {k: v.to(device) for k, v in encoded.items()}
                 output = model.generate(**encoded, generation_config=generation, logits_processor=processors)
-                prompt_chunks.append((encoded["input_ids"], encoded["attention_mask"]))
-                completion_chunks.append(output[:, encoded["input_ids"].shape[1] :])
+            prompt_chunks.append((encoded["input_ids"], encoded["attention_mask"]))
+            completion_chunks.append(output[:, encoded["input_ids"].shape[1] :])
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
         model.train(was_training)
@@ -146,13 +158,27 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     )
 
 
+def completion_seeds(seed: int, draw: int, first: int, count: int) -> list[int]:
+    """Seeds for the completions ``first .. first + count - 1`` of generation batch ``draw`` of a run seeded
+    ``seed``: the same on every process, so a completion's random stream depends on its place in the global
+    batch only (for :func:`sample`'s ``seeds``)."""
+    import hashlib
+
+    def one(index: int) -> int:
+        digest = hashlib.blake2b(f"{seed}:{draw}:{index}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    return [one(index) for index in range(first, first + count)]
+
+
 def generation_settings(max_new_tokens: int, temperature: float, top_p: float, top_k: int, stops: list[int],
-                        pad: int) -> tuple[Any, Any]:
+                        pad: int, streams: list[torch.Generator] | None = None) -> tuple[Any, Any]:
     """The ``GenerationConfig`` and logits processors :func:`sample` generates with.
 
     Sampling runs as greedy decoding over processed scores: transformers'
     own temperature, top-k and top-p warpers, then :class:`InverseCdfSampler`,
-    which leaves only the drawn token. Temperature 0 is plain greedy decoding.
+    which leaves only the drawn token (from each row's own ``streams``
+    generator when given). Temperature 0 is plain greedy decoding.
     """
     from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
@@ -167,7 +193,7 @@ def generation_settings(max_new_tokens: int, temperature: float, top_p: float, t
             processors.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
-        processors.append(InverseCdfSampler())
+        processors.append(InverseCdfSampler(streams))
     return generation, processors
 
 
@@ -180,12 +206,22 @@ class InverseCdfSampler:
     what ``torch.multinomial`` does in distribution, without its random
     number per vocabulary entry: with a 151,936-token vocabulary that draw
     took ~22 ms of each ~35 ms decoding step on two CPU cores
-    (``benchmarks/real_shapes.py``, grpo); this one takes ~2 ms.
+    (``benchmarks/real_shapes.py``, grpo); this one takes ~2 ms. With
+    ``streams`` (one CPU generator per row) row r's numbers come from
+    ``streams[r]``, one per decoding step, whatever the other rows are.
     """
+
+    def __init__(self, streams: list[torch.Generator] | None = None) -> None:
+        self.streams = streams
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         cdf = scores.softmax(dim=-1, dtype=torch.float64).cumsum_(dim=-1)
-        draw = torch.rand(scores.size(0), 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+        if self.streams is None:
+            uniform = torch.rand(scores.size(0), 1, dtype=torch.float64, device=scores.device)
+        else:
+            uniform = torch.cat([torch.rand(1, 1, dtype=torch.float64, generator=g) for g in self.streams])
+            uniform = uniform.to(scores.device)
+        draw = uniform * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.size(-1) - 1)
         return scores.fill_(float("-inf")).scatter_(1, tokens, 0.0)
 

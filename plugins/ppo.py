@@ -109,11 +109,19 @@ def molting_register_stages(register):
 # --------------------------------------------------------------------------- the math
 
 
-def ppo_losses(logps, old_logps, advantages, values, old_values, returns, mask, params: PPOParams):
-    """The clipped surrogate and the clipped value loss, with their statistics."""
+def ppo_losses(logps, old_logps, advantages, values, old_values, returns, mask, params: PPOParams, count=None):
+    """The clipped surrogate and the clipped value loss, with their statistics.
+
+    Token means divide by ``count`` (default: the mask's tokens); several
+    processes pass the minibatch's tokens on all of them over the number of
+    processes, so that DDP's average of the gradients is the global token mean.
+    """
     import torch
 
-    from molting.advantages import masked_mean
+    count = mask.sum().clamp(min=1) if count is None else count
+
+    def masked_mean(values, mask):
+        return (values * mask).sum() / count
 
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
@@ -150,15 +158,24 @@ class AdaptiveKL:
 
 
 def token_values(critic, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """The critic's value at each position that predicts a completion token, shape ``(batch, completion tokens)``."""
+    """The critic's value at each position that predicts a completion token, shape ``(batch, completion tokens)``.
+
+    The classifier's own forward runs (through its DDP wrapper on several
+    processes, so its gradients are averaged), and its head's output at every
+    position is read by a forward hook: the model returns the last token's only.
+    """
     from molting.sampling import sequence_inputs
 
     input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     width = completion_ids.size(1)
-    backbone = getattr(critic, critic.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
-    return critic.score(hidden[:, -width - 1 : -1]).squeeze(-1).float()
+    captured = []
+    head = getattr(critic, "module", critic).score
+    handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0][:, -width - 1 : -1].squeeze(-1).float()
 
 
 def load_critic(path, trust_remote_code: bool, dtype: Any = None):
@@ -194,56 +211,88 @@ def load_critic(path, trust_remote_code: bool, dtype: Any = None):
 # --------------------------------------------------------------------------- rollouts
 
 
-def rollout(policy, reference, critic, tokenizer, scorer, rows, indices, params: PPOParams, kl_coef: float,
-            unwrap, policy_under_reference, max_prompt_length: int | None = None, advantage: Any = None,
-            advantage_params: Any = None):
-    """Sample, score and evaluate one batch of prompts; everything the optimisation passes need."""
+@attrs.frozen
+class Rollout:
+    """What one PPO step's rollout needs besides the models: its prompts, the KL coefficient, where it runs."""
+
+    rows: list[dict[str, Any]]
+    indices: list[int]  # this process's prompts (data rows)
+    kl_coef: float
+    seeds: list[int]  # one random stream per completion (molting.sampling.completion_seeds)
+    max_prompt_length: int | None = None
+
+
+def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any, advantage_params: Any):
+    """Sample, score and evaluate this process's prompts; the advantages come from every process's rollouts."""
     import torch
 
-    from molting.advantages import masked_whiten
-    from molting.components import AdvantageInputs
     from molting.judging import data_columns
     from molting.logps import completion_token_logps
     from molting.sampling import sample
 
-    prompts = [rows[i]["prompt"] for i in indices]
-    samples = sample(unwrap(policy), tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
-                     temperature=params.temperature, top_p=params.top_p, max_prompt_length=max_prompt_length)
-    scores, per_judge = scorer(prompts, samples.texts, data_columns([rows[i] for i in indices]), rows=list(indices))
+    prompts = [job.rows[i]["prompt"] for i in job.indices]
+    samples = sample(m.unwrap(m.policy), m.tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
+                     temperature=params.temperature, top_p=params.top_p, max_prompt_length=job.max_prompt_length,
+                     seeds=job.seeds)
+    scores, per_judge = scorer(prompts, samples.texts, data_columns([job.rows[i] for i in job.indices]),
+                               rows=list(job.indices))
     scores = torch.tensor(scores, dtype=torch.float32, device=samples.completion_ids.device)
     if params.missing_eos_penalty is not None:
         scores = scores - params.missing_eos_penalty * samples.truncated.float()
     mask = samples.completion_mask.float()
     inputs = (samples.prompt_ids, samples.prompt_mask, samples.completion_ids, samples.completion_mask)
     with torch.no_grad():
-        logps, entropy = completion_token_logps(policy, *inputs, temperature=params.temperature, with_entropy=True)
-        if reference is not None:
-            ref_logps, _ = completion_token_logps(reference, *inputs, temperature=params.temperature)
+        logps, entropy = completion_token_logps(m.policy, *inputs, temperature=params.temperature, with_entropy=True)
+        if m.reference is not None:
+            ref_logps, _ = completion_token_logps(m.reference, *inputs, temperature=params.temperature)
         else:
-            ref_logps = policy_under_reference(lambda m: completion_token_logps(m, *inputs, temperature=params.temperature)[0])
-        values = token_values(critic, *inputs)
+            ref_logps = m.under_reference(lambda p: completion_token_logps(p, *inputs, temperature=params.temperature)[0])
+        values = token_values(m.critic, *inputs)
     kl = (logps - ref_logps) * mask
-    rewards = -kl_coef * kl
+    rewards = -job.kl_coef * kl
     last = (samples.lengths - 1).clamp(min=0)
     rewards[torch.arange(len(last)), last] += scores
-    if params.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-    estimated = advantage.compute(AdvantageInputs(rewards=scores, groups=torch.arange(len(scores)), mask=mask,
-                                                  values=values, token_rewards=rewards, kl=kl), advantage_params)
-    advantages, returns = estimated.advantages, estimated.returns
-    non_score = (-kl_coef * kl).sum(dim=1)
-    stats = {
+    advantages, returns = _estimate(m.accelerator, scores, mask, values, rewards, kl, params, advantage,
+                                    advantage_params)
+    non_score = (-job.kl_coef * kl).sum(dim=1)
+    local = {
         "objective/scores": scores.mean(),
         "objective/kl": kl.sum(dim=1).mean(),
         "objective/non_score_reward": non_score.mean(),
         "objective/rlhf_reward": (scores + non_score).mean(),
         "objective/entropy": (entropy * mask).sum(dim=1).mean(),
         "completions/mean_length": samples.lengths.float().mean(),
-        **{f"rewards/{name}/mean": float(sum(v) / len(v)) for name, v in per_judge.items()},
+        **{f"rewards/{name}/mean": torch.tensor(sum(v) / len(v)) for name, v in per_judge.items()},
     }
+    stats = {name: m.accelerator.reduce(value.float().to(mask.device), "mean").item() for name, value in local.items()}
     batch = {"samples": samples, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
              "mask": mask}
     return batch, stats
+
+
+def _estimate(accelerator: Any, scores: Any, mask: Any, values: Any, rewards: Any, kl: Any, params: PPOParams,
+              advantage: Any, advantage_params: Any) -> tuple[Any, Any]:
+    """The advantage estimator over every process's rollouts (whitening spans the global batch, as in one
+    process); this process's rows of its advantages and returns."""
+    import torch
+
+    from molting.advantages import masked_whiten
+    from molting.components import AdvantageInputs
+
+    def everyone(tensor: Any) -> Any:
+        if accelerator.num_processes > 1:
+            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=0)
+        return accelerator.gather(tensor)
+
+    rows, width = mask.shape
+    every_mask, every_rewards = everyone(mask), everyone(rewards)
+    if params.whiten_rewards:
+        every_rewards = masked_whiten(every_rewards, every_mask, shift_mean=False) * every_mask
+    estimated = advantage.compute(AdvantageInputs(
+        rewards=accelerator.gather(scores), groups=torch.arange(every_mask.size(0), device=mask.device),
+        mask=every_mask, values=everyone(values), token_rewards=every_rewards, kl=everyone(kl)), advantage_params)
+    start = accelerator.process_index * rows
+    return estimated.advantages[start : start + rows, :width], estimated.returns[start : start + rows, :width]
 
 
 def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, seed: int, max_grad_norm: float):
@@ -263,9 +312,10 @@ def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, s
             inputs = (samples.prompt_ids[mb], samples.prompt_mask[mb], samples.completion_ids[mb], samples.completion_mask[mb])
             logps, _ = completion_token_logps(policy, *inputs, temperature=params.temperature)
             values = token_values(critic, *inputs)
+            count = accelerator.reduce(batch["mask"][mb].sum(), "sum").clamp(min=1) / accelerator.num_processes
             policy_loss, value_loss, stats = ppo_losses(
                 logps, batch["logps"][mb], batch["advantages"][mb], values, batch["values"][mb], batch["returns"][mb],
-                batch["mask"][mb], params,
+                batch["mask"][mb], params, count,
             )
             loss = policy_loss + params.vf_coef * value_loss
             if not torch.isfinite(loss):
@@ -277,8 +327,8 @@ def optimise(policy, critic, optimizer, accelerator, batch, params: PPOParams, s
                 accelerator.clip_grad_norm_(_trainable(policy, critic), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-            for name, value in stats.items():
-                collected.setdefault(name, []).append(float(value))
+            for name, value in stats.items():  # each process's share of the global token mean: their mean is it
+                collected.setdefault(name, []).append(accelerator.reduce(value.detach().float(), "mean").item())
     averaged = {name: sum(v) / len(v) for name, v in collected.items()}
     return averaged, skipped
 
@@ -313,7 +363,8 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
         f"reference model: {'the base model (adapter disabled)' if models.reference is None else 'frozen copy'}",
         file=sys.stderr,
     )
-    evaluate = _demo_eval(context, models.tokenizer, scorer, params)
+    # the before/after figures are the first process's to record: the others would only repeat its judge calls
+    evaluate = _demo_eval(context, models.tokenizer, scorer, params) if accelerator.is_main_process else None
     held_out = _held_out(context, models.tokenizer, params)
     resumed = _resume(context, models, total)
     if resumed is not None:  # the start model's figures were taken before the run was interrupted
@@ -354,26 +405,20 @@ def _refuse_unsupported(config: Any) -> None:
 
 
 def _accelerator(config: Any) -> Any:
-    """The run's accelerate ``Accelerator``; a clear error, before any model loads, for several processes."""
+    """The run's accelerate ``Accelerator`` (several processes: torchrun or ``accelerate launch``)."""
     import torch
     from accelerate import Accelerator
 
-    from molting.errors import ConfigError
     from molting.training import uses_bf16
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if uses_bf16(config.precision) else "no")
-    if accelerator.num_processes > 1:
-        raise ConfigError(
-            "the ppo stage runs in one process for now (its rollouts are not sharded across processes); "
-            "launch it without torchrun / accelerate launch"
-        )
-    return accelerator
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if uses_bf16(config.precision) else "no")
 
 
 def _total_steps(config: Any, rows: int) -> int:
-    """PPO steps of ``batch_size`` prompts: ``--max-steps``, else ``--epochs`` passes over the prompts."""
-    per_epoch = math.ceil(rows / config.batch_size)
+    """PPO steps of ``batch_size`` prompts per process: ``--max-steps``, else ``--epochs`` passes over the prompts."""
+    import os
+
+    per_epoch = math.ceil(rows / (config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
     return config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * per_epoch))
 
 
@@ -422,7 +467,8 @@ def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Mod
     if config.disable_dropout is not False:  # as trl: off, so a rollout's log-probs and values are what training sees
         for model in (policy, critic):
             disable_dropout(model)
-    policy, critic, optimizer, scheduler = accelerator.prepare(policy, critic, optimizer, scheduler)
+    # the scheduler is stepped once per PPO step by the loop; accelerate's wrapper would step it once per process
+    policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
     return _Models(policy, reference, critic, critic_source, tokenizer, optimizer, scheduler, accelerator)
@@ -444,6 +490,7 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
 
     from molting.data import iter_rows
     from molting.errors import MoltingError
+    from molting.sampling import completion_seeds
 
     config, params, rows = context.config, context.stage_params, list(iter_rows(context.rows))
     events.attach(model=m.unwrap(m.policy), tokenizer=m.tokenizer, optimizer=m.optimizer, scheduler=m.scheduler)
@@ -463,16 +510,18 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
     events.train_begin()
     if held_out is not None and loop["step"] == 0:
         _evaluate_held_out(held_out, m, 0, None, events)
+    share, rank = config.batch_size, m.accelerator.process_index
+    width = share * m.accelerator.num_processes  # the global batch: every process draws the same order
     for step in tqdm(range(loop["step"] + 1, total + 1), desc="ppo", initial=loop["step"], total=total,
                      disable=not m.accelerator.is_local_main_process):
         events.step_begin()
-        if len(loop["order"]) < config.batch_size:
+        while len(loop["order"]) < width:
             loop["order"] += torch.randperm(len(rows), generator=generator).tolist()
-        indices, loop["order"] = loop["order"][: config.batch_size], loop["order"][config.batch_size :]
+        indices, loop["order"] = loop["order"][rank * share : (rank + 1) * share], loop["order"][width:]
         m.policy.eval(), m.critic.eval()
-        batch, stats = rollout(m.policy, m.reference, m.critic, m.tokenizer, scorer, rows, indices, params, kl.value,
-                               m.unwrap, m.under_reference, max(1, config.max_length - params.max_new_tokens),
-                               context.advantage, context.advantage_params)
+        job = Rollout(rows, indices, kl.value, completion_seeds(config.seed, step, rank * share, share),
+                      max(1, config.max_length - params.max_new_tokens))
+        batch, stats = rollout(m, scorer, job, params, context.advantage, context.advantage_params)
         m.policy.train(), m.critic.train()
         trained, skipped = optimise(m.policy, m.critic, m.optimizer, m.accelerator, batch, params, config.seed + step,
                                     config.max_grad_norm)

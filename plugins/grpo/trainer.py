@@ -18,7 +18,7 @@ from molting.components import AdvantageInputs, GroupInputs
 from molting.group_losses import high_entropy_mask
 from molting.judging import data_columns
 from molting.logps import completion_token_logps
-from molting.sampling import sample
+from molting.sampling import completion_seeds, sample
 from molting.training import MoltingTrainer
 
 from . import GRPOParams
@@ -78,7 +78,7 @@ class GRPOTrainer(MoltingTrainer):
             with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
                 samples = sample(unwrapped, self.processing_class, prompts, n=1, max_new_tokens=p.max_new_tokens,
                                  temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, batch_size=len(prompts),
-                                 max_prompt_length=self.max_prompt_length)
+                                 max_prompt_length=self.max_prompt_length, seeds=self.completion_seeds(len(prompts)))
                 baselines = self.greedy_rewards(unwrapped, items) if "greedy" in self.needs else None
         mask = samples.completion_mask
         if p.mask_truncated_completions:
@@ -103,6 +103,12 @@ class GRPOTrainer(MoltingTrainer):
                                               mask=mask, kl=kl, baselines=baselines)
         self.record_completions(samples)
         return batch
+
+    def completion_seeds(self, count: int) -> list[int]:
+        """One random stream per completion, from the run's seed, the generation batch's number and the
+        completion's place in the global batch: the same samples on one process or several, and after a resume."""
+        draw = self._step // (self.steps_per_generation * self.grpo.num_iterations)
+        return completion_seeds(self.args.seed, draw, self.accelerator.process_index * count, count)
 
     def batched_logps(self, model: Any, batch: dict[str, Any]) -> Any:
         size = self.args.per_device_train_batch_size
