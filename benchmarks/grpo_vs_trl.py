@@ -1,6 +1,7 @@
 """GRPO step time: molting's grpo stage vs trl's GRPOTrainer, same model, prompts, G, lengths and reward.
 
     python benchmarks/grpo_vs_trl.py [--repeats 3] [--steps 12] [--generations 8] [--batch-size 16]
+    python benchmarks/grpo_vs_trl.py --long [--samplers hf hf-paged]     # G = 8, 128 new tokens
 
 Both train the built-in demo model (3.5M-parameter Llama) in fp32 on the
 demo-prompts rows: ``--batch-size`` completions a step (``--generations``
@@ -14,6 +15,12 @@ the median over repeats with the min-max range. The last line is the
 headline:
 
     molting/trl GRPO step-time ratio: X
+
+``--samplers`` runs molting once per sampler (``--sampler``: ``hf``,
+``hf-paged``) and prints each one's ratio to trl. ``--long`` is the
+long-generation case: G = 8, 128 new tokens, on a random-weight model of the
+demo model's shape (a random model rarely says EOS, so every completion runs
+the full 128 tokens; the trained demo model stops after ~15), 6 steps.
 """
 
 from __future__ import annotations
@@ -41,7 +48,22 @@ def step_timer():
     return timer("reward")
 
 
-def worker_molting(steps: int, out: str, generations: int, batch_size: int) -> dict:
+def random_model(directory: str) -> str:
+    """The demo model's architecture and tokenizer with fresh random weights (seed 0): answers run long."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from molting.demo import demo_model_dir
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo_model_dir()))
+    model.to(torch.float32).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(demo_model_dir()).save_pretrained(directory)
+    return directory
+
+
+def worker_molting(steps: int, out: str, generations: int, batch_size: int, model: str, new_tokens: int,
+                   sampler: str = "hf") -> dict:
     import molting
     from molting.components import Judge
     from molting.discovery import load_plugins
@@ -64,14 +86,15 @@ def worker_molting(steps: int, out: str, generations: int, batch_size: int) -> d
     host.register(Bench(), "bench")
     flags = {"max_steps": steps, "eval": "off", "output_dir": out, "logging_steps": 1, "precision": "fp32",
              "batch_size": batch_size, "learning_rate": LR, "lr_scheduler_type": "constant", "seed": 42,
-             "num_generations": generations, "max_new_tokens": MAX_NEW_TOKENS, "beta": 0.0, "temperature": 1.0,
-             "judges": {"bench-correct": 1.0}}
-    config, plan = resolve_config(host, ["grpo"], recipe={"model": str(molting.demo.demo_model_dir())}, flags=flags)
+             "num_generations": generations, "max_new_tokens": new_tokens, "beta": 0.0, "temperature": 1.0,
+             "judges": {"bench-correct": 1.0}, "sampler": sampler}
+    config, plan = resolve_config(host, ["grpo"], recipe={"model": model}, flags=flags)
     run(config, plan, host)
     return {"times": timer.times, "rewards": timer.values}
 
 
-def worker_trl(steps: int, out: str, generations: int, batch_size: int) -> dict:
+def worker_trl(steps: int, out: str, generations: int, batch_size: int, model: str, new_tokens: int,
+               sampler: str = "") -> dict:
     import logging
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -80,14 +103,14 @@ def worker_trl(steps: int, out: str, generations: int, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from molting.demo import demo_model_dir, prompt_rows
+    from molting.demo import prompt_rows
 
-    model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     args = GRPOConfig(
         output_dir=out, max_steps=steps, logging_steps=1, report_to=[], save_strategy="no",
         use_cpu=not torch.cuda.is_available(), bf16=False, per_device_train_batch_size=batch_size,
-        num_generations=generations, max_completion_length=MAX_NEW_TOKENS, beta=0.0, loss_type="grpo",
+        num_generations=generations, max_completion_length=new_tokens, beta=0.0, loss_type="grpo",
         temperature=1.0, learning_rate=LR, lr_scheduler_type="constant", seed=42, gradient_checkpointing=False,
     )
     timer = step_timer()
@@ -100,51 +123,70 @@ def worker_trl(steps: int, out: str, generations: int, batch_size: int) -> dict:
 WORKERS = {"molting": worker_molting, "trl": worker_trl}
 
 
-def run_worker(name: str, steps: int, generations: int, batch_size: int) -> dict:
+def run_worker(name: str, steps: int, generations: int, batch_size: int, model: str, new_tokens: int,
+               sampler: str) -> dict:
     from timing import run_worker_process
 
     with tempfile.TemporaryDirectory() as out:
         return run_worker_process(__file__, name, ["--worker", name, "--steps", str(steps), "--out", out,
-                                                   "--generations", str(generations), "--batch-size", str(batch_size)])
+                                                   "--generations", str(generations), "--batch-size", str(batch_size),
+                                                   "--model", model, "--max-new-tokens", str(new_tokens),
+                                                   "--sampler", sampler])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--samplers", nargs="+", default=["hf"])
+    parser.add_argument("--long", action="store_true", help="G = 8, 128 new tokens on a random-weight model")
     parser.add_argument("--worker", choices=sorted(WORKERS))
+    parser.add_argument("--sampler", default="hf")
+    parser.add_argument("--model")
     parser.add_argument("--out")
     args = parser.parse_args()
+    new_tokens = args.max_new_tokens or (128 if args.long else MAX_NEW_TOKENS)
+    steps = args.steps or (6 if args.long else 12)
 
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args.steps, args.out, args.generations, args.batch_size)))
+        print(json.dumps(WORKERS[args.worker](steps, args.out, args.generations, args.batch_size, args.model,
+                                              new_tokens, args.sampler)))
         return
 
     import torch
 
+    from molting.demo import demo_model_dir
+
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {device}; {args.batch_size} completions a step, {args.generations} per prompt, "
-          f"<= {MAX_NEW_TOKENS} new tokens, fp32, beta 0, loss grpo", file=sys.stderr)
-    results: dict[str, list[dict]] = {name: [] for name in WORKERS}
-    for repeat in range(args.repeats):
-        for name in WORKERS:
-            result = run_worker(name, args.steps, args.generations, args.batch_size)
-            result["step"] = statistics.median(result["times"][2:])
-            results[name].append(result)
-            print(f"repeat {repeat + 1}/{args.repeats} {name:<8} {result['step']:.3f} s/step", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = random_model(scratch + "/random") if args.long else str(demo_model_dir())
+        print(f"device {device}; {args.batch_size} completions a step, {args.generations} per prompt, "
+              f"<= {new_tokens} new tokens, fp32, beta 0, loss grpo, {'random-weight' if args.long else 'demo'} "
+              f"model", file=sys.stderr)
+        runs = [(f"molting {s}", "molting", s) for s in args.samplers] + [("trl", "trl", "")]
+        results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+        for repeat in range(args.repeats):
+            for label, worker, sampler in runs:
+                result = run_worker(worker, steps, args.generations, args.batch_size, model, new_tokens, sampler)
+                result["step"] = statistics.median(result["times"][2:])
+                results[label].append(result)
+                print(f"repeat {repeat + 1}/{args.repeats} {label:<18} {result['step']:.3f} s/step", file=sys.stderr,
+                      flush=True)
 
-    def step(name: str) -> float:
-        return statistics.median(r["step"] for r in results[name])
+    def step(label: str) -> float:
+        return statistics.median(r["step"] for r in results[label])
 
-    print(f"\n{'trainer':<10}{'s/step (median)':>16}{'min-max':>16}{'mean reward':>13}")
-    for name, runs in results.items():
-        steps = [r["step"] for r in runs]
-        rewards = [x for r in runs for x in r["rewards"]]
-        print(f"{name:<10}{step(name):>16.3f}{f'{min(steps):.3f}-{max(steps):.3f}':>16}"
+    print(f"\n{'trainer':<20}{'s/step (median)':>16}{'min-max':>16}{'mean reward':>13}")
+    for label, done in results.items():
+        times = [r["step"] for r in done]
+        rewards = [x for r in done for x in r["rewards"]]
+        print(f"{label:<20}{step(label):>16.3f}{f'{min(times):.3f}-{max(times):.3f}':>16}"
               f"{sum(rewards) / max(len(rewards), 1):>13.3f}")
-    print(f"molting/trl GRPO step-time ratio: {step('molting') / step('trl'):.3f}")
+    for sampler in args.samplers:
+        print(f"molting ({sampler})/trl GRPO step-time ratio: {step(f'molting {sampler}') / step('trl'):.3f}")
 
 
 if __name__ == "__main__":

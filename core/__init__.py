@@ -37,6 +37,7 @@ from molting.components import (  # noqa: E402
     NoParams,
     PreferenceInputs,
     RewardInputs,
+    Sampler,
     Stage,
     UnpairedInputs,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "PreferenceInputs",
     "RewardInputs",
     "RunConfig",
+    "Sampler",
     "Stage",
     "StageContext",
     "Step",

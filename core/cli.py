@@ -207,6 +207,9 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--resume", metavar="auto|PATH", help="Resume from the latest checkpoint in --output-dir, or from PATH.")
 @click.option("--judge", "judge_weights", multiple=True, metavar="NAME[=WEIGHT]",
               help="Judge that scores samples in online stages (ppo, grpo, sample-pairs); repeat to sum several.")
+@click.option("--sampler", metavar="NAME",
+              help="How online stages draw completions: hf (batched generate) or hf-paged (continuous batching, "
+                   "paged KV cache); `molting plugins` lists them.  [default: hf]")
 @click.option("--advantage", metavar="NAME",
               help="Advantage estimator of an online stage (grpo: grpo, rloo, reinforce++, remax; ppo: gae); "
                    "`molting plugins` lists them.  [default: the stage's]")

@@ -15,7 +15,7 @@ import attrs
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from molting.context import StageContext
 
-KINDS = ("stage", "loss", "judge", "dataset", "advantage")
+KINDS = ("stage", "loss", "judge", "dataset", "advantage", "sampler")
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*\+*$")  # a trailing "+" or two: reinforce++
 
 
@@ -190,8 +190,28 @@ class Advantage:
         return tuple(self.needs(params)) if callable(self.needs) else self.needs
 
 
+@attrs.frozen
+class Sampler:
+    """How an online stage draws completions: ``sample(request)`` returns a :class:`molting.sampling.Samples`.
+
+    ``request`` is a :class:`molting.sampling.SamplingRequest` (the policy, its
+    tokenizer, the prompts, ``n`` per prompt and the decoding settings). A
+    sampler must honour temperature 0 as greedy decoding (the conformance
+    suite compares its greedy completions with the ``hf`` sampler's) and say
+    whether it draws from each completion's own random stream
+    (``per_completion_seeds``: what makes several processes follow one).
+    ``available()`` says, as a message, why it cannot run here (``None``: it can).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    sample: Callable[[Any], Any]
+    description: str = attrs.field(validator=_check_description)
+    per_completion_seeds: bool = False
+    available: Callable[[], str | None] = lambda: None
+
+
 COMPONENT_TYPES: dict[str, type] = {"stage": Stage, "loss": Loss, "judge": Judge, "dataset": Dataset,
-                                    "advantage": Advantage}
+                                    "advantage": Advantage, "sampler": Sampler}
 
 
 # --------------------------------------------------------------------------- loss inputs and outputs

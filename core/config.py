@@ -250,6 +250,9 @@ class RunConfig:
     """Several losses of one stage and their weights ({name: weight}); empty: the plugin's own loss."""
     advantage: str | None = None
     """The advantage estimator of an online stage (``molting plugins``, kind ``advantage``); None: the stage's."""
+    sampler: str = "hf"
+    """How online stages draw completions (``molting plugins``, kind ``sampler``): ``hf`` (batched ``generate``),
+    ``hf-paged`` (transformers' continuous batching)."""
     loss_params: Mapping[str, Any] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ _REGISTER_HOOKS = {
     "judge": "molting_register_judges",
     "dataset": "molting_register_datasets",
     "advantage": "molting_register_advantages",
+    "sampler": "molting_register_samplers",
 }
 
 

@@ -7,8 +7,8 @@ functions marked by :data:`molting.hookimpl`; it is found through the
 Two families of hooks exist:
 
 * **registration hooks** (``molting_register_*``) receive a ``register``
-  callable and hand it components: stages, losses, judges, datasets and
-  advantage estimators. They
+  callable and hand it components: stages, losses, judges, datasets,
+  advantage estimators and samplers. They
   are called once, when the registry is built.
 * **lifecycle hooks** let a library extend a run without owning a component:
   see or change the configuration, act before and after each stage, watch the
@@ -27,7 +27,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import click
 
-    from molting.components import Advantage, Dataset, Judge, Loss, Stage
+    from molting.components import Advantage, Dataset, Judge, Loss, Sampler, Stage
     from molting.config import RunConfig
 
 PROJECT_NAME = "molting"
@@ -90,6 +90,18 @@ def molting_register_advantages(register: Callable[[Advantage], None]) -> None:
     values, shaped token rewards, the KL to the reference or greedy
     baselines) that returns the advantages. ``molting run --plugin grpo
     --advantage NAME`` uses it. The return value is ignored.
+    """
+
+
+@hookspec
+def molting_register_samplers(register: Callable[[Sampler], None]) -> None:
+    """Register samplers: how the online stages (grpo, ppo, sample-pairs) draw completions.
+
+    Called once while the registry is built. Call ``register(sampler)`` with
+    a :class:`molting.Sampler` for each: a function of a
+    :class:`molting.sampling.SamplingRequest` that returns the completions as
+    :class:`molting.sampling.Samples`. ``molting run --sampler NAME`` uses it.
+    The return value is ignored.
     """
 
 

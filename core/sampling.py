@@ -139,7 +139,14 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
         model.train(was_training)
     prompt_ids = _pad_left([ids for ids, _ in prompt_chunks], pad)
     prompt_mask = _pad_left([mask for _, mask in prompt_chunks], 0)
-    completion_ids = _pad_right(completion_chunks, pad)
+    return finish_samples(prompts, repeated, prompt_ids, prompt_mask, _pad_right(completion_chunks, pad), stops, pad,
+                          tokenizer)
+
+
+def finish_samples(prompts: Sequence[Any], repeated: list[int], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   completion_ids: torch.Tensor, stops: list[int], pad: int, tokenizer: Any) -> Samples:
+    """:class:`Samples` from left-padded prompts and right-padded raw completions: each completion's mask runs up
+    to and including its first stop token, the rest becomes padding, and the texts are decoded (for a sampler)."""
     is_eos = torch.isin(completion_ids, torch.tensor(stops, device=completion_ids.device))
     first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), completion_ids.size(1))
     positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
@@ -156,6 +163,74 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
         completion_mask=completion_mask,
         truncated=~is_eos.any(dim=1),
     )
+
+
+@attrs.frozen
+class SamplingRequest:
+    """What a :class:`molting.Sampler` is asked for: ``n`` completions of each prompt from ``model``, decoded with
+    these settings (the arguments of :func:`sample`; temperature 0 is greedy decoding)."""
+
+    model: Any
+    tokenizer: Any
+    prompts: Sequence[Any]
+    n: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 64
+    max_prompt_length: int | None = None
+    seeds: Sequence[int] | None = None
+
+
+def hf_sample(request: SamplingRequest) -> Samples:
+    """The ``hf`` sampler: :func:`sample` (batched ``generate``, KV cache)."""
+    return sample(**{f.name: getattr(request, f.name) for f in attrs.fields(SamplingRequest)})
+
+
+def prompt_token_ids(request: SamplingRequest) -> tuple[list[int], list[list[int]]]:
+    """Each completion's prompt index and prompt token ids (BOS as :func:`sample` adds it, cut to the last
+    ``max_prompt_length`` tokens): what a sampler that takes token ids feeds its engine."""
+    from molting.data import with_bos
+
+    texts = [with_bos(text, request.tokenizer) for text in prompt_texts(request.prompts, request.tokenizer)]
+    encoded = request.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if request.max_prompt_length is not None:
+        encoded = [ids[-request.max_prompt_length :] for ids in encoded]
+    repeated = [i for i in range(len(texts)) for _ in range(request.n)]
+    return repeated, [list(encoded[i]) for i in repeated]
+
+
+def samples_from_ids(request: SamplingRequest, repeated: list[int], prompts: list[list[int]],
+                     completions: list[list[int]]) -> Samples:
+    """:class:`Samples` from each completion's prompt ids and generated ids (ragged lists), padded as
+    :func:`sample` pads them."""
+    tokenizer = request.tokenizer
+    stops = stop_token_ids(request.model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(request.model.parameters()).device
+    width, length = max(map(len, prompts)), max(1, max(map(len, completions)))
+    prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    completion_ids = torch.tensor([c + [pad] * (length - len(c)) for c in completions], device=device)
+    return finish_samples(request.prompts, repeated, prompt_ids, prompt_mask, completion_ids, stops, pad, tokenizer)
+
+
+def sampler_for(host: Any, name: str) -> Any:
+    """A function with :func:`sample`'s arguments that draws through the registered sampler ``name``; a
+    :class:`~molting.errors.ConfigError` when it cannot run here."""
+    from molting.errors import ConfigError
+
+    sampler = host.get("sampler", name)
+    problem = sampler.available()
+    if problem:
+        raise ConfigError(f"sampler {name!r} cannot run here: {problem}")
+
+    def draw(model: Any, tokenizer: Any, prompts: Sequence[Any], **settings: Any) -> Samples:
+        return sampler.sample(SamplingRequest(model, tokenizer, prompts, **settings))
+
+    draw.sampler = sampler  # type: ignore[attr-defined]
+    return draw
 
 
 def completion_seeds(seed: int, draw: int, first: int, count: int) -> list[int]:

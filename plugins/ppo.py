@@ -220,6 +220,7 @@ class Rollout:
     kl_coef: float
     seeds: list[int]  # one random stream per completion (molting.sampling.completion_seeds)
     max_prompt_length: int | None = None
+    draw: Any = None  # the run's sampler (molting.sampling.sampler_for); None: molting.sampling.sample
 
 
 def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any, advantage_params: Any):
@@ -231,7 +232,7 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
     from molting.sampling import sample
 
     prompts = [job.rows[i]["prompt"] for i in job.indices]
-    samples = sample(m.unwrap(m.policy), m.tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
+    samples = (job.draw or sample)(m.unwrap(m.policy), m.tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
                      temperature=params.temperature, top_p=params.top_p, max_prompt_length=job.max_prompt_length,
                      seeds=job.seeds)
     scores, per_judge = scorer(prompts, samples.texts, data_columns([job.rows[i] for i in job.indices]),
@@ -490,7 +491,7 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
 
     from molting.data import iter_rows
     from molting.errors import MoltingError
-    from molting.sampling import completion_seeds
+    from molting.sampling import completion_seeds, sampler_for
 
     config, params, rows = context.config, context.stage_params, list(iter_rows(context.rows))
     events.attach(model=m.unwrap(m.policy), tokenizer=m.tokenizer, optimizer=m.optimizer, scheduler=m.scheduler)
@@ -510,6 +511,7 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
     events.train_begin()
     if held_out is not None and loop["step"] == 0:
         _evaluate_held_out(held_out, m, 0, None, events)
+    draw = sampler_for(context.host, config.sampler)
     share, rank = config.batch_size, m.accelerator.process_index
     width = share * m.accelerator.num_processes  # the global batch: every process draws the same order
     for step in tqdm(range(loop["step"] + 1, total + 1), desc="ppo", initial=loop["step"], total=total,
@@ -520,7 +522,7 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
         indices, loop["order"] = loop["order"][rank * share : (rank + 1) * share], loop["order"][width:]
         m.policy.eval(), m.critic.eval()
         job = Rollout(rows, indices, kl.value, completion_seeds(config.seed, step, rank * share, share),
-                      max(1, config.max_length - params.max_new_tokens))
+                      max(1, config.max_length - params.max_new_tokens), draw)
         batch, stats = rollout(m, scorer, job, params, context.advantage, context.advantage_params)
         m.policy.train(), m.critic.train()
         trained, skipped = optimise(m.policy, m.critic, m.optimizer, m.accelerator, batch, params, config.seed + step,

@@ -66,17 +66,19 @@ def run_sample_pairs(context: StageContext) -> dict[str, Any]:
     from molting.data import check_prompts, iter_rows
     from molting.files import write_jsonl_atomic
     from molting.models import load_causal_lm
+    from molting.sampling import sampler_for
     from molting.training import LoopEvents
 
     config, params, rows = context.config, context.stage_params, list(iter_rows(context.rows))
     conversational = check_prompts(rows, context.data_source, "sample-pairs")
     scorer = _scorer(context)
+    draw = sampler_for(context.host, config.sampler)
     torch.manual_seed(config.seed)
     model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
     if torch.cuda.is_available():
         model = model.cuda()
     print(f"molting: sampling {params.num_samples} completions for each of {len(rows)} prompts from "
-          f"{context.model_path}, judged by {', '.join(scorer.names)}", file=sys.stderr)
+          f"{context.model_path} (sampler {config.sampler}), judged by {', '.join(scorer.names)}", file=sys.stderr)
     per_batch = max(1, params.generation_batch_size // params.num_samples)
     starts = range(0, len(rows), per_batch)
     ranked = _Ranked(conversational)
@@ -84,7 +86,7 @@ def run_sample_pairs(context: StageContext) -> dict[str, Any]:
     events.train_begin()
     for start in tqdm(starts, desc="sample-pairs"):
         events.step_begin()
-        _sample_and_rank(model, tokenizer, scorer, rows, range(start, min(start + per_batch, len(rows))), params,
+        _sample_and_rank(draw, model, tokenizer, scorer, rows, range(start, min(start + per_batch, len(rows))), params,
                          ranked)
         events.step_end()
     path = context.output_dir / "data.jsonl"
@@ -156,16 +158,15 @@ class _Ranked:
                 "completions/mean_length": mean(self.lengths)}
 
 
-def _sample_and_rank(model: Any, tokenizer: Any, scorer: Any, rows: list[dict[str, Any]], chunk: range,
+def _sample_and_rank(draw: Any, model: Any, tokenizer: Any, scorer: Any, rows: list[dict[str, Any]], chunk: range,
                      params: SamplePairsParams, ranked: _Ranked) -> None:
     """``num_samples`` completions for each prompt of ``chunk``, judged and ranked into ``ranked``
     (:func:`molting.ranking.rank`: pointwise judges' best against worst, or a pairwise judge's wins)."""
     from molting.judging import data_columns
     from molting.ranking import rank
-    from molting.sampling import sample
 
     n = params.num_samples
-    samples = sample(model, tokenizer, [rows[i]["prompt"] for i in chunk], n=n, max_new_tokens=params.max_new_tokens,
+    samples = draw(model, tokenizer, [rows[i]["prompt"] for i in chunk], n=n, max_new_tokens=params.max_new_tokens,
                      temperature=params.temperature, top_p=params.top_p, batch_size=params.generation_batch_size)
     ranked.lengths += samples.lengths.tolist()
     sampled_rows = [chunk[r] for r in samples.rows]

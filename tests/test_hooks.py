@@ -239,6 +239,14 @@ class AdvantagePlugin:
                                    description="The reward itself."))
 
 
+class SamplerPlugin:
+    @molting.hookimpl
+    def molting_register_samplers(self, register):
+        from molting.sampling import hf_sample
+
+        register(molting.Sampler(name="plain", sample=hf_sample, description="The hf sampler under another name."))
+
+
 def _registers(plugin, kind, name):
     host = load_plugins(disabled=[])
     info = host.register(plugin, "extra")
@@ -263,3 +271,7 @@ def test_hook_molting_register_losses():
 
 def test_hook_molting_register_advantages():
     _registers(AdvantagePlugin(), "advantage", "raw")
+
+
+def test_hook_molting_register_samplers():
+    _registers(SamplerPlugin(), "sampler", "plain")

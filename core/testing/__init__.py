@@ -49,7 +49,8 @@ from molting.testing.inputs import (
     with_logps,
 )
 
-_CLASSES = ("AdvantageTests", "ComponentTests", "DatasetTests", "JudgeTests", "LossTests", "PluginTests", "StageTests")
+_CLASSES = ("AdvantageTests", "ComponentTests", "DatasetTests", "JudgeTests", "LossTests", "PluginTests",
+            "SamplerTests", "StageTests")
 
 
 def __getattr__(name: str):

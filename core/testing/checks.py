@@ -1146,6 +1146,63 @@ def check_advantage_trains(subject: Subject) -> None:
         raise CheckFailed(f"training logged losses {losses}; expected finite ones (loss, or PPO's loss/*).")
 
 
+# --------------------------------------------------------------------------- samplers
+
+
+def _sampler_run(subject: Subject, **settings: Any) -> tuple[Any, Any]:
+    """The sampler's and the hf sampler's Samples for 6 demo prompts with the built-in model."""
+    from molting import demo
+    from molting.models import load_causal_lm
+    from molting.sampling import SamplingRequest, sample
+
+    sampler = subject.component
+    problem = sampler.available()
+    if problem:
+        raise CheckSkipped(f"{subject.label} cannot run here: {problem}")
+    model, tokenizer = load_causal_lm(demo.demo_model_dir())
+    prompts = [r["prompt"] for r in demo.prompt_rows("test", 6)]
+    request = SamplingRequest(model, tokenizer, prompts, **settings)
+    try:
+        with _one_thread():
+            ours = sampler.sample(request)
+            theirs = sample(model, tokenizer, prompts, **settings)
+    except Exception as exc:
+        raise CheckFailed(f"{subject.label} raised {type(exc).__name__}: {exc}") from exc
+    return ours, theirs
+
+
+def _kept(samples: Any) -> list[list[int]]:
+    return [ids[mask.bool()].tolist() for ids, mask in zip(samples.completion_ids, samples.completion_mask)]
+
+
+@check("sampler")
+def check_sampler_greedy_matches_hf(subject: Subject) -> None:
+    """At temperature 0 the completions (tokens and texts) are the hf sampler's greedy ones, 2 per prompt."""
+    ours, theirs = _sampler_run(subject, n=2, max_new_tokens=12, temperature=0)
+    if _kept(ours) != _kept(theirs) or ours.texts != theirs.texts:
+        first = next(i for i, (a, b) in enumerate(zip(_kept(ours), _kept(theirs))) if a != b) \
+            if _kept(ours) != _kept(theirs) else 0
+        raise CheckFailed(f"greedy completion {first} differs from hf's: {ours.texts[first]!r} against "
+                          f"{theirs.texts[first]!r}.", "decode greedily at temperature 0, stopping at the stop tokens")
+
+
+@check("sampler")
+def check_sampler_samples_layout(subject: Subject) -> None:
+    """n completions per prompt in prompt order, masks up to the first stop token, texts the decoded kept tokens."""
+    ours, _ = _sampler_run(subject, n=3, max_new_tokens=10, temperature=1.0)
+    n = len(ours.texts)
+    if n != 18 or ours.rows != [i for i in range(6) for _ in range(3)]:
+        raise CheckFailed(f"expected 18 completions grouped by prompt (rows [0, 0, 0, 1, ...]); got {n}, rows "
+                          f"{ours.rows[:9]}...")
+    shapes = {name: tuple(getattr(ours, name).shape) for name in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                                 "completion_mask")}
+    if any(shape[0] != n for shape in shapes.values()) or ours.completion_ids.size(1) > 10:
+        raise CheckFailed(f"tensor shapes {shapes}: expected {n} rows and at most 10 completion tokens.")
+    mask = ours.completion_mask
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        raise CheckFailed("a completion mask has a gap: it must run from the first token up to the stop token.")
+
+
 # --------------------------------------------------------------------------- running
 
 

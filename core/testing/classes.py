@@ -76,6 +76,10 @@ class AdvantageTests(ComponentTests):
     kind = "advantage"
 
 
+class SamplerTests(ComponentTests):
+    kind = "sampler"
+
+
 class PluginTests(ComponentTests):
     """Every component of one plugin (``name = "plugin"``) or of a whole distribution (``distribution = ...``)."""
 

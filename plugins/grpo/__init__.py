@@ -118,7 +118,7 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
     from molting.data import check_prompts
     from molting.errors import ConfigError, DataError
     from molting.judging import Scorer, resolve_judges
-    from molting.sampling import prompt_rows
+    from molting.sampling import prompt_rows, sampler_for
     from molting.training import (announce, load_policy, reference_for, stage_callbacks, train_and_save,
                                   training_arguments)
 
@@ -162,6 +162,7 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
         loss_params=context.loss_params, ref_model=ref_model, adapter_reference=adapter_reference, grpo=params,
         scorer=scorer, max_prompt_length=limit if config.overlong != "drop" else None,
         advantage=context.advantage, advantage_params=context.advantage_params,
+        draw=sampler_for(context.host, config.sampler),
     )
     judging = None
     if context.eval_rows is not None:

@@ -28,8 +28,9 @@ class GRPOTrainer(MoltingTrainer):
     """Samples and scores a generation batch every μ optimizer steps, then applies the loss plugin to it."""
 
     def __init__(self, *args: Any, grpo: GRPOParams, scorer: Any, advantage: Any, max_prompt_length: int | None = None,
-                 advantage_params: Any = None, **kwargs: Any) -> None:
+                 advantage_params: Any = None, draw: Any = sample, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.draw = draw  # the run's sampler (molting.sampling.sampler_for); by default the hf one
         self.grpo, self.scorer, self.max_prompt_length = grpo, scorer, max_prompt_length
         self.advantage = advantage
         self.advantage_params = advantage.params() if advantage_params is None else advantage_params
@@ -76,7 +77,7 @@ class GRPOTrainer(MoltingTrainer):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # said by trl's unwrapping
             with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
-                samples = sample(unwrapped, self.processing_class, prompts, n=1, max_new_tokens=p.max_new_tokens,
+                samples = self.draw(unwrapped, self.processing_class, prompts, n=1, max_new_tokens=p.max_new_tokens,
                                  temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, batch_size=len(prompts),
                                  max_prompt_length=self.max_prompt_length, seeds=self.completion_seeds(len(prompts)))
                 baselines = self.greedy_rewards(unwrapped, items) if "greedy" in self.needs else None
@@ -162,7 +163,7 @@ class GRPOTrainer(MoltingTrainer):
         g = self.grpo.num_generations
         firsts = items[::g]  # the generation batch holds each prompt's G copies in a row
         prompts = [item["row"]["prompt"] for item in firsts]
-        greedy = sample(model, self.processing_class, prompts, n=1, max_new_tokens=self.grpo.max_new_tokens,
+        greedy = self.draw(model, self.processing_class, prompts, n=1, max_new_tokens=self.grpo.max_new_tokens,
                         temperature=0, batch_size=len(prompts), max_prompt_length=self.max_prompt_length)
         completions = [[{"role": "assistant", "content": t}] if not isinstance(q, str) else t
                        for q, t in zip(prompts, greedy.texts)]
