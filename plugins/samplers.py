@@ -6,16 +6,20 @@
 ``hf-paged``  transformers' continuous batching (``generate_batch``: a paged KV cache, requests scheduled
               as slots free up, no padding), where the installed transformers has it (5.x). Greedy
               completions equal ``hf``'s; sampled ones use transformers' own sampling (the global random
-              state, not per-completion streams).
+              state, not per-completion streams). The manager (its paged cache) is kept on the model
+              between calls (``persistent_manager``): building one takes seconds, and an online stage
+              samples every step.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import molting
 from molting.components import Sampler
-from molting.sampling import SamplingRequest, hf_sample, prompt_token_ids, samples_from_ids, stop_token_ids
+
+PAGE = 256  # tokens per page of the paged cache (transformers' default)
 
 
 def _paged_available() -> str | None:
@@ -28,8 +32,17 @@ def _paged_available() -> str | None:
     return None
 
 
-def paged_sample(request: SamplingRequest) -> Any:
+def hf_sample(request: Any) -> Any:
+    from molting.sampling import hf_sample
+
+    return hf_sample(request)
+
+
+def paged_sample(request: Any) -> Any:
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from molting.sampling import prompt_token_ids, samples_from_ids, stop_token_ids
 
     model, tokenizer = request.model, request.tokenizer
     repeated, prompts = prompt_token_ids(request)
@@ -39,11 +52,26 @@ def paged_sample(request: SamplingRequest) -> Any:
         max_new_tokens=request.max_new_tokens, do_sample=sampled, eos_token_id=stop_token_ids(model, tokenizer),
         pad_token_id=pad, **({"temperature": request.temperature, "top_p": request.top_p,
                               "top_k": request.top_k or None} if sampled else {}))
+    # the cache sized to this request (by default it takes most of the free memory, on CPU of the machine's RAM,
+    # and a kept one would hold it through the training step): a page per PAGE tokens of each completion
+    blocks = sum(-(-(len(p) + request.max_new_tokens) // PAGE) for p in prompts) + 1
+    sizes = ContinuousBatchingConfig(page_size=PAGE, num_blocks=blocks,
+                                     max_batch_tokens=max(4096, max(map(len, prompts)) + 1))
+    settings = config.to_json_string() + sizes.to_json_string() if hasattr(sizes, "to_json_string") else \
+        config.to_json_string() + str(blocks)
+    if getattr(model, "_molting_paged_settings", None) != settings:  # a kept manager decodes with ITS first config
+        model.destroy_cached_continuous_batching_manager()
+        model._molting_paged_settings = settings
     was_training = model.training
     model.eval()
+    quiet = logging.getLogger("ContinuousBatchingLogger")  # says that a kept manager was sized for this workload
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
-        outputs = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+        outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=sizes,
+                                       progress_bar=False, persistent_manager=True)
     finally:
+        quiet.setLevel(level)
         model.train(was_training)
     by_prompt = list(outputs.values())
     completions = [list(output.generated_tokens) for output in sorted(by_prompt, key=lambda o: _order(o.request_id))]
