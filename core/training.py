@@ -610,9 +610,32 @@ def announce(trainer: MoltingTrainer, what: str, reference: str) -> None:
     args = trainer.args
     print(
         f"molting: world size {args.world_size} (this is process {args.process_index}), device {args.device}, "
-        f"{'bf16 autocast' if args.bf16 else 'fp32'}, {what}, reference model: {reference}",
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, {parallelism(trainer.accelerator)}, {what}, "
+        f"reference model: {reference}",
         file=sys.stderr,
     )
+
+
+def parallelism(accelerator: Any) -> str:
+    """How the processes share the work (``DDP``, ``FSDP 2``, ``DeepSpeed ZeRO-3``, ``one process``), for the
+    start line; a warning when the launcher asked for sharding that accelerate did not set up (it shards only
+    on GPUs and the like: on CPU an FSDP or ZeRO config runs as plain data parallel)."""
+    import os
+
+    kind = accelerator.distributed_type.value
+    if kind == "FSDP":
+        shown = f"FSDP {getattr(accelerator.state.fsdp_plugin, 'fsdp_version', '')}".strip()
+    elif kind == "DEEPSPEED":
+        shown = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    else:
+        shown = "one process" if accelerator.num_processes == 1 else "DDP"
+    for flag, name, wanted in (("ACCELERATE_USE_FSDP", "FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed",
+                                                                        "DEEPSPEED")):
+        if os.environ.get(flag, "false").lower() == "true" and kind != wanted and accelerator.is_main_process:
+            print(f"molting: warning: the launcher asked for {name}, but accelerate set up {kind} on "
+                  f"{accelerator.device}: nothing is sharded, every process holds the whole model (accelerate "
+                  f"shards only on GPUs and the like)", file=sys.stderr)
+    return shown
 
 
 def train_and_save(trainer: MoltingTrainer, tokenizer: Any, context: StageContext, save: Any = None) -> dict[str, Any]:

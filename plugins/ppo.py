@@ -344,9 +344,7 @@ def _trainable(*models):
 def run_ppo(context: StageContext) -> dict[str, Any]:
     from molting.data import check_prompts
     from molting.judging import Scorer, resolve_judges
-    from molting.training import save_final_model
-
-    from molting.training import LoopEvents
+    from molting.training import LoopEvents, parallelism, save_final_model
 
     config, params = context.config, context.stage_params
     _refuse_unsupported(config)
@@ -359,6 +357,7 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
     print(
         f"molting: world size {accelerator.num_processes} (this is process {accelerator.process_index}), device "
         f"{accelerator.device}, {'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'fp32'}, "
+        f"{parallelism(accelerator)}, "
         f"{len(context.rows)} prompts, {total} PPO steps of {config.batch_size} prompts, judges "
         f"{', '.join(f'{s.name}×{s.weight:g}' for s in scorer.specs)}, critic from {models.critic_source}, "
         f"reference model: {'the base model (adapter disabled)' if models.reference is None else 'frozen copy'}",

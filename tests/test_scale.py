@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,3 +427,27 @@ def test_lora_adapters_start_from_the_runs_seed(tmp_path, demo_model):
         return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
 
     assert torch.equal(adapters(1), adapters(2))
+
+
+def test_the_shipped_fsdp_config_on_cpu_says_it_runs_plain_data_parallel(tmp_path):
+    """accelerate shards only on GPUs and the like: on 2 CPU processes examples/accelerate/fsdp.yaml sets up
+    MULTI_CPU (DDP). The run says so, and follows the one-process trajectory as DDP does."""
+    import os
+    import subprocess
+
+    one = run_molting("run", "--plugin", "dpo", "--max-steps", "3", "--logging-steps", "1", "--eval", "off",
+                      "--batch-size", "8", "--precision", "fp32", "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+         "--mixed_precision", "no", "--main_process_port", "29535", "-m", "molting", "run", "--plugin", "dpo",
+         "--max-steps", "3", "--logging-steps", "1", "--eval", "off", "--batch-size", "4", "--precision", "fp32",
+         "--output-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "fp32, DDP," in two.stderr
+    assert "the launcher asked for FSDP, but accelerate set up MULTI_CPU" in two.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
