@@ -151,7 +151,7 @@ def molting_register_stages(register):
 def run_online_dpo(context: StageContext) -> dict[str, Any]:
     """Check the settings and rows, load the policy, its reference and the judges, then train and save."""
     from molting.data import check_prompts
-    from molting.sampling import prompt_rows
+    from molting.sampling import prompt_rows, sampler_for
     from molting.training import announce, load_policy, reference_for, stage_callbacks, train_and_save, training_arguments
 
     from .trainer import OnlineDPOTrainer
@@ -168,6 +168,7 @@ def run_online_dpo(context: StageContext) -> dict[str, Any]:
         processing_class=tokenizer, callbacks=stage_callbacks(context), loss=context.loss,
         loss_params=context.loss_params, ref_model=ref_model, adapter_reference=adapter_reference,
         online=params, scorer=scorer, max_prompt_length=prompt_limit if config.overlong != "drop" else None,
+        draw=sampler_for(context.host, config.sampler),
     )
     judges = ", ".join(f"{spec.name} x{spec.weight:g}" for spec in scorer.specs)
     announce(trainer, f"{len(items)} prompts, {params.num_samples} samples each, {config.batch_size} prompts per "

@@ -32,9 +32,10 @@ class OnlineDPOTrainer(MoltingTrainer):
     the pairs; the Trainer's loop, gradient accumulation, checkpoints and resumption are unchanged."""
 
     def __init__(self, *args: Any, online: OnlineDPOParams, scorer: Any, max_prompt_length: int | None = None,
-                 **kwargs: Any) -> None:
+                 draw: Callable[..., Samples] = sample, **kwargs: Any) -> None:
         super().__init__(*args, data_collator=identity, **kwargs)  # a batch stays a list of prompt rows
         self.online, self.scorer, self.max_prompt_length = online, scorer, max_prompt_length
+        self.draw = draw  # the run's --sampler (molting.sampling.sampler_for)
         tokenizer = self.processing_class
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -56,10 +57,10 @@ class OnlineDPOTrainer(MoltingTrainer):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # said by trl's unwrapping
             with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
-                return sample(unwrapped, self.processing_class, prompts, n=p.num_samples,
-                              max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-                              top_k=p.top_k, batch_size=len(prompts) * p.num_samples,
-                              max_prompt_length=self.max_prompt_length)
+                return self.draw(unwrapped, self.processing_class, prompts, n=p.num_samples,
+                                 max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
+                                 top_k=p.top_k, batch_size=len(prompts) * p.num_samples,
+                                 max_prompt_length=self.max_prompt_length)
 
     def rank_samples(self, samples: Samples, rows: list[dict[str, Any]], indices: list[int]) -> Ranking:
         """The judges' pair for each prompt; they see the data's other columns (``answer``, ...) and the data
