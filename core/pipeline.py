@@ -27,7 +27,7 @@ from molting.errors import ConfigError, DataError
 from molting.files import now_utc, write_json_atomic, write_text_atomic
 from molting.hub import hub_origin
 from molting.models import describe_model
-from molting.resolve import make_advantage_params, make_loss_params, make_stage_params
+from molting.resolve import make_advantage_params, make_loss_params, make_stage_params, with_advantage
 
 __all__ = ["load_rows", "run"]
 
@@ -192,8 +192,8 @@ def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, ar
         print(f"molting: {step.name}: LoRA step inside a pipeline: its output is merged (as --merge) so the next "
               "step starts from its full weights", file=sys.stderr)
         step_config = attrs.evolve(step_config, merge=True)
-    if step.advantage is None and step.stage.default_advantage:  # a Step built by hand, not by resolve_config
-        step = attrs.evolve(step, advantage=host.get("advantage", step.stage.default_advantage))
+    if step.advantage is None:  # a Step built by hand, not by resolve_config
+        step = with_advantage(host, step)
     loss_params, stage_params = make_loss_params(step, step_config), make_stage_params(step, step_config)
     model_path = artifacts["policy"]
     if step_config.dtype == "auto":  # the dtype the model's config.json names: what the run record then says

@@ -21,7 +21,8 @@ from molting.context import Step
 from molting.discovery import PluginHost
 from molting.errors import ConfigError, PluginError
 
-__all__ = ["Step", "make_advantage_params", "make_loss_params", "make_stage_params", "resolve_config", "resolve_step"]
+__all__ = ["Step", "make_advantage_params", "make_loss_params", "make_stage_params", "resolve_config", "resolve_step",
+           "with_advantage"]
 
 
 def resolve_step(host: PluginHost, name: str, as_loss: bool = False) -> Step:
@@ -105,11 +106,13 @@ def _with_advantages(host: PluginHost, steps: list[Step], overrides: list[Mappin
         names = ", ".join(step.stage.name for step in steps)
         raise ConfigError(f"--advantage {run_wide}: no stage of this run ({names}) takes an advantage estimator; "
                           "the online stages grpo and ppo do")
-    return [_with_advantage(host, step, keys.get("advantage", run_wide if step in takers else None))
+    return [with_advantage(host, step, keys.get("advantage", run_wide if step in takers else None))
             for step, keys in zip(steps, overrides)]
 
 
-def _with_advantage(host: PluginHost, step: Step, name: Any) -> Step:
+def with_advantage(host: PluginHost, step: Step, name: Any = None) -> Step:
+    """``step`` with the advantage estimator ``name`` (None: its stage's default, if it takes one), checked
+    against what the stage can give it."""
     stage = step.stage
     if name is None:
         name = stage.default_advantage

@@ -229,7 +229,6 @@ def sampler_for(host: Any, name: str) -> Any:
     def draw(model: Any, tokenizer: Any, prompts: Sequence[Any], **settings: Any) -> Samples:
         return sampler.sample(SamplingRequest(model, tokenizer, prompts, **settings))
 
-    draw.sampler = sampler  # type: ignore[attr-defined]
     return draw
 
 

@@ -616,6 +616,14 @@ def announce(trainer: MoltingTrainer, what: str, reference: str) -> None:
     )
 
 
+def gather_rows(accelerator: Any, values: Any) -> Any:
+    """Every process's ``(B, T)`` rows in process order, padded with zeros to the widest T (an online stage's
+    per-token tensors: completions differ in length across processes)."""
+    if accelerator.num_processes > 1:
+        values = accelerator.pad_across_processes(values, dim=1, pad_index=0)
+    return accelerator.gather(values)
+
+
 def parallelism(accelerator: Any) -> str:
     """How the processes share the work (``DDP``, ``FSDP 2``, ``DeepSpeed ZeRO-3``, ``one process``), for the
     start line; a warning when the launcher asked for sharding that accelerate did not set up (it shards only

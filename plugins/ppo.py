@@ -279,11 +279,10 @@ def _estimate(accelerator: Any, scores: Any, mask: Any, values: Any, rewards: An
 
     from molting.advantages import masked_whiten
     from molting.components import AdvantageInputs
+    from molting.training import gather_rows
 
     def everyone(tensor: Any) -> Any:
-        if accelerator.num_processes > 1:
-            tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=0)
-        return accelerator.gather(tensor)
+        return gather_rows(accelerator, tensor)
 
     rows, width = mask.shape
     every_mask, every_rewards = everyone(mask), everyone(rewards)

@@ -55,10 +55,9 @@ def paged_sample(request: Any) -> Any:
     # the cache sized to this request (by default it takes most of the free memory, on CPU of the machine's RAM,
     # and a kept one would hold it through the training step): a page per PAGE tokens of each completion
     blocks = sum(-(-(len(p) + request.max_new_tokens) // PAGE) for p in prompts) + 1
-    sizes = ContinuousBatchingConfig(page_size=PAGE, num_blocks=blocks,
-                                     max_batch_tokens=max(4096, max(map(len, prompts)) + 1))
-    settings = config.to_json_string() + sizes.to_json_string() if hasattr(sizes, "to_json_string") else \
-        config.to_json_string() + str(blocks)
+    batch_tokens = max(4096, max(map(len, prompts)) + 1)
+    sizes = ContinuousBatchingConfig(page_size=PAGE, num_blocks=blocks, max_batch_tokens=batch_tokens)
+    settings = (config.to_json_string(), blocks, batch_tokens)
     if getattr(model, "_molting_paged_settings", None) != settings:  # a kept manager decodes with ITS first config
         model.destroy_cached_continuous_batching_manager()
         model._molting_paged_settings = settings

@@ -19,7 +19,7 @@ from molting.group_losses import high_entropy_mask
 from molting.judging import data_columns
 from molting.logps import completion_token_logps
 from molting.sampling import completion_seeds, sample
-from molting.training import MoltingTrainer
+from molting.training import MoltingTrainer, gather_rows
 
 from . import GRPOParams
 
@@ -129,12 +129,14 @@ class GRPOTrainer(MoltingTrainer):
         if mask is None:
             mask = torch.ones(len(prompts), 1, device=device)
         width = mask.size(1)
+        groups = torch.arange(rewards.numel(), device=device) // g
         out = self.advantage.compute(AdvantageInputs(
-            rewards=rewards, groups=torch.arange(rewards.numel(), device=device) // g,
-            mask=self._gathered_rows(mask.float()), kl=None if kl is None else self._gathered_rows(kl),
+            rewards=rewards, groups=groups,
+            mask=gather_rows(self.accelerator, mask.float()),
+            kl=None if kl is None else gather_rows(self.accelerator, kl),
             baselines=None if baselines is None else self._gathered(baselines),
         ), self.advantage_params)
-        std = group_stats(rewards, torch.arange(rewards.numel(), device=device) // g)[1]
+        std = group_stats(rewards, groups)[1]
         metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
                    "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean().item(),
                    **{name: float(value) for name, value in out.metrics.items()}}
@@ -149,12 +151,6 @@ class GRPOTrainer(MoltingTrainer):
 
     def _gathered(self, values: Any) -> Any:
         values = torch.as_tensor(values, dtype=torch.float32, device=self.accelerator.device)
-        return self.accelerator.gather(values)
-
-    def _gathered_rows(self, values: Any) -> Any:
-        """Every process's ``(B, T)`` rows, padded with zeros to the widest T."""
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.pad_across_processes(values, dim=1, pad_index=0)
         return self.accelerator.gather(values)
 
     @torch.no_grad()
