@@ -207,9 +207,19 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--resume", metavar="auto|PATH", help="Resume from the latest checkpoint in --output-dir, or from PATH.")
 @click.option("--judge", "judge_weights", multiple=True, metavar="NAME[=WEIGHT]",
               help="Judge that scores samples in online stages (ppo, grpo, sample-pairs); repeat to sum several.")
+@click.option("--judge-arg", "judge_settings", multiple=True, metavar="JUDGE.KEY=VALUE",
+              help="A judge's setting, e.g. --judge-arg openai.base_url=http://127.0.0.1:8000/v1 (as judge_args in "
+                   "a recipe).")
+@click.option("--judge-on-error", type=click.Choice(["fail", "skip", "zero"]),
+              help="What a judgement the judge could not make does (a judge server that kept failing): stop the "
+                   "run, leave the sample out, or score it 0.  [default: fail]")
 @click.option("--sampler", metavar="NAME",
-              help="How online stages draw completions: hf (batched generate) or hf-paged (continuous batching, "
-                   "paged KV cache); `molting plugins` lists them.  [default: hf]")
+              help="How online stages draw completions: hf (batched generate), hf-paged (continuous batching, "
+                   "paged KV cache), openai (a served model; sample-pairs only); `molting plugins` lists them.  "
+                   "[default: hf]")
+@click.option("--sampler-arg", "sampler_settings", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the sampler, e.g. --sampler-arg base_url=http://127.0.0.1:8000/v1 (as sampler_args "
+                   "in a recipe).")
 @click.option("--advantage", metavar="NAME",
               help="Advantage estimator of an online stage (grpo: grpo, rloo, reinforce++, remax; ppo: gae); "
                    "`molting plugins` lists them.  [default: the stage's]")
@@ -230,8 +240,9 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
                    "would make it; for a run, refuse one that would not fit before loading anything.")
 @click.option("--estimate-device", type=click.Choice(["cpu", "cuda"]), hidden=True)
 def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[str, ...], judge_weights: tuple[str, ...],
-        eval_judge_weights: tuple[str, ...], settings: tuple[str, ...], dry_run: bool, memory_budget: int | None,
-        estimate_device: str | None, **flags: Any) -> None:
+        eval_judge_weights: tuple[str, ...], judge_settings: tuple[str, ...], sampler_settings: tuple[str, ...],
+        settings: tuple[str, ...], dry_run: bool, memory_budget: int | None, estimate_device: str | None,
+        **flags: Any) -> None:
     """Train a model with one plugin, or several in a row."""
     from molting.config import read_recipe
     from molting.resolve import resolve_config
@@ -242,6 +253,10 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
     judges = _parse_judges(judge_weights, "--judge")
     flags = {**flags, "losses": _parse_set(loss_weights, "--loss"), "judges": judges,
              "eval_judges": _parse_judges(eval_judge_weights, "--eval-judge"), **_parse_set(settings)}
+    if judge_settings:
+        flags["judge_args"] = _merged(recipe.get("judge_args"), _parse_judge_args(judge_settings))
+    if sampler_settings:
+        flags["sampler_args"] = {**(recipe.get("sampler_args") or {}), **_parse_set(sampler_settings, "--sampler-arg")}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     if dry_run or memory_budget is not None:
         _check_memory(config, steps, host, memory_budget, dry_run, estimate_device)
@@ -451,17 +466,30 @@ def _eval_scorer(judges: dict[str, float], settings: tuple[str, ...]) -> Any:
 
     if not judges:
         return None
+    config = RunConfig(plugins=(), judges=judges, judge_args=_parse_judge_args(settings))
+    specs = resolve_judges(_host(), config, {}, stage="molting eval")
+    if sum(spec.judge.kind == "pairwise" for spec in specs) > 1:
+        raise click.BadParameter("at most one pairwise judge decides the win rate", param_hint="--judge")
+    return Scorer(specs, pairwise=True)
+
+
+def _parse_judge_args(settings: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``--judge-arg JUDGE.KEY=VALUE`` options as ``judge_args``."""
     judge_args: dict[str, dict[str, Any]] = {}
     for key, value in _parse_set(settings, "--judge-arg").items():
         judge, dot, setting = key.partition(".")
         if not dot or not setting:
             raise click.BadParameter(f"expected JUDGE.KEY=VALUE, got {key!r}", param_hint="--judge-arg")
         judge_args.setdefault(judge, {})[setting] = value
-    config = RunConfig(plugins=(), judges=judges, judge_args=judge_args)
-    specs = resolve_judges(_host(), config, {}, stage="molting eval")
-    if sum(spec.judge.kind == "pairwise" for spec in specs) > 1:
-        raise click.BadParameter("at most one pairwise judge decides the win rate", param_hint="--judge")
-    return Scorer(specs, pairwise=True)
+    return judge_args
+
+
+def _merged(recipe_args: Any, flags: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A recipe's ``judge_args`` with the command line's settings over them, judge by judge."""
+    merged = {name: dict(args or {}) for name, args in (recipe_args or {}).items()}
+    for name, args in flags.items():
+        merged.setdefault(name, {}).update(args)
+    return merged
 
 
 def _demo_figures(loaded: dict[str, Any], limit: int, seed: int, temperature: float) -> dict[str, dict[str, float]]:
@@ -510,6 +538,59 @@ def report_command(run_dir: str, out: str | None) -> None:
     from molting.report import write_report
 
     click.echo(str(write_report(Path(run_dir), Path(out) if out else None)))
+
+
+# --------------------------------------------------------------------------- serve
+
+SERVE_EPILOG = """\b
+Examples:
+  molting serve ./dpo-out                        # http://127.0.0.1:8000/v1, model name ./dpo-out
+  molting serve Qwen/Qwen2.5-0.5B-Instruct --port 8001 --model-name judge
+  OPENAI_API_KEY=sk-local molting serve ./sft --api-key-env OPENAI_API_KEY
+
+\b
+Then, with any OpenAI client:
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "./dpo-out", "messages": [{"role": "user", "content": "2+3="}], "max_tokens": 8}'
+
+\b
+Concurrent requests share one generate call (up to --max-batch-size
+completions). Sampling follows each request's temperature, top_p, top_k,
+n, seed, max_tokens and stop; chat messages go through the model's chat
+template. A served model can judge another run: --judge openai with
+judge_args: {openai: {base_url: http://127.0.0.1:8000/v1, model: NAME}}.
+"""
+
+
+@cli.command("serve", epilog=SERVE_EPILOG)
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 takes a free one.")
+@click.option("--model-name", help="The name clients ask for (`model` in a request).  [default: MODEL as given]")
+@click.option("--max-batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Completions per generate call.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="How long an idle model waits for more requests to batch with the first.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True,
+              help="max_tokens of a request that gives none.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Weights' dtype (auto: bfloat16 on a GPU that has it, else float32).")
+@click.option("--api-key-env", metavar="VAR", help="Require `Authorization: Bearer $VAR` on every request.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="warning",
+              show_default=True, help="uvicorn's log level (info: one line per request).")
+def serve_command(model: str, host: str, port: int, model_name: str | None, max_batch_size: int,
+                  batch_wait_ms: float, max_new_tokens: int, dtype: str, api_key_env: str | None,
+                  trust_remote_code: bool, log_level: str) -> None:
+    """Serve MODEL (a directory, a run's output, or a hub id) over an OpenAI-compatible HTTP API.
+
+    /v1/chat/completions, /v1/completions and /v1/models, until Ctrl-C or
+    SIGTERM (requests in flight finish first).
+    """
+    from molting.serve import Settings, serve
+
+    settings = Settings(max_batch_size=max_batch_size, batch_wait=batch_wait_ms / 1000, max_new_tokens=max_new_tokens)
+    serve(model, host, port, model_name, settings, dtype, trust_remote_code, api_key_env, log_level)
 
 
 # --------------------------------------------------------------------------- check

@@ -113,6 +113,9 @@ class Judge:
     ``score(prompts, completions, params)`` returns one float per completion
     for a pointwise judge; for a pairwise judge ``completions`` is a list of
     pairs and the result one index (0, 1, or -1 when undecided) per pair.
+    A judgement the judge could not make (a server that kept failing) is a
+    :class:`molting.judging.Failed` in its place; the run's
+    ``judge_on_error`` decides what it does.
     A ``score`` that also takes ``**columns`` receives the data's other
     columns, one list per column aligned with ``prompts`` (a reference
     ``answer``, say), as trl passes dataset columns to reward functions.
@@ -130,6 +133,9 @@ class Judge:
     example: Callable[[Any], Mapping[str, Any]] | None = None
     """For the conformance checks: given a scratch directory, settings (as ``judge_args``) that let the
     judge score the demo prompts, e.g. a model directory it writes there; ``None``: the defaults do."""
+    stats: Callable[[Any], Mapping[str, float]] | None = None
+    """Given the settings, the judge's own counters so far (an HTTP judge's requests, retries, latency),
+    logged by the stages as ``judge/NAME/KEY`` (:meth:`molting.judging.Scorer.metrics`)."""
 
 
 @attrs.frozen
@@ -208,6 +214,14 @@ class Sampler:
     description: str = attrs.field(validator=_check_description)
     per_completion_seeds: bool = False
     available: Callable[[], str | None] = lambda: None
+    params: type = attrs.field(default=NoParams, validator=_check_params)
+    """Its settings (``sampler_args`` in a recipe, ``--sampler-arg KEY=VALUE``), given as ``request.settings``."""
+    follows_policy: bool = True
+    """Whether it draws from the model it is handed. One that does not (a served model, ``openai``) can feed
+    one-shot sampling before offline training (``sample-pairs``), never a stage that trains on its samples."""
+    example: Callable[[Any], Mapping[str, Any]] | None = None
+    """For the conformance checks: given a scratch directory, settings (as ``sampler_args``) under which it
+    samples from the built-in demo model, e.g. a server it starts; ``None``: the defaults do."""
 
 
 COMPONENT_TYPES: dict[str, type] = {"stage": Stage, "loss": Loss, "judge": Judge, "dataset": Dataset,

@@ -253,6 +253,12 @@ class RunConfig:
     sampler: str = "hf"
     """How online stages draw completions (``molting plugins``, kind ``sampler``): ``hf`` (batched ``generate``),
     ``hf-paged`` (transformers' continuous batching)."""
+    sampler_args: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    """The sampler's settings, e.g. {base_url: http://127.0.0.1:8000/v1, model: NAME} for ``openai``."""
+    judge_on_error: str = attrs.field(default="fail", validator=attrs.validators.in_(("fail", "skip", "zero")))
+    """What a judgement a judge could not make does (an HTTP judge's server that kept failing): ``fail`` stops
+    the run, ``skip`` leaves the sample out, ``zero`` scores it 0 (pairwise: undecided); counted as
+    ``judge/NAME/failed``."""
     loss_params: Mapping[str, Any] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,6 +270,7 @@ class RunConfig:
         data["eval_judges"] = dict(self.eval_judges)
         data["columns"] = dict(self.columns)
         data["judge_args"] = {name: dict(args) for name, args in self.judge_args.items()}
+        data["sampler_args"] = dict(self.sampler_args)
         return data
 
 

@@ -15,6 +15,12 @@ default) and their settings (``judge_args: {NAME: {...}}``). The scorer
   and the prompt's index in the data. A :class:`~molting.errors.MoltingError`
   the judge raises itself (a missing setting or column, a model that cannot
   load) already says what to fix and passes through unchanged.
+* applies the run's ``judge_on_error`` to the judgements a judge could not
+  make (it returns a :class:`Failed` in their place: a server that kept
+  failing, an answer with no score in it): ``fail`` stops the run with the
+  reason, ``zero`` scores them 0 (a pairwise judge: undecided), ``skip``
+  scores them NaN (a pairwise judge: undecided), which the stages leave out;
+  :meth:`Scorer.metrics` counts them.
 
 See ``docs/judges.md`` for the built-in judges and how to write one.
 """
@@ -35,8 +41,18 @@ from molting.errors import ConfigError, JudgeError, MoltingError
 MAX_CACHED = 200_000
 """Scores a Scorer keeps (least recently used dropped first): online runs rarely sample a completion twice."""
 
+ON_ERROR = ("fail", "skip", "zero")
+"""What a judgement the judge could not make does to the run (``judge_on_error``)."""
+
 ARTIFACT = "molting_artifact"
 """Metadata key on a judge's params field: fill it with this kind of output of an earlier step when unset."""
+
+
+@attrs.frozen
+class Failed:
+    """In a judge's results, a judgement it could not make, and why (the run's ``judge_on_error`` decides)."""
+
+    reason: str
 
 
 @attrs.frozen
@@ -120,7 +136,10 @@ class Scorer:
     with pairs of completions (their verdicts are cached the same way).
     """
 
-    def __init__(self, specs: Sequence[JudgeSpec], cache: bool = True, pairwise: bool = False) -> None:
+    def __init__(self, specs: Sequence[JudgeSpec], cache: bool = True, pairwise: bool = False,
+                 on_error: str = "fail") -> None:
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"judge_on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         for spec in specs:
             if spec.judge.kind != "pointwise" and not pairwise:
                 raise ConfigError(
@@ -132,6 +151,8 @@ class Scorer:
         self.cache: OrderedDict[tuple, float] = OrderedDict()  # least recently used first, at most MAX_CACHED
         self.hits = 0
         self.misses = 0
+        self.on_error = on_error
+        self.failed: dict[str, int] = {spec.name: 0 for spec in specs}  # judgements each judge could not make
 
     @property
     def names(self) -> list[str]:
@@ -172,15 +193,43 @@ class Scorer:
             sub_columns = {k: [v[i] for i in todo] for k, v in columns.items()}
             values = call_judge(spec, [prompts[i] for i in todo], [completions[i] for i in todo], sub_columns,
                                 [rows[i] for i in todo])
-            fresh = dict(zip(todo, values))
+            fresh, failed = self._settle(spec, dict(zip(todo, values)), rows, prompts)
             if cacheable:
-                self.cache.update({keys[i]: v for i, v in fresh.items()})
+                self.cache.update({keys[i]: v for i, v in fresh.items() if i not in failed})
                 while len(self.cache) > MAX_CACHED:
                     self.cache.popitem(last=False)
         for i in range(len(keys)):
             if i not in fresh and keys[i] in self.cache:
                 self.cache.move_to_end(keys[i])
         return [fresh[i] if i in fresh else self.cache[keys[i]] for i in range(len(keys))]
+
+    def _settle(self, spec: JudgeSpec, fresh: dict[int, Any], rows: Sequence[int],
+                prompts: Sequence[Any]) -> tuple[dict[int, float], set[int]]:
+        """``fresh`` with each :class:`Failed` judgement replaced as ``on_error`` says (and counted), and where
+        they were (never cached: the next time may work)."""
+        failed = {i for i, value in fresh.items() if isinstance(value, Failed)}
+        if not failed:
+            return fresh, failed
+        self.failed[spec.name] += len(failed)
+        first = min(failed)
+        if self.on_error == "fail":
+            raise JudgeError(
+                f"judge {spec.name!r} could not judge the completion for the prompt at data row {rows[first]} "
+                f"({_short(prompts[first])}): {fresh[first].reason}. judge_on_error is fail; with skip or zero "
+                "(--judge-on-error) the run goes on without such judgements and counts them")
+        pairwise = spec.judge.kind == "pairwise"
+        stand_in = -1 if pairwise else 0.0 if self.on_error == "zero" else math.nan
+        return {i: stand_in if i in failed else value for i, value in fresh.items()}, failed
+
+    def metrics(self) -> dict[str, float]:
+        """The judges' counters: cache hits, judgements that could not be made (``judge/NAME/failed``), and what
+        each judge reports of itself (``Judge.stats``: an HTTP judge's latency and retries)."""
+        metrics: dict[str, float] = {"judge_cache_hits": self.hits}
+        for spec in self.specs:
+            metrics[f"judge/{spec.name}/failed"] = self.failed[spec.name]
+            if spec.judge.stats is not None:
+                metrics.update({f"judge/{spec.name}/{k}": float(v) for k, v in spec.judge.stats(spec.params).items()})
+        return metrics
 
 
 def call_judge(spec: JudgeSpec, prompts: list[str], completions: list[Any], columns: Mapping[str, list[Any]],
@@ -213,6 +262,9 @@ def call_judge(spec: JudgeSpec, prompts: list[str], completions: list[Any], colu
     pairwise = spec.judge.kind == "pairwise"
     checked = []
     for value, row, prompt in zip(values, rows, prompts):
+        if isinstance(value, Failed):
+            checked.append(value)
+            continue
         number = _as_number(value)
         if number is None or not math.isfinite(number) or (pairwise and number not in (-1, 0, 1)):
             expected = "0, 1 or -1 (undecided)" if pairwise else "a finite number"

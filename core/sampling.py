@@ -181,11 +181,13 @@ class SamplingRequest:
     batch_size: int = 64
     max_prompt_length: int | None = None
     seeds: Sequence[int] | None = None
+    settings: Any = None
+    """The sampler's own settings (an instance of its ``params``, from ``sampler_args``)."""
 
 
 def hf_sample(request: SamplingRequest) -> Samples:
     """The ``hf`` sampler: :func:`sample` (batched ``generate``, KV cache)."""
-    return sample(**{f.name: getattr(request, f.name) for f in attrs.fields(SamplingRequest)})
+    return sample(**{f.name: getattr(request, f.name) for f in attrs.fields(SamplingRequest) if f.name != "settings"})
 
 
 def prompt_token_ids(request: SamplingRequest) -> tuple[list[int], list[list[int]]]:
@@ -216,20 +218,40 @@ def samples_from_ids(request: SamplingRequest, repeated: list[int], prompts: lis
     return finish_samples(request.prompts, repeated, prompt_ids, prompt_mask, completion_ids, stops, pad, tokenizer)
 
 
-def sampler_for(host: Any, name: str) -> Any:
-    """A function with :func:`sample`'s arguments that draws through the registered sampler ``name``; a
-    :class:`~molting.errors.ConfigError` when it cannot run here."""
+def sampler_for(host: Any, name: str, args: Any = None, stage: str | None = None, trains: bool = True) -> Any:
+    """A function with :func:`sample`'s arguments that draws through the registered sampler ``name`` with its
+    settings ``args`` (``sampler_args``); a :class:`~molting.errors.ConfigError` when it cannot run here, its
+    settings are wrong, or ``stage`` ``trains`` on its samples but it does not draw from the model it is handed."""
     from molting.errors import ConfigError
 
     sampler = host.get("sampler", name)
     problem = sampler.available()
     if problem:
         raise ConfigError(f"sampler {name!r} cannot run here: {problem}")
+    if trains and not sampler.follows_policy:
+        raise ConfigError(
+            f"sampler {name!r} draws from a served model, not from the policy {stage or 'this stage'} trains, so its "
+            "samples would not follow training; use it for one-shot sampling (--plugin sample-pairs), and "
+            "--sampler hf or hf-paged here")
+    settings = sampler_settings(sampler, args or {})
 
-    def draw(model: Any, tokenizer: Any, prompts: Sequence[Any], **settings: Any) -> Samples:
-        return sampler.sample(SamplingRequest(model, tokenizer, prompts, **settings))
+    def draw(model: Any, tokenizer: Any, prompts: Sequence[Any], **options: Any) -> Samples:
+        return sampler.sample(SamplingRequest(model, tokenizer, prompts, **options, settings=settings))
 
     return draw
+
+
+def sampler_settings(sampler: Any, args: Any) -> Any:
+    """The sampler's ``params`` built from ``args``, with an error naming the sampler and its settings."""
+    from molting.errors import ConfigError
+
+    if not isinstance(args, dict):
+        raise ConfigError(f"sampler_args must be a mapping of settings, got {args!r}")
+    try:
+        return sampler.params(**{str(k).replace("-", "_"): v for k, v in args.items()})
+    except (TypeError, ValueError) as exc:
+        valid = ", ".join(f.name for f in attrs.fields(sampler.params)) or "none"
+        raise ConfigError(f"invalid sampler_args for sampler {sampler.name!r}: {exc} (its settings: {valid})") from exc
 
 
 def completion_seeds(seed: int, draw: int, first: int, count: int) -> list[int]:

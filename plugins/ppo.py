@@ -509,7 +509,7 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
     events.train_begin()
     if held_out is not None and loop["step"] == 0:
         _evaluate_held_out(held_out, m, 0, None, events)
-    draw = sampler_for(context.host, config.sampler)
+    draw = sampler_for(context.host, config.sampler, config.sampler_args, "ppo")
     share, rank = config.batch_size, m.accelerator.process_index
     width = share * m.accelerator.num_processes  # the global batch: every process draws the same order
     for step in tqdm(range(loop["step"] + 1, total + 1), desc="ppo", initial=loop["step"], total=total,

@@ -72,7 +72,7 @@ def run_sample_pairs(context: StageContext) -> dict[str, Any]:
     config, params, rows = context.config, context.stage_params, list(iter_rows(context.rows))
     conversational = check_prompts(rows, context.data_source, "sample-pairs")
     scorer = _scorer(context)
-    draw = sampler_for(context.host, config.sampler)
+    draw = sampler_for(context.host, config.sampler, config.sampler_args, "sample-pairs", trains=False)
     torch.manual_seed(config.seed)
     model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
     if torch.cuda.is_available():

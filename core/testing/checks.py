@@ -884,7 +884,7 @@ def _judge(subject: Subject, pairs: Callable[[list[str]], list[Any]] | None = No
     """
     from molting import demo
     from molting.errors import JudgeError, MoltingError
-    from molting.judging import JudgeSpec, call_judge
+    from molting.judging import Failed, JudgeSpec, call_judge
 
     judge = subject.component
     rows = demo.prompt_rows("test", 3)
@@ -896,7 +896,8 @@ def _judge(subject: Subject, pairs: Callable[[list[str]], list[Any]] | None = No
     try:
         settings = judge.example(subject.workdir) if judge.example is not None else {}
         spec = JudgeSpec(judge.name, judge, 1.0, judge.params(**settings))
-        return call_judge(spec, prompts, completions, {"answer": [r["answer"] for r in rows]}, list(range(len(rows))))
+        verdicts = call_judge(spec, prompts, completions, {"answer": [r["answer"] for r in rows]},
+                              list(range(len(rows))))
     except JudgeError as exc:
         raise CheckFailed(str(exc)) from exc
     except (MoltingError, TypeError, ValueError) as exc:
@@ -904,6 +905,11 @@ def _judge(subject: Subject, pairs: Callable[[list[str]], list[Any]] | None = No
             f"the judge cannot score the demo prompts with {'its example settings' if judge.example else 'its defaults'}: {exc}",
             "give the Judge an `example` that returns working settings for a scratch directory.",
         ) from exc
+    failed = [i for i, v in enumerate(verdicts) if isinstance(v, Failed)]
+    if failed:
+        raise CheckFailed(f"the judge could not judge completion {failed[0]} of the demo prompts: "
+                          f"{verdicts[failed[0]].reason}")
+    return verdicts
 
 
 @check("judge")
@@ -1159,9 +1165,16 @@ def _sampler_run(subject: Subject, **settings: Any) -> tuple[Any, Any]:
     problem = sampler.available()
     if problem:
         raise CheckSkipped(f"{subject.label} cannot run here: {problem}")
+    from molting.sampling import sampler_settings
+
     model, tokenizer = load_causal_lm(demo.demo_model_dir())
     prompts = [r["prompt"] for r in demo.prompt_rows("test", 6)]
-    request = SamplingRequest(model, tokenizer, prompts, **settings)
+    try:
+        own = sampler_settings(sampler, sampler.example(subject.workdir) if sampler.example else {})
+    except Exception as exc:
+        raise CheckFailed(f"{subject.label}'s example settings do not work: {exc}",
+                          "give the Sampler an `example` that returns working settings for a scratch directory.")
+    request = SamplingRequest(model, tokenizer, prompts, **settings, settings=own)
     try:
         with _one_thread():
             ours = sampler.sample(request)

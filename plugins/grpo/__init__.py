@@ -162,7 +162,7 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
         loss_params=context.loss_params, ref_model=ref_model, adapter_reference=adapter_reference, grpo=params,
         scorer=scorer, max_prompt_length=limit if config.overlong != "drop" else None,
         advantage=context.advantage, advantage_params=context.advantage_params,
-        draw=sampler_for(context.host, config.sampler),
+        draw=sampler_for(context.host, config.sampler, config.sampler_args, "grpo"),
     )
     judging = None
     if context.eval_rows is not None:

@@ -168,7 +168,7 @@ def run_online_dpo(context: StageContext) -> dict[str, Any]:
         processing_class=tokenizer, callbacks=stage_callbacks(context), loss=context.loss,
         loss_params=context.loss_params, ref_model=ref_model, adapter_reference=adapter_reference,
         online=params, scorer=scorer, max_prompt_length=prompt_limit if config.overlong != "drop" else None,
-        draw=sampler_for(context.host, config.sampler),
+        draw=sampler_for(context.host, config.sampler, config.sampler_args, "online-dpo"),
     )
     judges = ", ".join(f"{spec.name} x{spec.weight:g}" for spec in scorer.specs)
     announce(trainer, f"{len(items)} prompts, {params.num_samples} samples each, {config.batch_size} prompts per "
