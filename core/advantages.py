@@ -40,6 +40,24 @@ def group_stats(values: Any, groups: Any) -> tuple[Any, Any, Any]:
     return means[inverse], stds[inverse], counts[inverse]
 
 
+def fill_skipped(rewards: Any, groups: Any) -> tuple[Any, Any]:
+    """Rewards with each NaN (a judgement the run skipped, ``judge_on_error: skip``) replaced by its group's
+    mean judged reward (0 where none was judged), and where they were: a stage gives those completions no
+    advantage, so they teach nothing, while the group's statistics keep their size."""
+    import torch
+
+    skipped = torch.isnan(rewards)
+    if not skipped.any():
+        return rewards, skipped
+    judged = (~skipped).to(rewards.dtype)
+    _, inverse = torch.unique(groups, return_inverse=True)
+    sums = torch.zeros(int(inverse.max()) + 1, dtype=rewards.dtype, device=rewards.device)
+    sums = sums.index_add(0, inverse, torch.where(skipped, 0.0, rewards))
+    counts = torch.zeros_like(sums).index_add(0, inverse, judged)
+    means = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+    return torch.where(skipped, means[inverse], rewards), skipped
+
+
 def last_token_rewards(rewards: Any, mask: Any) -> Any:
     """``(N, T)``: each row's reward on its last counted token, 0 elsewhere (a row with no token gets none)."""
     import torch

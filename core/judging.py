@@ -153,6 +153,7 @@ class Scorer:
         self.misses = 0
         self.on_error = on_error
         self.failed: dict[str, int] = {spec.name: 0 for spec in specs}  # judgements each judge could not make
+        self.first_failure: dict[str, str] = {}  # each judge's first reason, for the run's summary
 
     @property
     def names(self) -> list[str]:
@@ -201,7 +202,8 @@ class Scorer:
         for i in range(len(keys)):
             if i not in fresh and keys[i] in self.cache:
                 self.cache.move_to_end(keys[i])
-        return [fresh[i] if i in fresh else self.cache[keys[i]] for i in range(len(keys))]
+        judged_at = [pending.get(keys[i], i) if cacheable else i for i in range(len(keys))]  # a repeat: its first
+        return [fresh[j] if j in fresh else self.cache[keys[i]] for i, j in enumerate(judged_at)]
 
     def _settle(self, spec: JudgeSpec, fresh: dict[int, Any], rows: Sequence[int],
                 prompts: Sequence[Any]) -> tuple[dict[int, float], set[int]]:
@@ -212,6 +214,7 @@ class Scorer:
             return fresh, failed
         self.failed[spec.name] += len(failed)
         first = min(failed)
+        self.first_failure.setdefault(spec.name, f"{fresh[first].reason} (data row {rows[first]})")
         if self.on_error == "fail":
             raise JudgeError(
                 f"judge {spec.name!r} could not judge the completion for the prompt at data row {rows[first]} "
@@ -222,11 +225,13 @@ class Scorer:
         return {i: stand_in if i in failed else value for i, value in fresh.items()}, failed
 
     def metrics(self) -> dict[str, float]:
-        """The judges' counters: cache hits, judgements that could not be made (``judge/NAME/failed``), and what
-        each judge reports of itself (``Judge.stats``: an HTTP judge's latency and retries)."""
-        metrics: dict[str, float] = {"judge_cache_hits": self.hits}
+        """The judges' counters: judgements that could not be made (``judge/NAME/failed``, for a judge that
+        failed or reports ``Judge.stats``) and what each judge reports of itself (an HTTP judge's latency and
+        retries), as ``judge/NAME/KEY``."""
+        metrics: dict[str, float] = {}
         for spec in self.specs:
-            metrics[f"judge/{spec.name}/failed"] = self.failed[spec.name]
+            if self.failed[spec.name] or spec.judge.stats is not None:
+                metrics[f"judge/{spec.name}/failed"] = self.failed[spec.name]
             if spec.judge.stats is not None:
                 metrics.update({f"judge/{spec.name}/{k}": float(v) for k, v in spec.judge.stats(spec.params).items()})
         return metrics

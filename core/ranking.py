@@ -24,6 +24,7 @@ completion chosen.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Sequence
 
 import attrs
@@ -58,10 +59,15 @@ def best_against_worst(scores: Sequence[float], texts: Sequence[str]) -> Pair:
 
     With two completions and equal scores this is trl's rule (the first is
     chosen when ``first >= second``), so keeping ties reproduces trl; a tie is
-    equal scores or the same text on both sides.
+    equal scores or the same text on both sides. A NaN score (a judgement
+    the run skipped: ``judge_on_error: skip``) takes no part; with fewer than
+    two judged completions the prompt is a tie.
     """
-    best = max(range(len(scores)), key=lambda i: scores[i])
-    worst = min(reversed(range(len(scores))), key=lambda i: scores[i])
+    judged = [i for i, score in enumerate(scores) if not math.isnan(score)]
+    if len(judged) < 2:
+        return Pair(0, 0, tie=True)
+    best = max(judged, key=lambda i: scores[i])
+    worst = min(reversed(judged), key=lambda i: scores[i])
     return Pair(best, worst, tie=scores[best] == scores[worst] or texts[best] == texts[worst])
 
 

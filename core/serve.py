@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import secrets
 import sys
@@ -313,8 +314,6 @@ def create_app(model: Any, tokenizer: Any, name: str, settings: Settings = Setti
 
     With ``api_key`` every request must carry ``Authorization: Bearer API_KEY``.
     """
-    import contextlib
-
     from fastapi import FastAPI
 
     engine = Engine(model, tokenizer, settings)
@@ -436,8 +435,24 @@ def serve(model_id: str, host: str = "127.0.0.1", port: int = 8000, name: str | 
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30))
     print(f"molting: serving {name or model_id} at http://{host}:{bound}/v1 (Ctrl-C stops it)", file=sys.stderr,
           flush=True)
-    server.run(sockets=[sock])  # uvicorn stops cleanly on SIGINT and SIGTERM: no new requests, in-flight ones end
+    with _signals_end_quietly():
+        server.run(sockets=[sock])  # uvicorn stops on SIGINT and SIGTERM: no new requests, in-flight ones end
     print("molting: server stopped", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _signals_end_quietly():
+    """uvicorn raises the SIGINT or SIGTERM that stopped it again once it has shut down, which would end the
+    process with a KeyboardInterrupt or the signal's status; here that second delivery does nothing, so a
+    clean stop exits 0."""
+    import signal
+
+    saved = {sig: signal.signal(sig, lambda *args: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _dtype(name: str) -> Any:

@@ -168,7 +168,9 @@ class HeldOutJudging:
         self.rows = list(iter_rows(context.eval_rows))[: config.eval_max_prompts]
         self.prompts = [row["prompt"] for row in self.rows]
         self.columns = data_columns(self.rows)
-        self.scorer = Scorer(eval_judges(context))
+        # every evaluation scores the same prompts (the watch pairs them), so a skipped judgement scores 0 here
+        on_error = "zero" if context.config.judge_on_error == "skip" else context.config.judge_on_error
+        self.scorer = Scorer(eval_judges(context), on_error=on_error)
         self.tokenizer, self.sampling = tokenizer, dict(sampling)
         if config.eval_temperature is not None:
             self.sampling["temperature"] = config.eval_temperature

@@ -183,8 +183,8 @@ def _read_score(params: Any, reply: Any, endpoint: Any) -> float | Failed:
     value = float(found.group(1)) if found else None
     if value is None or not params.min_score <= value <= params.max_score:
         _PARSE_FAILURES[endpoint] = _PARSE_FAILURES.get(endpoint, 0) + 1
-        expected = f"a score from {params.min_score:g} to {params.max_score:g}"
-        return Failed(f"the reply {reply.texts[0][:80]!r} holds no {expected} (score_pattern {params.score_pattern!r})")
+        return Failed(f"the reply {reply.texts[0][:80]!r} holds no score from {params.min_score:g} to "
+                      f"{params.max_score:g} (score_pattern {params.score_pattern!r})")
     return value
 
 

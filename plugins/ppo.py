@@ -238,9 +238,11 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
     scores, per_judge = scorer(prompts, samples.texts, data_columns([job.rows[i] for i in job.indices]),
                                rows=list(job.indices))
     scores = torch.tensor(scores, dtype=torch.float32, device=samples.completion_ids.device)
+    skipped = scores.isnan()  # judge_on_error: skip: the completion is left out of the loss
+    scores = scores.nan_to_num(0.0)
     if params.missing_eos_penalty is not None:
         scores = scores - params.missing_eos_penalty * samples.truncated.float()
-    mask = samples.completion_mask.float()
+    mask = samples.completion_mask.float() * (~skipped)[:, None]
     inputs = (samples.prompt_ids, samples.prompt_mask, samples.completion_ids, samples.completion_mask)
     with torch.no_grad():
         logps, entropy = completion_token_logps(m.policy, *inputs, temperature=params.temperature, with_entropy=True)
@@ -263,7 +265,7 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
         "objective/rlhf_reward": (scores + non_score).mean(),
         "objective/entropy": (entropy * mask).sum(dim=1).mean(),
         "completions/mean_length": samples.lengths.float().mean(),
-        **{f"rewards/{name}/mean": torch.tensor(sum(v) / len(v)) for name, v in per_judge.items()},
+        **{f"rewards/{name}/mean": torch.tensor(v).nanmean() for name, v in per_judge.items()},
     }
     stats = {name: m.accelerator.reduce(value.float().to(mask.device), "mean").item() for name, value in local.items()}
     batch = {"samples": samples, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
@@ -348,7 +350,8 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
     config, params = context.config, context.stage_params
     _refuse_unsupported(config)
     check_prompts(context.rows, context.data_source, "ppo")
-    scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"))
+    scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"),
+                    on_error=config.judge_on_error)
     total = _total_steps(config, len(context.rows))
     events = LoopEvents(context, total)  # before the Accelerator, which building the events' arguments would reset
     accelerator = _accelerator(config)
@@ -378,7 +381,7 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
     final.update(train_runtime=runtime, seconds_per_step=runtime / total)
     if evaluate and before is not None:
         final.update(_before_after(before, evaluate(models.unwrap(models.policy)), scorer))
-    final["judge_cache_hits"] = scorer.hits
+    final.update({"judge_cache_hits": scorer.hits, **scorer.metrics()})
     if held_out is not None:
         final.update(held_out.summary())
     return final

@@ -91,15 +91,24 @@ def run_sample_pairs(context: StageContext) -> dict[str, Any]:
         events.step_end()
     path = context.output_dir / "data.jsonl"
     write_jsonl_atomic(path, ranked.written)
-    metrics = {**ranked.metrics(), "judge_cache_hits": scorer.hits}
+    metrics = {**ranked.metrics(), "judge_cache_hits": scorer.hits, **scorer.metrics()}
     events.log(metrics)
     events.train_end()
     print(f"molting: wrote {len(ranked.written)} pairs to {path} ({ranked.ties} of {len(rows)} prompts skipped: all "
           f"answers scored the same); mean score chosen {metrics['score/chosen']:.3f}, rejected "
           f"{metrics['score/rejected']:.3f}", file=sys.stderr)
+    failed = sum(scorer.failed.values())
+    if failed:
+        done = {"skip": "left out", "zero": "scored 0"}[config.judge_on_error]
+        first = "; ".join(f"{name}: {reason}" for name, reason in scorer.first_failure.items())
+        print(f"molting: {failed} judgements could not be made and were {done} (judge_on_error: "
+              f"{config.judge_on_error}); the first: {first}", file=sys.stderr)
     if not ranked.written:
         from molting.errors import DataError
 
+        if failed:
+            raise DataError(f"sample-pairs wrote no pairs: {failed} judgements could not be made (judge_on_error: "
+                            f"{config.judge_on_error}); the first failure is printed above")
         raise DataError(
             f"sample-pairs wrote no pairs: for every prompt of {context.data_source} all {params.num_samples} answers "
             "scored the same. Sample more answers (--set num_samples=8), raise the temperature, or use a finer judge."
@@ -123,7 +132,7 @@ def _scorer(context: StageContext) -> Any:
     pairwise = [s for s in specs if s.judge.kind == "pairwise"]
     if pairwise and len(specs) > 1:
         raise ConfigError("a pairwise judge ranks completions alone: give it without other judges")
-    return Scorer(specs, pairwise=bool(pairwise))
+    return Scorer(specs, pairwise=bool(pairwise), on_error=context.config.judge_on_error)
 
 
 @attrs.define

@@ -136,7 +136,8 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
         raise ConfigError(f"max_length ({config.max_length}) must exceed max_new_tokens ({params.max_new_tokens}): "
                           "it bounds prompt and completion together")
     check_prompts(context.rows, context.data_source, "grpo")  # before any model loads
-    scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'grpo'"))
+    scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'grpo'"),
+                    on_error=config.judge_on_error)
     model, tokenizer = load_policy(context, keep_dropout=True)
     args = training_arguments(config, context.output_dir)
     g = params.num_generations

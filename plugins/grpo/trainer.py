@@ -13,7 +13,7 @@ import torch
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor_dict
 
-from molting.advantages import group_stats
+from molting.advantages import fill_skipped, group_stats
 from molting.components import AdvantageInputs, GroupInputs
 from molting.group_losses import high_entropy_mask
 from molting.judging import data_columns
@@ -125,11 +125,11 @@ class GRPOTrainer(MoltingTrainer):
         """Judge this process's completions, then run the advantage estimator on every process's rewards."""
         totals, per_judge = self.scorer(prompts, completions, data_columns(rows), indices)
         device, g = self.accelerator.device, self.grpo.num_generations
-        rewards = self._gathered(totals)
+        groups = torch.arange(len(totals) * self.accelerator.num_processes, device=device) // g
+        rewards, skipped = fill_skipped(self._gathered(totals), groups)
         if mask is None:
             mask = torch.ones(len(prompts), 1, device=device)
         width = mask.size(1)
-        groups = torch.arange(rewards.numel(), device=device) // g
         out = self.advantage.compute(AdvantageInputs(
             rewards=rewards, groups=groups,
             mask=gather_rows(self.accelerator, mask.float()),
@@ -142,11 +142,12 @@ class GRPOTrainer(MoltingTrainer):
                    **{name: float(value) for name, value in out.metrics.items()}}
         for name, scores in per_judge.items():
             values = self._gathered(scores)
-            metrics[f"rewards/{name}/mean"] = values.mean().item()
-            metrics[f"rewards/{name}/std"] = values.std().item()
-        self.record(metrics)
+            metrics[f"rewards/{name}/mean"] = values.nanmean().item()
+            metrics[f"rewards/{name}/std"] = values[~values.isnan()].std().item()
+        self.record({**metrics, **self.scorer.metrics()})
         start = self.accelerator.process_index * len(prompts)
-        advantages = out.advantages[start : start + len(prompts)]
+        advantages = out.advantages.masked_fill(skipped.view(-1, *[1] * (out.advantages.dim() - 1)), 0.0)
+        advantages = advantages[start : start + len(prompts)]
         return advantages[:, :width] if advantages.dim() == 2 else advantages
 
     def _gathered(self, values: Any) -> Any:

@@ -207,4 +207,4 @@ def judges_for(context: StageContext) -> Any:
     pairwise = [spec for spec in specs if spec.judge.kind == "pairwise"]
     if pairwise and len(specs) > 1:
         raise ConfigError("a pairwise judge ranks completions alone: give it without other judges")
-    return Scorer(specs, pairwise=bool(pairwise))
+    return Scorer(specs, pairwise=bool(pairwise), on_error=context.config.judge_on_error)
