@@ -121,6 +121,13 @@ def number_setting(judge: str, minimum: float = 0.0, strict: bool = False, integ
     return validate
 
 
+def judged_mean(values: Sequence[float]) -> float:
+    """The mean of the scores that were judged: a NaN (a judgement skipped, ``judge_on_error: skip``) takes no
+    part; NaN when none was judged."""
+    judged = [v for v in values if not math.isnan(v)]
+    return sum(judged) / len(judged) if judged else math.nan
+
+
 def data_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """The columns other than ``prompt`` of ``rows`` (the first row's keys), one value per row, for ``Scorer``.
 

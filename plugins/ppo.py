@@ -227,7 +227,7 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
     """Sample, score and evaluate this process's prompts; the advantages come from every process's rollouts."""
     import torch
 
-    from molting.judging import data_columns
+    from molting.judging import data_columns, judged_mean
     from molting.logps import completion_token_logps
     from molting.sampling import sample
 
@@ -265,7 +265,7 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
         "objective/rlhf_reward": (scores + non_score).mean(),
         "objective/entropy": (entropy * mask).sum(dim=1).mean(),
         "completions/mean_length": samples.lengths.float().mean(),
-        **{f"rewards/{name}/mean": torch.tensor(v).nanmean() for name, v in per_judge.items()},
+        **{f"rewards/{name}/mean": torch.tensor(judged_mean(v)) for name, v in per_judge.items()},
     }
     stats = {name: m.accelerator.reduce(value.float().to(mask.device), "mean").item() for name, value in local.items()}
     batch = {"samples": samples, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
@@ -613,13 +613,14 @@ def _demo_eval(context: StageContext, tokenizer: Any, scorer: Any, params: PPOPa
 
     def evaluate(model: Any) -> dict[str, float]:
         from molting.evaluation import generate, task_metrics
+        from molting.judging import judged_mean
 
         prompts = [r["prompt"] for r in rows]
         # seed 0 in a forked random state: the training rollouts' randomness stays --seed's
         texts = generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens,
                          temperature=params.temperature, top_p=params.top_p, seed=0)
         totals, _ = scorer(prompts, texts, {"answer": [r["answer"] for r in rows]})
-        return {"reward": sum(totals) / len(totals), **task_metrics(prompts, texts)}
+        return {"reward": judged_mean(totals), **task_metrics(prompts, texts)}
 
     return evaluate
 

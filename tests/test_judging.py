@@ -321,3 +321,70 @@ def test_data_columns_give_none_where_a_row_lacks_a_column():
 
     rows = [{"prompt": "a", "answer": 3, "topic": "x"}, {"prompt": "b", "answer": 5}]
     assert data_columns(rows) == {"answer": [3, 5], "topic": ["x", None]}
+
+
+# --------------------------------------------------------------------------- judgements a judge could not make
+
+FLAKY = """
+    from molting.judging import Failed
+
+    def score(prompts, completions, **columns):
+        # a completion whose length is a multiple of 3 'times out'
+        return [Failed("no answer within 1 s") if len(c) % 3 == 0 else float(len(c)) for c in completions]
+"""
+
+
+@pytest.mark.parametrize(("on_error", "expected"), [("zero", [1.0, 0.0, 2.0]), ("skip", [1.0, math.nan, 2.0])])
+def test_on_error_replaces_failed_judgements(host, module, on_error, expected):
+    name = module(FLAKY)
+    scorer = Scorer([python_spec(host, f"{name}:score")], on_error=on_error)
+    totals, _ = scorer(["p", "q", "r"], ["a", "ccc", "bb"])
+    assert [t if not math.isnan(t) else "nan" for t in totals] == [e if not math.isnan(e) else "nan" for e in expected]
+    assert scorer.failed == {"python": 1} and scorer.metrics()["judge/python/failed"] == 1
+    assert "no answer within 1 s (data row 1)" in scorer.first_failure["python"]
+    scorer(["p", "q", "r"], ["a", "ccc", "bb"])
+    assert scorer.failed == {"python": 2}  # the failed one was asked again, the others came from the cache
+
+
+def test_on_error_fail_names_the_judge_the_row_and_the_way_out(host, module):
+    name = module(FLAKY)
+    with pytest.raises(JudgeError, match=r"judge 'python' could not judge the completion for the prompt at data row "
+                                         r"7 \('q'\): no answer within 1 s\. judge_on_error is fail; with skip or "
+                                         r"zero \(--judge-on-error\)"):
+        Scorer([python_spec(host, f"{name}:score")])(["p", "q"], ["a", "ccc"], rows=[6, 7])
+    with pytest.raises(ConfigError, match="judge_on_error must be one of fail, skip, zero"):
+        Scorer([], on_error="ignore")
+
+
+def test_skipped_completions_take_no_part_in_ranking():
+    from molting.ranking import best_against_worst
+
+    pair = best_against_worst([1.0, math.nan, 3.0, 0.5], ["a", "b", "c", "d"])
+    assert (pair.chosen, pair.rejected, pair.tie) == (2, 3, False)
+    assert best_against_worst([math.nan, 2.0, math.nan], ["a", "b", "c"]).tie
+
+
+def test_fill_skipped_gives_the_group_mean_of_the_judged():
+    import torch
+
+    from molting.advantages import fill_skipped
+
+    rewards = torch.tensor([1.0, float("nan"), 3.0, float("nan"), float("nan"), 5.0])
+    filled, skipped = fill_skipped(rewards, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert filled.tolist() == [1.0, 2.0, 3.0, 5.0, 5.0, 5.0] and skipped.tolist() == [0, 1, 0, 1, 1, 0]
+    alone, _ = fill_skipped(torch.tensor([float("nan"), float("nan")]), torch.tensor([0, 0]))
+    assert alone.tolist() == [0.0, 0.0]
+
+
+def test_grpo_trains_through_skipped_judgements_and_counts_them(tmp_path, module):
+    from test_grpo import run_stage
+
+    name = module(FLAKY)
+    settings = dict(judges={"python": 1.0}, judge_args={"python": {"function": f"{name}:score"}})
+    records = run_stage(tmp_path, judge_on_error="skip", **settings)
+    failed = [r["judge/python/failed"] for r in records if "judge/python/failed" in r]
+    assert failed and failed[-1] > 0 and all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert all(math.isfinite(r["reward"]) for r in records if "reward" in r)
+    (tmp_path / "strict").mkdir()
+    with pytest.raises(JudgeError, match="could not judge"):
+        run_stage(tmp_path / "strict", **settings)

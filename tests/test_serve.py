@@ -9,6 +9,7 @@ same prompts in this process.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -188,3 +189,56 @@ def test_serve_help_teaches(tmp_path):
     assert result.returncode == 0
     for needle in ("/v1/chat/completions", "--max-batch-size", "--api-key-env", "--judge openai", "curl"):
         assert needle in result.stdout, needle
+
+
+# --------------------------------------------------------------------------- the openai sampler
+
+
+def test_sample_pairs_draws_from_a_served_model(served, tmp_path, capsys):
+    """One-shot sampling before offline training: sample-pairs with --sampler openai against molting serve."""
+    from molting.discovery import load_plugins
+    from molting.pipeline import run
+    from molting.resolve import resolve_config
+
+    from test_grpo import write_prompts
+
+    host = load_plugins()
+    before = httpx.get(served.replace("/v1", "/health")).json()["batches"]
+    flags = {"data": str(write_prompts(tmp_path, n=6)), "output_dir": str(tmp_path / "run"), "eval": "off",
+             "sampler": "openai", "sampler_args": {"base_url": served, "model": "demo"}, "num_samples": 4,
+             "max_new_tokens": 12, "judges": {"rule": 1.0}}
+    config, steps = resolve_config(host, ["sample-pairs"], flags=flags)
+    run(config, steps, host)
+    assert "(sampler openai)" in capsys.readouterr().err
+    pairs = [json.loads(line) for line in (tmp_path / "run" / "data.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert httpx.get(served.replace("/v1", "/health")).json()["batches"] > before
+
+
+def test_the_openai_sampler_is_refused_by_stages_that_train_on_their_samples(tmp_path, served):
+    import molting
+
+    from test_grpo import run_stage
+
+    with pytest.raises(molting.ConfigError, match="draws from a served model, not from the policy grpo trains"):
+        run_stage(tmp_path, sampler="openai", sampler_args={"base_url": served, "model": "demo"})
+    from molting.discovery import load_plugins
+    from molting.sampling import sampler_for
+
+    with pytest.raises(molting.ConfigError, match=r"invalid sampler_args for sampler 'openai'.*timeout must be"):
+        sampler_for(load_plugins(), "openai", {"timeout": -1}, trains=False)
+
+
+def test_a_dead_server_is_a_clear_sampling_error(tmp_path):
+    from molting.demo import demo_model_dir, prompt_rows
+    from molting.discovery import load_plugins
+    from molting.errors import ModelError
+    from molting.models import load_causal_lm
+    from molting.sampling import sampler_for
+
+    model, tokenizer = load_causal_lm(demo_model_dir())
+    draw = sampler_for(load_plugins(), "openai", {"base_url": "http://127.0.0.1:9/v1", "model": "demo",
+                                                 "max_retries": 1, "backoff": 0}, trains=False)
+    with pytest.raises(ModelError, match=r"sampler 'openai': no completions of prompt 0 from http://127.0.0.1:9/v1: "
+                                         r"ConnectError.*after 2 attempts"):
+        draw(model, tokenizer, [r["prompt"] for r in prompt_rows("test", 2)], n=2, max_new_tokens=4)

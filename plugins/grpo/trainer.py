@@ -142,8 +142,9 @@ class GRPOTrainer(MoltingTrainer):
                    **{name: float(value) for name, value in out.metrics.items()}}
         for name, scores in per_judge.items():
             values = self._gathered(scores)
-            metrics[f"rewards/{name}/mean"] = values.nanmean().item()
-            metrics[f"rewards/{name}/std"] = values[~values.isnan()].std().item()
+            judged = values[~values.isnan()]  # a judgement skipped (judge_on_error: skip) is NaN
+            metrics[f"rewards/{name}/mean"] = judged.mean().item() if judged.numel() else float("nan")
+            metrics[f"rewards/{name}/std"] = judged.std().item() if judged.numel() > 1 else 0.0
         self.record({**metrics, **self.scorer.metrics()})
         start = self.accelerator.process_index * len(prompts)
         advantages = out.advantages.masked_fill(skipped.view(-1, *[1] * (out.advantages.dim() - 1)), 0.0)
