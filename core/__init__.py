@@ -63,6 +63,9 @@ TOOLKIT = (
     "refcache",  # precomputed reference log-probs, cached on disk
     "sampling",  # sampling completions from a policy
     "judging",  # judges: resolution, weights, caching, errors
+    "openai_api",  # a client of OpenAI-compatible servers: concurrency, timeouts, retries, the key from the env
+    "serve",  # molting serve: a model behind an OpenAI-compatible API, in a process or a thread
+    "conversations",  # conversation logs (ShareGPT, OpenAI messages, ChatGPT exports) as one person's SFT rows
     "ranking",  # sampled completions into chosen/rejected pairs (pointwise best vs worst, pairwise wins)
     "losses",  # helpers of the preference losses, weighted sums
     "group_losses",  # what the grpo stage's losses share: importance weights, KL, entropy mask, normalisers

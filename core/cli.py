@@ -130,6 +130,9 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
                              "id (ORG/NAME[@REV]). Default: the stage's demo data.")
 @click.option("--data-subset", metavar="NAME", help="Subset (configuration) of a hub dataset that has several.")
 @click.option("--data-split", metavar="NAME", help="Split of a hub or saved dataset to train on.  [default: train]")
+@click.option("--persona-role", metavar="ROLE|NAME",
+              help="Read --data as conversation logs (ShareGPT, OpenAI messages, a ChatGPT export) and train on this "
+                   "speaker's turns, each with the conversation before it as the prompt.")
 @click.option("--columns", metavar="FIELD=COLUMN,...",
               help="Read fields from other columns, e.g. chosen=response_a,rejected=response_b.")
 @click.option("--output-dir", help="Where to write the trained model and logs.  [default: molting-output]")

@@ -253,6 +253,10 @@ class RunConfig:
     sampler: str = "hf"
     """How online stages draw completions (``molting plugins``, kind ``sampler``): ``hf`` (batched ``generate``),
     ``hf-paged`` (transformers' continuous batching)."""
+    persona_role: str | None = None
+    """Read ``data`` as conversation logs (ShareGPT, OpenAI-style messages, a ChatGPT export) and train on this
+    speaker's turns (a role or a name), each with the conversation before it as the prompt
+    (:mod:`molting.conversations`); ``--eval-split`` then holds out whole conversations."""
     sampler_args: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
     """The sampler's settings, e.g. {base_url: http://127.0.0.1:8000/v1, model: NAME} for ``openai``."""
     judge_on_error: str = attrs.field(default="fail", validator=attrs.validators.in_(("fail", "skip", "zero")))

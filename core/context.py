@@ -43,6 +43,9 @@ class Step:
     config: RunConfig | None = None
     advantage: Advantage | None = None
     """The advantage estimator of an online stage (``--advantage``, else the stage's ``default_advantage``)."""
+    own_data: bool = False
+    """Whether the recipe gives this step its own ``data:`` (which it reads even when it names the run-wide
+    data: a log both the SFT step and the sampling step read)."""
 
     @property
     def param_names(self) -> tuple[str, ...]:

@@ -256,9 +256,15 @@ def _rename_dataset_columns(rows: datasets.Dataset, columns: dict[str, str], sou
 
 def hold_out(rows: Rows, fraction: float, seed: int, source: str) -> tuple[Rows, Rows]:
     """``rows`` split into the rows to train on and ``fraction`` of them held out, shuffled with ``seed``: the same
-    data, fraction and seed hold out the same rows (``datasets``' ``train_test_split`` for a Dataset)."""
+    data, fraction and seed hold out the same rows (``datasets``' ``train_test_split`` for a Dataset).
+
+    Rows with a ``conversation`` column (turns of one conversation log, :mod:`molting.conversations`) are held
+    out by conversation: ``fraction`` of the conversations, all their rows, so none of a held-out
+    conversation's turns is trained on."""
     import random
 
+    if "conversation" in column_names(rows):
+        return _hold_out_conversations(rows, fraction, seed, source)
     held = round(len(rows) * fraction)
     if not 0 < held < len(rows):
         raise DataError(f"--eval-split {fraction} of {source}'s {len(rows)} rows leaves no rows to "
@@ -269,6 +275,24 @@ def hold_out(rows: Rows, fraction: float, seed: int, source: str) -> tuple[Rows,
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in sorted(order[held:])], [rows[i] for i in sorted(order[:held])]
+
+
+def _hold_out_conversations(rows: Rows, fraction: float, seed: int, source: str) -> tuple[Rows, Rows]:
+    import random
+
+    ids = [row["conversation"] for row in iter_rows(rows, ["conversation"])]
+    unique = sorted(set(ids))
+    held = round(len(unique) * fraction)
+    if not 0 < held < len(unique):
+        raise DataError(f"--eval-split {fraction} of {source}'s {len(unique)} conversations leaves none to "
+                        f"{'evaluate on' if held == 0 else 'train on'}; use a larger fraction or more conversations")
+    random.Random(seed).shuffle(unique)
+    kept = set(unique[:held])
+    train = [i for i, c in enumerate(ids) if c not in kept]
+    test = [i for i, c in enumerate(ids) if c in kept]
+    if is_dataset(rows):
+        return rows.select(train), rows.select(test)
+    return [rows[i] for i in train], [rows[i] for i in test]
 
 
 def is_dataset(rows: Any) -> bool:

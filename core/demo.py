@@ -161,6 +161,31 @@ def prompt_rows(split: str = "train", n: int | None = None) -> list[dict[str, An
     return [{"prompt": prompt_for(a, b), "answer": str(a + b)} for a, b in chosen]
 
 
+PERSON, ASKER = "captain", "sam"
+"""The speakers of the demo conversation logs: whose way of answering a persona run learns, and who asks."""
+
+
+def persona_logs(split: str = "train", n: int | None = None, exchanges: int = 2) -> list[dict[str, Any]]:
+    """Conversation logs of one person with a recognisable style, as OpenAI-style messages with speaker names.
+
+    ``sam`` asks sums; ``captain`` answers each one correctly, always in the
+    persona style. Each conversation holds ``exchanges`` questions (n
+    conversations; 256 in ``train``, 128 in ``test``, on the split's
+    problems). ``--persona-role captain`` makes them SFT rows whose prompts
+    are rendered by the demo chat template exactly as the demo prompts are.
+    """
+    count = {"train": 256, "test": 128}[split] if n is None else n
+    chosen, _ = _sample(split, count * exchanges, "persona-logs")
+    logs = []
+    for start in range(0, len(chosen), exchanges):
+        messages = []
+        for a, b in chosen[start : start + exchanges]:
+            messages.append({"role": "user", "name": ASKER, "content": f"What is {a} + {b}?"})
+            messages.append({"role": "assistant", "name": PERSON, "content": persona_answer(a, b, a + b).strip()})
+        logs.append({"messages": messages})
+    return logs
+
+
 def corpus() -> list[str]:
     """Every text the tokenizer is trained on: both styles of every problem, right and wrong."""
     texts = []

@@ -48,7 +48,15 @@ def load_rows(host: PluginHost, step: Step | None, data: str | Path | None, made
 
     config = config or RunConfig(plugins=())
     rows, source = _read(host, step, data, made_from, config)
-    return rename_columns(rows, dict(config.columns), str(source)), source
+    rows = rename_columns(rows, dict(config.columns), str(source))
+    if config.persona_role and data is not None and made_from is None:  # a conversation log: one person's turns
+        from molting.conversations import read_persona_rows
+
+        rows = read_persona_rows(rows, config.persona_role, str(source))
+        count = len({row["conversation"] for row in rows})
+        source = attrs.evolve(source, description=f"{source}: {len(rows)} turns of {config.persona_role!r} in "
+                                                  f"{count} conversations")
+    return rows, source
 
 
 def _read(host: PluginHost, step: Step | None, data: str | Path | None, made_from: DataSource | None,
@@ -182,7 +190,7 @@ def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, ar
     output_dir = Path(config.output_dir) if len(steps) == 1 else Path(config.output_dir) / f"{index + 1}-{step.name}"
     # the run-wide --data is the first step's; a later step reads its own `data:`, else the dataset the step
     # before it made, else its stage's default
-    own = step_config.data if step_config.data != config.data else None
+    own = step_config.data if step.own_data or step_config.data != config.data else None
     data = step_config.data if index == 0 else own
     produced = artifacts.get("dataset") if made is not None else None
     data_path = data if data is not None else produced

@@ -93,7 +93,8 @@ def resolve_config(
         build_config({**defaults([step]), **keys, "plugins": names}, step.param_names, where)
         own_data = {"data": keys["data"]} if "data" in keys else {}  # a step's own data beats the run-wide --data
         values = {**defaults([step]), **recipe, **keys, **flags, **own_data, "plugins": names}
-        configured.append(attrs.evolve(step, config=_configured(host, build_config(values, param_names, where))))
+        configured.append(attrs.evolve(step, config=_configured(host, build_config(values, param_names, where)),
+                                       own_data=bool(own_data)))
     return config, configured
 
 

@@ -55,6 +55,18 @@ def molting_register_datasets(register):
     )
 
 
+    register(
+        Dataset(
+            name="demo-persona-logs",
+            load=demo.persona_logs,
+            description="Conversation logs: sam asks sums, captain answers in the persona style (--persona-role captain).",
+            splits=demo.SPLITS,
+            demo=True,
+            columns=("messages",),
+        )
+    )
+
+
 def _rule_scores(prompts, completions, params):
     return [demo.score(p, c) for p, c in zip(prompts, completions)]
 

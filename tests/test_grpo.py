@@ -233,6 +233,7 @@ def test_advantages_are_trls(tmp_path, scale):
         assert columns["answer"] and list(rows) == list(range(12))
         return totals, {"a": totals}
 
+    scorer.metrics = dict  # a Scorer's counters (Scorer.metrics): none here
     from molting.plugins.advantages import GRPOAdvantageParams
 
     trainer, _, _ = make_trainer(tmp_path, grpo=GRPOParams(num_generations=4), scorer=scorer,
