@@ -22,6 +22,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def start_server() -> tuple[subprocess.Popen, str]:
     for line in process.stderr:
         found = re.search(r"at (http://\S+/v1)", line)
         if found:
+            threading.Thread(target=process.stderr.read, daemon=True).start()  # a full pipe would stall the server
             return process, found.group(1)
     raise SystemExit("molting serve did not start")
 

@@ -146,7 +146,7 @@ def _message(params: Any, default: str, with_reference: str, fields: Mapping[str
     """The judging request's messages: ``template`` (or the default for with/without a reference), filled."""
     text = params.template or (with_reference if params.reference_column else default)
     for key, value in fields.items():
-        text = text.replace("{" + key + "}", value if isinstance(value, str) else text_of(value).strip())
+        text = text.replace("{" + key + "}", text_of(value).strip())
     system = [{"role": "system", "content": params.system}] if params.system else []
     return system + [{"role": "user", "content": text}]
 

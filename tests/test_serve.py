@@ -15,7 +15,9 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,28 +30,31 @@ ADDRESS = re.compile(r"serving (\S+) at (http://\S+/v1)")
 
 
 def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """``molting serve ARGS --port 0`` in a subprocess; returns it and its URL once it listens."""
-    process = subprocess.Popen([sys.executable, "-m", "molting", "serve", *args, "--port", "0"],
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    """``molting serve ARGS --port 0`` in a subprocess; returns it and its URL once it listens. Its stderr goes
+    to a file (a pipe nobody reads would stall the server once full), read again when it stops."""
+    log = tempfile.NamedTemporaryFile("w", prefix="molting-serve-", suffix=".log", delete=False)
+    process = subprocess.Popen([sys.executable, "-m", "molting", "serve", *args, "--port", "0"], stderr=log,
+                               text=True, env={**os.environ, **(env or {})})
+    process.log_path = Path(log.name)
     deadline = time.monotonic() + 120
-    seen = []
     while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        seen.append(line)
-        found = ADDRESS.search(line)
+        found = ADDRESS.search(process.log_path.read_text())
         if found:
             return process, found.group(2)
-        if not line and process.poll() is not None:
+        if process.poll() is not None:
             break
+        time.sleep(0.1)
     process.kill()
-    raise AssertionError(f"molting serve did not start: {''.join(seen)[-2000:]}")
+    raise AssertionError(f"molting serve did not start: {process.log_path.read_text()[-2000:]}")
 
 
 def stop_server(process: subprocess.Popen, sig: int = signal.SIGTERM) -> str:
     process.send_signal(sig)
-    _, rest = process.communicate(timeout=60)
-    assert process.returncode == 0, rest[-2000:]
-    return rest
+    process.wait(timeout=60)
+    text = process.log_path.read_text()
+    process.log_path.unlink()
+    assert process.returncode == 0, text[-2000:]
+    return text
 
 
 @pytest.fixture(scope="module")
