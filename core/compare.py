@@ -153,10 +153,11 @@ def preference_accuracy(model: Any, reference: Any, tokenizer: Any, pair_rows: A
                         max_length: int) -> Interval:
     """How often ``log π/π_ref`` is higher for the chosen answer than for the rejected one, over ``pair_rows``."""
     from molting.pairs import PairCollator, format_pairs, pair_logps, tokenize_pairs
+    from molting.sampling import pad_token_id
 
     pairs = format_pairs(pair_rows, tokenizer, source, stage="eval")
     examples = tokenize_pairs(pairs, tokenizer, max_length=max_length, overlong="truncate", source=source)
-    collator = PairCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    collator = PairCollator(pad_token_id(tokenizer))
     chosen, rejected = pair_logps(model, examples, collator, batch_size=16)
     ref_chosen, ref_rejected = pair_logps(reference, examples, collator, batch_size=16)
     return mean_interval(((chosen - ref_chosen) > (rejected - ref_rejected)).float().tolist())

@@ -115,8 +115,7 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     stops = stop_token_ids(model, tokenizer)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_token_id(tokenizer)
     if seeds is not None and len(seeds) != len(repeated):
         raise ValueError(f"{len(seeds)} seeds for {len(repeated)} completions")
     prompt_chunks, completion_chunks = [], []
@@ -209,7 +208,7 @@ def samples_from_ids(request: SamplingRequest, repeated: list[int], prompts: lis
     :func:`sample` pads them."""
     tokenizer = request.tokenizer
     stops = stop_token_ids(request.model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     device = next(request.model.parameters()).device
     width, length = max(map(len, prompts)), max(1, max(map(len, completions)))
     prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -333,6 +332,11 @@ def _generation_config(model: Any, config: Any):
         yield
     finally:
         target.generation_config = saved
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (what ``generate`` falls back to)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -170,6 +170,8 @@ def continuation_logps(network: Any, pad: int, contexts: list[list[int]], contin
 
 def pairwise_verdicts(prompts: list[Any], completions: list[Sequence[Any]], params: LLMJudgeParams) -> list[int]:
     """0 or 1 (the better completion of each pair) when both orders agree, else -1."""
+    from molting.sampling import pad_token_id
+
     network, tokenizer = load_judge_model(params.model)
     common, rest_a, rest_b = _labels(params, tokenizer)
     contexts = []
@@ -180,7 +182,7 @@ def pairwise_verdicts(prompts: list[Any], completions: list[Sequence[Any]], para
         for answer_a, answer_b in ((first, second), (second, first)):
             ids = judging_prompt(prompt, answer_a, answer_b, params, tokenizer)
             contexts.append(ids + common)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     logps = continuation_logps(network, pad, contexts, [rest_a, rest_b], params.batch_size)
     verdicts = []
     for index in range(len(prompts)):

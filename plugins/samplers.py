@@ -42,11 +42,11 @@ def paged_sample(request: Any) -> Any:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from molting.sampling import prompt_token_ids, samples_from_ids, stop_token_ids
+    from molting.sampling import pad_token_id, prompt_token_ids, samples_from_ids, stop_token_ids
 
     model, tokenizer = request.model, request.tokenizer
     repeated, prompts = prompt_token_ids(request)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     sampled = request.temperature > 0
     config = GenerationConfig(
         max_new_tokens=request.max_new_tokens, do_sample=sampled, eos_token_id=stop_token_ids(model, tokenizer),

@@ -20,7 +20,7 @@ from trl.trainer.utils import identity
 
 from molting.judging import data_columns
 from molting.pairs import PairCollator, preference_inputs, preference_metrics
-from molting.sampling import Samples, sample
+from molting.sampling import Samples, pad_token_id, sample
 from molting.training import MoltingTrainer
 
 from . import OnlineDPOParams
@@ -36,8 +36,7 @@ class OnlineDPOTrainer(MoltingTrainer):
         super().__init__(*args, data_collator=identity, **kwargs)  # a batch stays a list of prompt rows
         self.online, self.scorer, self.max_prompt_length = online, scorer, max_prompt_length
         self.draw = draw  # the run's --sampler (molting.sampling.sampler_for)
-        tokenizer = self.processing_class
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = pad_token_id(self.processing_class)
 
     # -- 1. sample, 2. rank, 3. lay out the pairs: the batch of prompt rows becomes a batch of pairs
 
