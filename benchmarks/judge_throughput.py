@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,19 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the sc
 # the demo model cannot grade: the "rubric" is a demo question after the answer, and the score the number it says
 DEMO_JUDGE = {"template": "{question}{answer}\nQ: What is 1 + 1?\nA:", "score_pattern": r"(\d+)", "min_score": 0,
               "max_score": 1e9, "max_tokens": 12}
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    from molting.demo import demo_model_dir
-
-    process = subprocess.Popen([sys.executable, "-m", "molting", "serve", str(demo_model_dir()), "--port", "0",
-                                "--model-name", "demo"], stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:
-        found = re.search(r"at (http://\S+/v1)", line)
-        if found:
-            threading.Thread(target=process.stderr.read, daemon=True).start()  # a full pipe would stall the server
-            return process, found.group(1)
-    raise SystemExit("molting serve did not start")
 
 
 def scorer_for(url: str, cache: bool, **settings):
@@ -109,13 +93,16 @@ def faults(count: int) -> None:
 
 
 def main() -> None:
+    from molting.demo import demo_model_dir
+    from molting.serve import spawn
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judgements", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    process, url = start_server()
+    process, url = spawn(str(demo_model_dir()), "--model-name", "demo")
     try:
         print(f"openai judge against molting serve (demo model, {os.cpu_count()} cores), {args.judgements} distinct "
               f"answers, median of {args.repeats}:")

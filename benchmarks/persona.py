@@ -41,17 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
-import subprocess
-import sys
-import threading
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from molting import demo
+from molting.serve import spawn
 
 # a short judging prompt: the demo model's context is 512 tokens of a small vocabulary
 TEMPLATE = "{question}\nRef: {reference}\nA: {answer_a}\nB: {answer_b}\nCloser?"
@@ -120,17 +117,6 @@ def run(plugin: str, output: Path, **flags: Any) -> dict[str, Any]:
     settings = {"output_dir": str(output), "eval": "off", "batch_size": 8, "logging_steps": 1000, **flags}
     config, steps = resolve_config(host, [plugin], flags=settings)
     return run_steps(config, steps, host)[-1]
-
-
-def serve(model: Path) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "molting", "serve", str(model), "--port", "0", "--model-name",
-                                "judge", "--max-batch-size", "32"], stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:
-        found = re.search(r"at (http://\S+/v1)", line)
-        if found:
-            threading.Thread(target=process.stderr.read, daemon=True).start()  # a full pipe would stall the server
-            return process, found.group(1)
-    raise SystemExit("molting serve did not start")
 
 
 def consistency(model_dir: Path, rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -245,7 +231,7 @@ def main() -> None:
     held_out = persona_rows(conversations(demo.persona_logs("test"), "test"), demo.PERSON, "test")[: args.held_out]
     started = time.time()
     judge = args.judge or train_judge(work, args.judge_rows, args.judge_epochs)
-    process, url = serve(judge)
+    process, url = spawn(str(judge), "--model-name", "judge", "--max-batch-size", "32")
     try:
         right, undecided = judge_accuracy(url)
         print(f"judge: trained in {time.time() - started:.0f} s; on held-out comparisons {right:.3f} right (both "

@@ -116,15 +116,30 @@ class CallStats:
                 "latency_mean": self.latency / answered if answered else 0.0}
 
 
-def api_key(endpoint: Endpoint, who: str) -> str | None:
-    """The key from ``endpoint.api_key_env``; a :class:`ConfigError` naming ``who`` when the variable is unset."""
-    if not endpoint.api_key_env:
-        return None
-    key = os.environ.get(endpoint.api_key_env)
+def key_from_env(variable: str, who: str, setting: str = "api_key_env") -> str:
+    """The API key in environment variable ``variable``; a :class:`ConfigError` naming ``who`` and the ``setting``
+    that names the variable when it is unset or empty. Settings hold the name, never the key."""
+    key = os.environ.get(variable)
     if not key:
-        raise ConfigError(f"{who}: api_key_env names the environment variable {endpoint.api_key_env}, which is not "
-                          f"set; export {endpoint.api_key_env}=YOUR_KEY (the key itself is never written to settings)")
+        raise ConfigError(f"{who}: {setting} names the environment variable {variable}, which is not set; export "
+                          f"{variable}=YOUR_KEY (the key itself is never written to settings)")
     return key
+
+
+def api_key(endpoint: Endpoint, who: str) -> str | None:
+    """The key from ``endpoint.api_key_env`` (None when it names no variable)."""
+    return key_from_env(endpoint.api_key_env, who) if endpoint.api_key_env else None
+
+
+_CLIENTS: dict[tuple[Endpoint, str], "Client"] = {}
+
+
+def client_for(endpoint: Endpoint, who: str) -> "Client":
+    """The process's one :class:`Client` of ``endpoint`` for component ``who``: its counters are that
+    component's, over the whole run."""
+    if (endpoint, who) not in _CLIENTS:
+        _CLIENTS[endpoint, who] = Client(endpoint, who)
+    return _CLIENTS[endpoint, who]
 
 
 class Client:

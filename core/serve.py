@@ -411,33 +411,39 @@ def serve(model_id: str, host: str = "127.0.0.1", port: int = 8000, name: str | 
     bound (``molting: serving NAME at http://HOST:PORT/v1``), so a script can
     wait for that line.
     """
-    import os
+    from molting.openai_api import key_from_env
+
+    api_key = key_from_env(api_key_env, "molting serve", "--api-key-env") if api_key_env else None
+    app = loaded_app(model_id, name or model_id, settings, dtype, trust_remote_code, api_key)
+    server, sock = _bound(app, host, port, log_level, timeout_graceful_shutdown=30)
+    print(f"molting: serving {name or model_id} at http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops it)",
+          file=sys.stderr, flush=True)
+    with _signals_end_quietly():
+        server.run(sockets=[sock])  # uvicorn stops on SIGINT and SIGTERM: no new requests, in-flight ones end
+    print("molting: server stopped", file=sys.stderr, flush=True)
+
+
+def loaded_app(model_id: str | None, name: str, settings: Settings = Settings(), dtype: str = "auto",
+               trust_remote_code: bool = False, api_key: str | None = None) -> Any:
+    """:func:`create_app` for ``model_id`` (a directory or hub id; None: the demo model), loaded for inference
+    (on the GPU when there is one)."""
+    from molting.models import load_causal_lm, resolve_model_path
+
+    path = resolve_model_path(model_id, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_causal_lm(path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+    return create_app(_to_device(model).requires_grad_(False).eval(), tokenizer, name, settings, api_key)
+
+
+def _bound(app: Any, host: str, port: int, log_level: str, **config: Any) -> tuple[Any, Any]:
+    """A uvicorn server for ``app`` and the socket it will serve on, already bound (port 0: a free one)."""
     import socket
 
     import uvicorn
 
-    from molting.errors import ConfigError
-    from molting.models import load_causal_lm, resolve_model_path
-
-    api_key = None
-    if api_key_env:
-        api_key = os.environ.get(api_key_env)
-        if not api_key:
-            raise ConfigError(f"--api-key-env names {api_key_env}, which is not set: export {api_key_env}=... first")
-    path = resolve_model_path(model_id, trust_remote_code=trust_remote_code)
-    model, tokenizer = load_causal_lm(path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
-    model = _to_device(model).requires_grad_(False).eval()
-    app = create_app(model, tokenizer, name or model_id, settings, api_key)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    bound = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30))
-    print(f"molting: serving {name or model_id} at http://{host}:{bound}/v1 (Ctrl-C stops it)", file=sys.stderr,
-          flush=True)
-    with _signals_end_quietly():
-        server.run(sockets=[sock])  # uvicorn stops on SIGINT and SIGTERM: no new requests, in-flight ones end
-    print("molting: server stopped", file=sys.stderr, flush=True)
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, **config)), sock
 
 
 @contextlib.contextmanager
@@ -486,17 +492,7 @@ class Background:
 def serve_in_thread(model_id: str | None = None, name: str = "demo", settings: Settings = Settings()) -> Background:
     """Serve ``model_id`` (None: the built-in demo model) from a thread of this process, on a free port of
     127.0.0.1; returns once it answers. For the conformance checks' examples, notebooks and benchmarks."""
-    import socket
-
-    import uvicorn
-
-    from molting.models import load_causal_lm, resolve_model_path
-
-    model, tokenizer = load_causal_lm(resolve_model_path(model_id), dtype=_dtype("auto"))
-    app = create_app(_to_device(model).requires_grad_(False).eval(), tokenizer, name, settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    server, sock = _bound(loaded_app(model_id, name, settings), "127.0.0.1", 0, "error")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="molting-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -516,3 +512,30 @@ def demo_server() -> Background:
     if not _DEMO or not _DEMO[0].thread.is_alive():
         _DEMO[:] = [serve_in_thread(None, "demo")]
     return _DEMO[0]
+
+
+def spawn(model_id: str, *options: str, log: Any = None, env: Any = None, timeout: float = 120) -> tuple[Any, str]:
+    """``molting serve MODEL --port 0 OPTIONS`` in a subprocess, as a user starts it; returns the process and its
+    URL once it listens (its address line). Its stderr goes to ``log`` (a path; a temporary file when None),
+    kept as ``process.log_path``: a pipe nobody reads would stall the server once full."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    path = Path(log) if log else Path(tempfile.mkstemp(prefix="molting-serve-", suffix=".log")[1])
+    with path.open("w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "molting", "serve", str(model_id), *options, "--port", "0"],
+                                   stderr=handle, text=True, env={**os.environ, **(env or {})})
+    process.log_path = path
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"serving \S+ at (http://\S+/v1)", path.read_text())
+        if found:
+            return process, found.group(1)
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"molting serve {model_id} did not start: {path.read_text()[-2000:]}")

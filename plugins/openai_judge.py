@@ -62,7 +62,6 @@ PAIRWISE_WITH_REFERENCE = (
     "Message: {question}\n\nThe person's reply: {reference}\n\nCandidate A: {answer_a}\n\nCandidate B: {answer_b}\n\n"
     "Reply with one letter, A or B."
 )
-_CLIENTS: dict[Any, Any] = {}  # endpoint → Client: one connection policy and one set of counters per endpoint
 _PARSE_FAILURES: dict[Any, int] = {}
 
 
@@ -125,12 +124,9 @@ class OpenAIPairwiseParams(_JudgeRequest):
 
 
 def _client(name: str, params: Any) -> Any:
-    from molting.openai_api import Client
+    from molting.openai_api import client_for
 
-    endpoint = Endpoint.of(params)
-    if endpoint not in _CLIENTS:
-        _CLIENTS[endpoint] = Client(endpoint, who=f"judge {name!r}")
-    return _CLIENTS[endpoint]
+    return client_for(Endpoint.of(params), f"judge {name!r}")
 
 
 def _references(name: str, params: Any, columns: Mapping[str, Sequence[Any]], count: int) -> list[str | None]:

@@ -24,8 +24,6 @@ from molting.components import Sampler
 from molting.errors import ModelError
 from molting.openai_api import Endpoint
 
-_CLIENTS: dict[Endpoint, Any] = {}
-
 
 @attrs.frozen
 class OpenAISamplerParams(Endpoint):
@@ -34,11 +32,11 @@ class OpenAISamplerParams(Endpoint):
 
 
 def openai_sample(request: Any) -> Any:
-    from molting.openai_api import Client
+    from molting.openai_api import client_for
     from molting.sampling import prompt_token_ids, samples_from_ids, stop_token_ids
 
     endpoint = Endpoint.of(request.settings or OpenAISamplerParams())
-    client = _CLIENTS.get(endpoint) or _CLIENTS.setdefault(endpoint, Client(endpoint, who="sampler 'openai'"))
+    client = client_for(endpoint, "sampler 'openai'")
     replies = _ask(client, request)
     tokenizer, stop = request.tokenizer, stop_token_ids(request.model, request.tokenizer)
     completions = []

@@ -10,42 +10,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import re
 import signal
 import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from molting.sampling import sample
+from molting.serve import spawn
 
 from conftest import run_molting
 
-ADDRESS = re.compile(r"serving (\S+) at (http://\S+/v1)")
-
-
 def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """``molting serve ARGS --port 0`` in a subprocess; returns it and its URL once it listens. Its stderr goes
-    to a file (a pipe nobody reads would stall the server once full), read again when it stops."""
-    log = tempfile.NamedTemporaryFile("w", prefix="molting-serve-", suffix=".log", delete=False)
-    process = subprocess.Popen([sys.executable, "-m", "molting", "serve", *args, "--port", "0"], stderr=log,
-                               text=True, env={**os.environ, **(env or {})})
-    process.log_path = Path(log.name)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        found = ADDRESS.search(process.log_path.read_text())
-        if found:
-            return process, found.group(2)
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError(f"molting serve did not start: {process.log_path.read_text()[-2000:]}")
+    """``molting serve ARGS --port 0`` in a subprocess (molting.serve.spawn); its stderr is read when it stops."""
+    return spawn(args[0], *args[1:], env=env)
 
 
 def stop_server(process: subprocess.Popen, sig: int = signal.SIGTERM) -> str:
