@@ -30,6 +30,7 @@ from molting.components import (  # noqa: E402
     AdvantageInputs,
     AdvantageOutput,
     Dataset,
+    Environment,
     GroupInputs,
     Judge,
     Loss,
@@ -39,6 +40,7 @@ from molting.components import (  # noqa: E402
     RewardInputs,
     Sampler,
     Stage,
+    ToolParser,
     UnpairedInputs,
 )
 from molting.config import RunConfig  # noqa: E402
@@ -66,6 +68,8 @@ TOOLKIT = (
     "openai_api",  # a client of OpenAI-compatible servers: concurrency, timeouts, retries, the key from the env
     "serve",  # molting serve: a model behind an OpenAI-compatible API, in a process or a thread
     "conversations",  # conversation logs (ShareGPT, OpenAI messages, ChatGPT exports) as one person's SFT rows
+    "tools",  # tool schemas from Python functions, parsed tool calls, running them with a timeout
+    "environments",  # multi-turn episodes: the contract, rollouts with environment tokens masked, their metrics
     "ranking",  # sampled completions into chosen/rejected pairs (pointwise best vs worst, pairwise wins)
     "losses",  # helpers of the preference losses, weighted sums
     "group_losses",  # what the grpo stage's losses share: importance weights, KL, entropy mask, normalisers
@@ -96,6 +100,7 @@ __all__ = [
     "DataError",
     "DataSource",
     "Dataset",
+    "Environment",
     "GroupInputs",
     "Judge",
     "JudgeError",
@@ -113,6 +118,7 @@ __all__ = [
     "StageContext",
     "Step",
     "TOOLKIT",
+    "ToolParser",
     "UnpairedInputs",
     "hookimpl",
     "hookspec",

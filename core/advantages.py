@@ -58,42 +58,59 @@ def fill_skipped(rewards: Any, groups: Any) -> tuple[Any, Any]:
     return torch.where(skipped, means[inverse], rewards), skipped
 
 
+def last_positions(mask: Any) -> Any:
+    """Each row's last counted position (0 for a row with none): with a multi-turn episode's mask, which has gaps
+    where the environment wrote, the model's last token."""
+    import torch
+
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    return torch.where(mask > 0, positions, 0).max(dim=1).values
+
+
 def last_token_rewards(rewards: Any, mask: Any) -> Any:
     """``(N, T)``: each row's reward on its last counted token, 0 elsewhere (a row with no token gets none)."""
     import torch
 
     token_rewards = torch.zeros_like(mask, dtype=rewards.dtype)
-    lengths = mask.sum(dim=1).long()
-    rows = torch.nonzero(lengths > 0).squeeze(1)
-    token_rewards[rows, lengths[rows] - 1] = rewards[rows]
+    rows = torch.nonzero(mask.sum(dim=1) > 0).squeeze(1)
+    token_rewards[rows, last_positions(mask)[rows]] = rewards[rows]
     return token_rewards
 
 
 def discounted_returns(token_rewards: Any, mask: Any, gamma: float) -> Any:
-    """``G_t = Σ_{s ≥ t} γ^(s-t)·r_s`` over each row's counted tokens (REINFORCE's return-to-go)."""
+    """``G_t = Σ_{s ≥ t} γ^(s-t)·r_s`` over each row's counted tokens (REINFORCE's return-to-go); uncounted
+    positions (an environment's tokens inside an episode) are stepped over, not discounted through."""
     import torch
 
     token_rewards = token_rewards * mask
     returns = torch.zeros_like(token_rewards)
     running = torch.zeros_like(token_rewards[:, 0])
     for t in reversed(range(token_rewards.size(1))):
-        running = token_rewards[:, t] + gamma * running
+        running = torch.where(mask[:, t] > 0, token_rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return returns * mask
 
 
 def gae(token_rewards: Any, values: Any, mask: Any, gamma: float, lam: float) -> tuple[Any, Any]:
     """Generalised advantage estimates and returns (Schulman et al., 2016, arXiv:1506.02438), ``(N, T)`` each:
-    ``δ_t = r_t + γ·V_{t+1} − V_t``, ``A_t = Σ_l (γλ)^l·δ_{t+l}``, returns ``A + V``."""
+    ``δ_t = r_t + γ·V_{t+1} − V_t``, ``A_t = Σ_l (γλ)^l·δ_{t+l}``, returns ``A + V``.
+
+    ``t + 1`` is the row's next counted position: an environment's tokens
+    inside a multi-turn episode (mask 0) are stepped over, as verl's
+    multi-turn GAE does; on a mask without gaps this is the usual recursion.
+    """
     import torch
 
     values = values * mask
     advantages = torch.zeros_like(token_rewards)
     last = torch.zeros_like(token_rewards[:, 0])
+    following = torch.zeros_like(last)
     for t in reversed(range(token_rewards.size(1))):
-        following = values[:, t + 1] if t + 1 < token_rewards.size(1) else torch.zeros_like(last)
+        counted = mask[:, t] > 0
         delta = token_rewards[:, t] + gamma * following - values[:, t]
-        last = delta + gamma * lam * last
-        advantages[:, t] = last
+        estimate = delta + gamma * lam * last
+        advantages[:, t] = estimate
+        last = torch.where(counted, estimate, last)
+        following = torch.where(counted, values[:, t], following)
     advantages = advantages * mask
     return advantages, advantages + values

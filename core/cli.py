@@ -223,6 +223,20 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--sampler-arg", "sampler_settings", multiple=True, metavar="KEY=VALUE",
               help="A setting of the sampler, e.g. --sampler-arg base_url=http://127.0.0.1:8000/v1 (as sampler_args "
                    "in a recipe).")
+@click.option("--env", metavar="NAME",
+              help="Roll out multi-turn episodes of this environment in the online stages (grpo, ppo, sample-pairs): "
+                   "tool calls run, environment tokens masked out of the loss; `molting plugins` lists them "
+                   "(calculator: the demo's).")
+@click.option("--env-arg", "env_settings", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the environment, e.g. --env-arg tool_timeout=5 (as env_args in a recipe).")
+@click.option("--max-turns", type=int, metavar="N", help="The most model turns of an episode.  [default: the "
+                                                          "environment's]")
+@click.option("--max-episode-tokens", type=int, metavar="N",
+              help="The most tokens of an episode after its prompt, the model's and the environment's.  [default: "
+                   "max_new_tokens x max_turns]")
+@click.option("--tool-parser", metavar="NAME",
+              help="How the model writes tool calls: hermes (Qwen, Hermes), llama3-json, mistral, ...  [default: auto, "
+                   "from the chat template]")
 @click.option("--advantage", metavar="NAME",
               help="Advantage estimator of an online stage (grpo: grpo, rloo, reinforce++, remax; ppo: gae); "
                    "`molting plugins` lists them.  [default: the stage's]")
@@ -244,7 +258,7 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--estimate-device", type=click.Choice(["cpu", "cuda"]), hidden=True)
 def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[str, ...], judge_weights: tuple[str, ...],
         eval_judge_weights: tuple[str, ...], judge_settings: tuple[str, ...], sampler_settings: tuple[str, ...],
-        settings: tuple[str, ...], dry_run: bool, memory_budget: int | None, estimate_device: str | None,
+        env_settings: tuple[str, ...], settings: tuple[str, ...], dry_run: bool, memory_budget: int | None, estimate_device: str | None,
         **flags: Any) -> None:
     """Train a model with one plugin, or several in a row."""
     from molting.config import read_recipe
@@ -260,6 +274,8 @@ def run(plugins: tuple[str, ...], config_path: str | None, loss_weights: tuple[s
         flags["judge_args"] = _merged(recipe.get("judge_args"), _parse_judge_args(judge_settings))
     if sampler_settings:
         flags["sampler_args"] = {**(recipe.get("sampler_args") or {}), **_parse_set(sampler_settings, "--sampler-arg")}
+    if env_settings:
+        flags["env_args"] = {**(recipe.get("env_args") or {}), **_parse_set(env_settings, "--env-arg")}
     config, steps = resolve_config(host, list(plugins), recipe, flags, recipe_source=config_path or "the recipe")
     if dry_run or memory_budget is not None:
         _check_memory(config, steps, host, memory_budget, dry_run, estimate_device)
@@ -345,7 +361,7 @@ def plugins_command(as_json: bool) -> None:
         status = entry["status"] if entry["status"] == "ok" else f"{entry['status']}: {entry['error']}"
         click.echo(f"{entry['name']}  ({source})  {status}")
         for comp in entry["components"]:
-            click.echo(f"    {comp['kind']:<9} {comp['name']:<20} {comp['description']}")
+            click.echo(f"    {comp['kind']:<11} {comp['name']:<20} {comp['description']}")
         if entry["hooks"]:
             click.echo(f"    hooks: {', '.join(entry['hooks'])}")
 

@@ -117,7 +117,8 @@ def length_controlled_win_rate(outcomes: Sequence[float], ours: Sequence[int], t
 
 @torch.no_grad()
 def sequence_kl(model: Any, baseline: Any, samples: Any, temperature: float, batch_size: int = 16) -> list[float]:
-    """Per answer, ``Σ_t log π(y_t|…) − log π_baseline(y_t|…)`` over the model's own sampled tokens.
+    """Per answer, ``Σ_t log π(y_t|…) − log π_baseline(y_t|…)`` over the model's own sampled tokens (of an episode:
+    its turns, not what the environment wrote).
 
     Its mean is an unbiased estimate of KL(π ‖ π_baseline) per answer, both
     distributions taken at the sampling temperature. ``baseline`` is a model,
@@ -140,7 +141,8 @@ def sequence_kl(model: Any, baseline: Any, samples: Any, temperature: float, bat
             network.train(was_training)
             return out.float().cpu()
 
-        values += (logps(model) - under(logps)).sum(dim=1).tolist()
+        own = samples.loss_mask[part].float().cpu()  # an episode's environment tokens are not the model's to weigh
+        values += ((logps(model) - under(logps)) * own).sum(dim=1).tolist()
     return values
 
 

@@ -15,7 +15,7 @@ import attrs
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from molting.context import StageContext
 
-KINDS = ("stage", "loss", "judge", "dataset", "advantage", "sampler")
+KINDS = ("stage", "loss", "judge", "dataset", "advantage", "sampler", "environment", "tool_parser")
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*\+*$")  # a trailing "+" or two: reinforce++
 
 
@@ -100,6 +100,9 @@ class Stage:
     default_advantage: str | None = None
     """The advantage estimator (``molting plugins``, kind ``advantage``) the stage uses unless ``--advantage``
     names another; ``None``: the stage takes none."""
+    environments: bool = False
+    """Whether the stage rolls out multi-turn episodes of an environment (``--env NAME``); ``False``: the run refuses
+    ``--env`` for it."""
     inputs: type | None = None
     """The class of what the stage hands its loss (:class:`PreferenceInputs`, ...); ``None`` for a stage
     without a loss plugin. A loss of another stage with the same inputs runs here too (``--loss NAME=1``), and
@@ -224,8 +227,67 @@ class Sampler:
     samples from the built-in demo model, e.g. a server it starts; ``None``: the defaults do."""
 
 
+def _at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{type(instance).__name__} {instance.name!r}: {attribute.name} must be a whole number >= 1, "
+                         f"got {value!r}")
+
+
+@attrs.frozen
+class Environment:
+    """A multi-turn environment: episodes the online stages roll out (``--env NAME``) instead of single answers.
+
+    ``start(row, seed, params)`` begins an episode from a data row and a seed
+    and returns a :class:`molting.environments.Episode` (or an awaitable of
+    one): the messages the model sees first, the tools it may call, and
+    ``step(turn)``, which takes the model's turn (a
+    :class:`molting.environments.ModelTurn`: its text and the tool calls
+    parsed from it) and answers with a :class:`molting.environments.Turn`:
+    the next observation (messages), a reward, and whether the episode is
+    done. ``step`` may be a coroutine. An episode that is not done after
+    ``max_turns`` model turns (the run's ``max_turns`` overrides it) ends
+    truncated. The same row and seed must start the same episode.
+    ``default_data`` is the registered dataset a run with this environment
+    trains on when no ``--data`` is given (its ``test`` split, if it has
+    one, is the held-out set a run evaluates episodes on before and after).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    start: Callable[[Mapping[str, Any], int, Any], Any]
+    description: str = attrs.field(validator=_check_description)
+    params: type = attrs.field(default=NoParams, validator=_check_params)
+    """Its settings (``env_args`` in a recipe, ``--env-arg KEY=VALUE``), given to ``start``."""
+    max_turns: int = attrs.field(default=4, validator=_at_least_one)
+    default_data: str | None = None
+    example: Callable[[Any], Mapping[str, Any]] | None = None
+    """For the conformance checks: given a scratch directory, settings (as ``env_args``) under which episodes
+    start from the rows of ``default_data`` (or of ``example_rows``); ``None``: the defaults do."""
+    example_rows: Callable[[], list[dict[str, Any]]] | None = None
+    """For the conformance checks: a few data rows to start episodes from, when ``default_data`` names none."""
+
+
+@attrs.frozen
+class ToolParser:
+    """How one family of models writes tool calls: ``parse(text)`` finds them in a model's turn.
+
+    ``parse`` returns a :class:`molting.tools.ParsedTurn` (the text without
+    the calls, the calls, and a reason for each call that did not parse); it
+    never raises on what a model wrote. ``render(calls)`` writes calls as the
+    family does (the conformance suite parses what it renders).
+    ``recognises(chat_template)`` says whether a chat template writes this
+    format, which is how ``--tool-parser auto`` picks the parser.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    parse: Callable[[str], Any]
+    render: Callable[[Any], str]
+    description: str = attrs.field(validator=_check_description)
+    recognises: Callable[[str], bool] = lambda template: False
+
+
 COMPONENT_TYPES: dict[str, type] = {"stage": Stage, "loss": Loss, "judge": Judge, "dataset": Dataset,
-                                    "advantage": Advantage, "sampler": Sampler}
+                                    "advantage": Advantage, "sampler": Sampler, "environment": Environment,
+                                    "tool_parser": ToolParser}
 
 
 # --------------------------------------------------------------------------- loss inputs and outputs

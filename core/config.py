@@ -263,6 +263,23 @@ class RunConfig:
     """What a judgement a judge could not make does (an HTTP judge's server that kept failing): ``fail`` stops
     the run, ``skip`` leaves the sample out, ``zero`` scores it 0 (pairwise: undecided); counted as
     ``judge/NAME/failed``."""
+    env: str | None = None
+    """The environment (``molting plugins``, kind ``environment``) whose multi-turn episodes the online stages
+    (grpo, ppo, sample-pairs) roll out instead of single answers; None: single answers."""
+    env_args: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    """The environment's settings, e.g. {tool_timeout: 5}."""
+    env_weight: float = attrs.field(default=1.0, converter=_number(float))
+    """The weight of an episode's environment reward, summed with the judges' weighted scores."""
+    max_turns: int | None = attrs.field(default=None, converter=attrs.converters.optional(_number(int)),
+                                        validator=attrs.validators.optional(_positive))
+    """The most model turns of an episode; None: the environment's own limit."""
+    max_episode_tokens: int | None = attrs.field(default=None, converter=attrs.converters.optional(_number(int)),
+                                                 validator=attrs.validators.optional(_positive))
+    """The most tokens of an episode after its prompt (the model's turns and the observations); None: the stage's
+    max_new_tokens times max_turns."""
+    tool_parser: str = "auto"
+    """How the model writes tool calls (``molting plugins``, kind ``tool_parser``: hermes, llama3-json, mistral);
+    auto: the one that recognises the model's chat template."""
     loss_params: Mapping[str, Any] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,6 +292,7 @@ class RunConfig:
         data["columns"] = dict(self.columns)
         data["judge_args"] = {name: dict(args) for name, args in self.judge_args.items()}
         data["sampler_args"] = dict(self.sampler_args)
+        data["env_args"] = dict(self.env_args)
         return data
 
 

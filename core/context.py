@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import attrs
 
-from molting.components import Advantage, Loss, Stage
+from molting.components import Advantage, Environment, Loss, Stage
 from molting.config import RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -43,6 +43,8 @@ class Step:
     config: RunConfig | None = None
     advantage: Advantage | None = None
     """The advantage estimator of an online stage (``--advantage``, else the stage's ``default_advantage``)."""
+    environment: Environment | None = None
+    """The environment whose episodes an online stage rolls out (``--env``); ``None``: single answers."""
     own_data: bool = False
     """Whether the recipe gives this step its own ``data:`` (which it reads even when it names the run-wide
     data: a log both the SFT step and the sampling step read)."""
@@ -109,6 +111,8 @@ class StageContext:
     """Where ``eval_rows`` came from."""
     advantage_params: Any = None
     """An instance of the advantage estimator's ``params`` class (``None`` for a stage that takes none)."""
+    env_params: Any = None
+    """An instance of the environment's ``params`` class, from ``env_args`` (``None`` without an environment)."""
 
     @property
     def stage(self) -> Stage:
@@ -122,6 +126,11 @@ class StageContext:
     def advantage(self) -> Advantage | None:
         """The step's advantage estimator: call ``advantage.compute(AdvantageInputs(...), advantage_params)``."""
         return self.step.advantage
+
+    @property
+    def environment(self) -> Environment | None:
+        """The step's environment: roll its episodes out with :func:`molting.environments.episode_runner`."""
+        return self.step.environment
 
     @property
     def data_source(self) -> str:

@@ -31,13 +31,20 @@ LOW, HIGH = 10, 49
 MODEL_DIR = Path(__file__).parent / "demo_model"
 
 CHAT_TEMPLATE = (
+    "{% if tools %}Tools: {% for tool in tools %}{{ (tool.function or tool).name }}{{ ', ' if not loop.last }}"
+    "{% endfor %}{{ '\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}Q: {{ message['content'] }}\n"
     "{% elif message['role'] == 'system' %}{{ message['content'] }}\n"
-    "{% else %}A: {{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% elif message['role'] == 'tool' %}R: {{ message['content'] }}\n"
+    "{% else %}A: {{ message['content'] }}{% for call in message.tool_calls or [] %}<tool_call>\n"
+    '{"name": "{{ (call.function or call).name }}", "arguments": {{ (call.function or call).arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}{{ eos_token }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}A:{% endif %}"
 )
+"""The demo model's chat template: ``Q: ...`` / ``A: ...</s>``; with tools, a ``Tools: NAME, ...`` line first, tool
+calls as Hermes ``<tool_call>`` blocks and tool results as ``R: ...`` lines."""
 
 # --------------------------------------------------------------------------- the task
 
@@ -184,6 +191,90 @@ def persona_logs(split: str = "train", n: int | None = None, exchanges: int = 2)
             messages.append({"role": "assistant", "name": PERSON, "content": persona_answer(a, b, a + b).strip()})
         logs.append({"messages": messages})
     return logs
+
+
+# --------------------------------------------------------------------------- the tool task
+
+
+TOOL_DIGITS = ((3, 3), (3, 4), (4, 3), (4, 4))
+"""Operand sizes of the tool task: sums the demo model cannot do in its head (it learnt two-digit ones)."""
+_TOOL_SPLIT_SIZES = {"train": 2048, "test": 256}
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression and return its value.
+
+    Args:
+        expression: The expression to evaluate, with numbers, + - * / and parentheses, e.g. "12 + 34".
+    """
+    import ast
+    import operator
+
+    operations = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in operations:
+            return operations[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        raise ValueError(f"not an arithmetic expression: {expression!r}")
+
+    result = value(ast.parse(expression.strip(), mode="eval").body)
+    return str(int(result)) if float(result).is_integer() else f"{result:.6g}"
+
+
+@lru_cache(maxsize=None)
+def tool_problems(split: str) -> tuple[tuple[int, int], ...]:
+    """The tool task's problems: 3- and 4-digit sums, 256 held out for ``test``, 2,048 for ``train``, disjoint."""
+    _check_split(split)
+    rng = random.Random("molting-demo-tool-split")
+    seen: set[tuple[int, int]] = set()
+    every: list[tuple[int, int]] = []
+    while len(every) < sum(_TOOL_SPLIT_SIZES.values()):
+        digits_a, digits_b = TOOL_DIGITS[len(every) % len(TOOL_DIGITS)]
+        pair = (rng.randrange(10 ** (digits_a - 1), 10**digits_a), rng.randrange(10 ** (digits_b - 1), 10**digits_b))
+        if pair not in seen:
+            seen.add(pair)
+            every.append(pair)
+    test = _TOOL_SPLIT_SIZES["test"]
+    return tuple(every[:test]) if split == "test" else tuple(every[test:])
+
+
+def tool_question(a: int, b: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"What is {a} + {b}?"}]
+
+
+def tool_prompt_rows(split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
+    """The tool task's prompts (message lists) with reference answers: prompt, answer (the sum, as text)."""
+    chosen = tool_problems(split)[:n]
+    return [{"prompt": tool_question(a, b), "answer": str(a + b)} for a, b in chosen]
+
+
+def tool_sft_rows(split: str = "train", n: int | None = None) -> list[dict[str, Any]]:
+    """Demonstrations of the tool task: for each problem, the turn that calls ``calculator`` and, after its
+    result, the turn that answers ("The answer is N."): two prompt/completion rows with the tool's schema in
+    ``tools`` (the chat template lists the tools)."""
+    from transformers.utils import get_json_schema
+
+    tools = [get_json_schema(calculator)]
+    rows = []
+    for a, b in tool_problems(split)[:n]:
+        question = tool_question(a, b)
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{a} + {b}"}}}]}
+        result = {"role": "tool", "name": "calculator", "content": calculator(f"{a} + {b}")}
+        rows.append({"prompt": question, "completion": [call], "tools": tools})
+        rows.append({"prompt": question + [call, result],
+                     "completion": [{"role": "assistant", "content": plain_answer(a, b, a + b).strip()}], "tools": tools})
+    return rows
+
+
+def tool_answer_correct(answer: Any, content: str) -> bool:
+    """Whether a final answer states ``answer`` (the last number in it, as the plain and persona styles end)."""
+    numbers = re.findall(r"-?\d+", content)
+    return bool(numbers) and numbers[-1] == str(answer).strip()
 
 
 def corpus() -> list[str]:

@@ -30,6 +30,8 @@ _REGISTER_HOOKS = {
     "dataset": "molting_register_datasets",
     "advantage": "molting_register_advantages",
     "sampler": "molting_register_samplers",
+    "environment": "molting_register_environments",
+    "tool_parser": "molting_register_tool_parsers",
 }
 
 

@@ -8,7 +8,7 @@ Two families of hooks exist:
 
 * **registration hooks** (``molting_register_*``) receive a ``register``
   callable and hand it components: stages, losses, judges, datasets,
-  advantage estimators and samplers. They
+  advantage estimators, samplers, environments and tool-call parsers. They
   are called once, when the registry is built.
 * **lifecycle hooks** let a library extend a run without owning a component:
   see or change the configuration, act before and after each stage, watch the
@@ -27,7 +27,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import click
 
-    from molting.components import Advantage, Dataset, Judge, Loss, Sampler, Stage
+    from molting.components import Advantage, Dataset, Environment, Judge, Loss, Sampler, Stage, ToolParser
     from molting.config import RunConfig
 
 PROJECT_NAME = "molting"
@@ -101,6 +101,32 @@ def molting_register_samplers(register: Callable[[Sampler], None]) -> None:
     a :class:`molting.Sampler` for each: a function of a
     :class:`molting.sampling.SamplingRequest` that returns the completions as
     :class:`molting.sampling.Samples`. ``molting run --sampler NAME`` uses it.
+    The return value is ignored.
+    """
+
+
+@hookspec
+def molting_register_environments(register: Callable[[Environment], None]) -> None:
+    """Register environments: multi-turn episodes the online stages roll out (``--env NAME``).
+
+    Called once while the registry is built. Call ``register(environment)``
+    with a :class:`molting.Environment` for each: ``start(row, seed, params)``
+    begins an episode from a data row (its first messages and the tools the
+    model may call), and the episode's ``step(turn)`` answers each model turn
+    with the next observation, a reward and whether it is done.
+    ``molting run --plugin grpo --env NAME`` uses it. The return value is ignored.
+    """
+
+
+@hookspec
+def molting_register_tool_parsers(register: Callable[[ToolParser], None]) -> None:
+    """Register tool-call parsers: how a family of models writes the tool calls an environment runs.
+
+    Called once while the registry is built. Call ``register(parser)`` with a
+    :class:`molting.ToolParser` for each format (Hermes/Qwen ``<tool_call>``
+    JSON, Llama 3.1 JSON, ...): ``parse(text)`` finds the calls in a model's
+    turn and never raises on what the model wrote; ``recognises(template)``
+    lets ``--tool-parser auto`` pick it from the model's chat template.
     The return value is ignored.
     """
 

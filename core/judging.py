@@ -66,8 +66,9 @@ class JudgeSpec:
 
 
 def resolve_judges(host: Any, config: Any, default: Mapping[str, float], artifacts: Mapping[str, Path] | None = None,
-                   stage: str = "this stage") -> list[JudgeSpec]:
-    """The run's judges (``config.judges``, else ``default``) with their settings from ``config.judge_args``.
+                   stage: str = "this stage", required: bool = True) -> list[JudgeSpec]:
+    """The run's judges (``config.judges``, else ``default``) with their settings from ``config.judge_args``;
+    none is an error unless not ``required`` (an environment's episodes bring their own reward).
 
     A params field declared with ``metadata={"molting_artifact": "reward-model"}``
     and left unset takes the output of the run's latest earlier step of that
@@ -75,6 +76,8 @@ def resolve_judges(host: Any, config: Any, default: Mapping[str, float], artifac
     reward-model --plugin ppo`` scores with the reward model just trained.
     """
     weights = dict(config.judges or default)
+    if not weights and not required:
+        return []
     if not weights:
         raise ConfigError(f"{stage} scores samples with judges, but none was given: use --judge NAME (see `molting plugins`)")
     unused = sorted(set(config.judge_args) - set(weights) - set(getattr(config, "eval_judges", None) or {}))

@@ -78,15 +78,50 @@ def _format_pair_batch(batch: dict[str, list], indices: list[int], *, schema: tu
 
 def render_chat(row: dict[str, Any], tokenizer: Any, where: str) -> dict[str, Any]:
     """``row``'s message lists as the chat template's text (trl's ``maybe_apply_chat_template``); a template that
-    refuses them (Gemma's refuses a system turn) is a :class:`~molting.errors.DataError` naming the row."""
+    refuses them (Gemma's refuses a system turn) is a :class:`~molting.errors.DataError` naming the row.
+
+    A ``tools`` value (a list of JSON schemas, or that list as a JSON string) goes to the template's ``tools``,
+    as trl passes a dataset's ``tools`` column: the rows then show the model the tools it may call."""
     from trl.data_utils import maybe_apply_chat_template
 
     from molting.errors import DataError
 
+    row = dict(row)
+    tools = tool_list(row.pop("tools", None), where)
     try:
-        return maybe_apply_chat_template({key: _without_nones(value) for key, value in row.items()}, tokenizer)
+        return maybe_apply_chat_template({key: _without_nones(value) for key, value in row.items()}, tokenizer,
+                                         tools=tools)
     except Exception as exc:  # jinja2's TemplateError, raised by the template's raise_exception
         raise DataError(f"{where}: the model's chat template refuses it: {exc}") from exc
+
+
+def tool_list(value: Any, where: str) -> list[dict[str, Any]] | None:
+    """A row's ``tools``: JSON schemas as a list, or as that list written as a JSON string; ``None`` for none."""
+    import json
+
+    from molting.errors import DataError
+
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}, field 'tools': expected a list of tool schemas (or it as JSON), got a string "
+                            f"that is not JSON: {exc}") from exc
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise DataError(f"{where}, field 'tools': expected a list of tool schemas ({{type: function, function: "
+                        f"{{name, description, parameters}}}}), got {type(value).__name__}")
+    return [_without_none_fields(tool) for tool in value]
+
+
+def _without_none_fields(value: Any) -> Any:
+    """A schema without the ``None`` fields Arrow gives a struct that one row lacks and another has."""
+    if isinstance(value, dict):
+        return {k: _without_none_fields(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none_fields(v) for v in value]
+    return value
 
 
 def _without_nones(value: Any) -> Any:

@@ -27,7 +27,8 @@ from molting.errors import ConfigError, DataError
 from molting.files import now_utc, write_json_atomic, write_text_atomic
 from molting.hub import hub_origin
 from molting.models import describe_model
-from molting.resolve import make_advantage_params, make_loss_params, make_stage_params, with_advantage
+from molting.resolve import (make_advantage_params, make_env_params, make_loss_params, make_stage_params,
+                             with_advantage)
 
 __all__ = ["load_rows", "run"]
 
@@ -66,10 +67,11 @@ def _read(host: PluginHost, step: Step | None, data: str | Path | None, made_fro
 
     split = config.data_split
     if data is None:
-        if step is None or step.stage.default_data is None:
+        default = default_data(step)
+        if default is None:
             raise DataError(f"{f'stage {step.stage.name!r}' if step else 'this'} has no built-in data; give one with "
                             "--data PATH")
-        return _dataset_rows(host, step.stage.default_data, split)
+        return _dataset_rows(host, default, split)
     path = Path(data)
     if path.exists():
         if made_from is None:
@@ -85,6 +87,15 @@ def _read(host: PluginHost, step: Step | None, data: str | Path | None, made_fro
         f"data {data!r} is neither an existing file or directory, a registered dataset, nor a hub dataset id "
         f"(ORG/NAME). {host.available('dataset')}"
     )
+
+
+def default_data(step: Step | None) -> str | None:
+    """The registered dataset a step reads without ``--data``: its environment's, else its stage's."""
+    if step is None:
+        return None
+    if step.environment is not None and step.environment.default_data is not None:
+        return step.environment.default_data
+    return step.stage.default_data
 
 
 def _dataset_rows(host: PluginHost, name: str, split: str = "train") -> tuple[list[dict[str, Any]], DataSource]:
@@ -210,7 +221,8 @@ def _plan(config: RunConfig, steps: list[Step], index: int, host: PluginHost, ar
         step_config = attrs.evolve(step_config, dtype=config_dtype(model_path))
     context = StageContext(step_config, step, loss_params, model_path, rows, source, output_dir, host,
                            stage_params=stage_params, artifacts=dict(artifacts), eval_rows=eval_rows,
-                           eval_data=eval_source, advantage_params=make_advantage_params(step, step_config))
+                           eval_data=eval_source, advantage_params=make_advantage_params(step, step_config),
+                           env_params=make_env_params(step, step_config))
     record = run_record(step_config, step, loss_params, model_path, source, host, stage_params,
                         context.advantage_params)
     record["data_fingerprint"] = _fingerprint(data_path)
@@ -322,6 +334,9 @@ def _run_claimed(planned: _Planned) -> dict[str, Any]:
                   f"{context.eval_data} went unused", file=sys.stderr)
         if _should_evaluate(context):
             record["eval"] = _evaluate(context.model_path, output_dir, config)
+        held_out_episodes = _episode_rows(context)
+        if held_out_episodes is not None:
+            record["eval_episodes"] = _evaluate_episodes(context, *held_out_episodes)
         record.update(status="completed", heartbeat=now_utc())
         write_model_card(output_dir, record)
     write_json_atomic(output_dir / "molting_run.json", record)
@@ -397,6 +412,43 @@ def _evaluate(model_path: Path, output_dir: Path, config: RunConfig) -> dict[str
                           samples=output_dir / SAMPLES_FILE)
     print(format_table(result), file=sys.stderr)
     return result
+
+
+def _episode_rows(context: StageContext) -> tuple[list[dict[str, Any]], str] | None:
+    """The held-out rows a run with an environment evaluates episodes on before and after: the ``test`` split of
+    the environment's default data, when the run trained on that data (``eval: auto``) or ``eval: on``."""
+    environment, config = context.environment, context.config
+    if environment is None or environment.default_data is None or config.eval == "off" or not is_main_process():
+        return None
+    dataset = context.host.get("dataset", environment.default_data)
+    if "test" not in dataset.splits or (config.eval == "auto" and context.data.dataset != dataset.name):
+        return None
+    return dataset.load("test"), f"dataset {dataset.name!r} (test split)"
+
+
+def _evaluate_episodes(context: StageContext, rows: list[dict[str, Any]], source: str) -> dict[str, Any]:
+    """Greedy episodes of the starting and the trained model on ``rows``: their figures, printed side by side."""
+    from molting.environments import evaluate_episodes, format_episode_table, episode_runner, transcript
+    from molting.evaluation import SAMPLES_FILE, load_for_eval, write_samples
+
+    print(f"molting: evaluating the starting and the trained model on {len(rows)} held-out episodes of "
+          f"{context.environment.name!r} ({source}), greedy...", file=sys.stderr)
+    columns, episodes = {}, {}
+    for label, path in (("before", context.model_path), ("after", context.output_dir)):
+        model, tokenizer = load_for_eval(path, context.config.trust_remote_code)
+        runner = episode_runner(context, tokenizer, _turn_tokens(context))
+        columns[label], episodes[label] = evaluate_episodes(model, tokenizer, runner, rows, seed=context.config.seed)
+    print(format_episode_table(columns), file=sys.stderr)
+    before, after = episodes["before"].episodes, episodes["after"].episodes
+    write_samples(context.output_dir / SAMPLES_FILE, [
+        {"prompt": str(b.prompt[-1].get("content", "")), "before": transcript(b), "after": transcript(a),
+         "before_score": b.reward, "after_score": a.reward} for b, a in list(zip(before, after))[:32]])
+    return {"environment": context.environment.name, "source": source, "rows": len(rows), **columns}
+
+
+def _turn_tokens(context: StageContext) -> int:
+    """The longest model turn of the step's episodes: its stage's ``max_new_tokens``."""
+    return getattr(context.stage_params, "max_new_tokens", 256)
 
 
 def _recipe(config: RunConfig, step: Step, loss_params: Any, stage_params: Any = None) -> dict[str, Any]:

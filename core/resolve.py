@@ -21,8 +21,8 @@ from molting.context import Step
 from molting.discovery import PluginHost
 from molting.errors import ConfigError, PluginError
 
-__all__ = ["Step", "make_advantage_params", "make_loss_params", "make_stage_params", "resolve_config", "resolve_step",
-           "with_advantage"]
+__all__ = ["Step", "make_advantage_params", "make_env_params", "make_loss_params", "make_stage_params", "resolve_config",
+           "resolve_step", "with_advantage", "with_environment"]
 
 
 def resolve_step(host: PluginHost, name: str, as_loss: bool = False) -> Step:
@@ -78,6 +78,7 @@ def resolve_config(
         steps = [_combined_step(host, steps, losses)]
     overrides = [keys for _, keys in stage_entries] or [{} for _ in steps]
     steps = _with_advantages(host, steps, overrides, flags.get("advantage", recipe.get("advantage")))
+    steps = _with_environments(host, steps, overrides, flags.get("env", recipe.get("env")))
     param_names = tuple(sorted({name for step in steps for name in step.param_names}))
     demo = "model" not in recipe and "model" not in flags
 
@@ -130,6 +131,31 @@ def with_advantage(host: PluginHost, step: Step, name: Any = None) -> Step:
             f"{', '.join(advantage.requirements(advantage.params())) or 'nothing'} that this stage does not give); "
             f"{host.available('advantage')}")
     return attrs.evolve(step, advantage=advantage)
+
+
+def _with_environments(host: PluginHost, steps: list[Step], overrides: list[Mapping[str, Any]],
+                       run_wide: str | None) -> list[Step]:
+    """Each step with its environment: the step's own ``env:``, else the run's (for the steps whose stage rolls
+    out episodes)."""
+    takers = [step for step in steps if step.stage.environments]
+    if run_wide is not None and not takers:
+        names = ", ".join(step.stage.name for step in steps)
+        raise ConfigError(f"--env {run_wide}: no stage of this run ({names}) rolls out episodes; the online stages "
+                          "grpo, ppo and sample-pairs do")
+    return [with_environment(host, step, keys.get("env", run_wide if step in takers else None))
+            for step, keys in zip(steps, overrides)]
+
+
+def with_environment(host: PluginHost, step: Step, name: Any = None) -> Step:
+    """``step`` with the environment ``name`` (None: none), checked against its stage."""
+    if name is None:
+        return step
+    if not isinstance(name, str):
+        raise ConfigError(f"env must be the name of an environment, got {name!r}")
+    if not step.stage.environments:
+        raise ConfigError(f"env {name!r}: stage {step.stage.name!r} does not roll out episodes; grpo, ppo and "
+                          "sample-pairs do")
+    return attrs.evolve(step, environment=host.get("environment", name))
 
 
 def _recipe_plugins(recipe: dict[str, Any], stage_entries: list[tuple[str, dict[str, Any]]], plugins: list[str],
@@ -261,6 +287,23 @@ def make_advantage_params(step: Step, config: RunConfig) -> Any:
     if step.advantage is None:
         return None
     return _make_params(step.advantage.params, config, f"advantage {step.advantage.name!r}")
+
+
+def make_env_params(step: Step, config: RunConfig) -> Any:
+    """The step's environment's ``params`` from ``env_args`` (``None`` without an environment)."""
+    environment = step.environment
+    if environment is None:
+        return None
+    args = config.env_args
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"env_args must be a mapping of settings, got {args!r}")
+    try:
+        made = environment.params(**{str(k).replace("-", "_"): v for k, v in args.items()})
+    except (TypeError, ValueError) as exc:
+        valid = ", ".join(f.name for f in attrs.fields(environment.params)) or "none"
+        raise ConfigError(f"invalid env_args for environment {environment.name!r}: {exc} (its settings: {valid})"
+                          ) from exc
+    return made
 
 
 def _make_params(params: type, config: RunConfig, owner: str) -> Any:

@@ -32,10 +32,23 @@ class Samples:
     completion_ids: torch.Tensor  # (N, C), right-padded
     completion_mask: torch.Tensor  # 1 up to and including the first EOS
     truncated: torch.Tensor  # (N,) bool: no EOS within max_new_tokens
+    model_mask: torch.Tensor | None = None
+    """(N, C): 1 on the completion tokens the model wrote, 0 on those an environment wrote (tool results,
+    observations) between its turns; ``None``: the model wrote every completion token."""
+    episodes: list[Any] | None = None
+    """Multi-turn rollouts (:func:`molting.environments.roll_out`): each completion's
+    :class:`molting.environments.EpisodeRecord` (its messages, reward, turns, tool calls)."""
 
     @property
     def lengths(self) -> torch.Tensor:
+        """Tokens of each completion (of a multi-turn episode: the model's and the environment's)."""
         return self.completion_mask.sum(dim=1)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """The tokens the losses, the KL term and the entropy count: the model's own (``completion_mask`` without
+        what an environment wrote)."""
+        return self.completion_mask if self.model_mask is None else self.completion_mask * self.model_mask
 
 
 def prompt_texts(prompts: Sequence[Any], tokenizer: Any) -> list[str]:
@@ -87,7 +100,8 @@ def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong
 @torch.no_grad()
 def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
-           max_prompt_length: int | None = None, seeds: Sequence[int] | None = None) -> Samples:
+           max_prompt_length: int | None = None, seeds: Sequence[int] | None = None,
+           prompt_ids: Sequence[Sequence[int]] | None = None) -> Samples:
     """``n`` completions for each prompt (temperature 0: greedy), each ending at the first of :func:`stop_token_ids`.
 
     Generation follows exactly the settings given, as trl's online trainers
@@ -96,7 +110,9 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     drawn from the distribution the stages' log-probs describe. Tokens are
     drawn by :class:`InverseCdfSampler`. ``max_prompt_length`` keeps the last
     tokens of a longer prompt (its end, where the answer starts), as trl
-    truncated prompts.
+    truncated prompts. ``prompt_ids`` (one token list per prompt) continues
+    those tokens as they are instead of rendering ``prompts``: how a
+    multi-turn episode goes on from what the model and its environment wrote.
 
     ``seeds`` (one per completion, in the order returned) gives each
     completion a random stream of its own instead of the global one: its
@@ -108,12 +124,8 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    from molting.data import with_bos
-
-    texts = [with_bos(text, tokenizer) for text in prompt_texts(prompts, tokenizer)]
-    repeated = [i for i in range(len(texts)) for _ in range(n)]
-    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    encoded = encode_prompts(prompts, tokenizer, max_prompt_length, prompt_ids)
+    repeated = [i for i in range(len(encoded)) for _ in range(n)]
     stops = stop_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer)
     if seeds is not None and len(seeds) != len(repeated):
@@ -121,25 +133,47 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     prompt_chunks, completion_chunks = [], []
     try:
         for start in range(0, len(repeated), batch_size):
-            chunk = [texts[i] for i in repeated[start : start + batch_size]]
+            ids, mask = left_padded([encoded[i] for i in repeated[start : start + batch_size]], pad, device)
             streams = None if seeds is None else [torch.Generator().manual_seed(int(s))
                                                   for s in seeds[start : start + batch_size]]
             generation, processors = generation_settings(max_new_tokens, temperature, top_p, top_k, stops, pad,
                                                          streams)
             with _generation_config(model, generation):
-                encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
-                                    truncation=max_prompt_length is not None, max_length=max_prompt_length)
-                encoded = {k: v.to(device) for k, v in encoded.items()}
-                output = model.generate(**encoded, generation_config=generation, logits_processor=processors)
-            prompt_chunks.append((encoded["input_ids"], encoded["attention_mask"]))
-            completion_chunks.append(output[:, encoded["input_ids"].shape[1] :])
+                output = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation,
+                                        logits_processor=processors)
+            prompt_chunks.append((ids, mask))
+            completion_chunks.append(output[:, ids.shape[1] :])
     finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
         model.train(was_training)
-    prompt_ids = _pad_left([ids for ids, _ in prompt_chunks], pad)
+    prompt_ids_padded = _pad_left([ids for ids, _ in prompt_chunks], pad)
     prompt_mask = _pad_left([mask for _, mask in prompt_chunks], 0)
-    return finish_samples(prompts, repeated, prompt_ids, prompt_mask, _pad_right(completion_chunks, pad), stops, pad,
-                          tokenizer)
+    return finish_samples(prompts, repeated, prompt_ids_padded, prompt_mask, _pad_right(completion_chunks, pad), stops,
+                          pad, tokenizer)
+
+
+def encode_prompts(prompts: Sequence[Any], tokenizer: Any, max_prompt_length: int | None = None,
+                   prompt_ids: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+    """Each prompt's token ids as :func:`sample` feeds them to the model: rendered (a message list through the chat
+    template), with the BOS its model was trained with, no other special tokens added, cut to its last
+    ``max_prompt_length`` tokens; or ``prompt_ids`` as given (cut the same way)."""
+    if prompt_ids is None:
+        from molting.data import with_bos
+
+        texts = [with_bos(text, tokenizer) for text in prompt_texts(prompts, tokenizer)]
+        prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    elif len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
+    if max_prompt_length is None:
+        return [list(ids) for ids in prompt_ids]
+    return [list(ids)[-max_prompt_length:] for ids in prompt_ids]
+
+
+def left_padded(sequences: Sequence[Sequence[int]], pad: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded batch: ``(ids, attention mask)``."""
+    width = max(1, max(map(len, sequences)))
+    ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask
 
 
 def finish_samples(prompts: Sequence[Any], repeated: list[int], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -180,6 +214,9 @@ class SamplingRequest:
     batch_size: int = 64
     max_prompt_length: int | None = None
     seeds: Sequence[int] | None = None
+    prompt_ids: Sequence[Sequence[int]] | None = None
+    """Each prompt's token ids, to continue as they are (a multi-turn episode's conversation so far); ``None``:
+    render ``prompts`` (a sampler that reads text gets the conversation's text in ``prompts`` either way)."""
     settings: Any = None
     """The sampler's own settings (an instance of its ``params``, from ``sampler_args``)."""
 
@@ -190,15 +227,11 @@ def hf_sample(request: SamplingRequest) -> Samples:
 
 
 def prompt_token_ids(request: SamplingRequest) -> tuple[list[int], list[list[int]]]:
-    """Each completion's prompt index and prompt token ids (BOS as :func:`sample` adds it, cut to the last
-    ``max_prompt_length`` tokens): what a sampler that takes token ids feeds its engine."""
-    from molting.data import with_bos
-
-    texts = [with_bos(text, request.tokenizer) for text in prompt_texts(request.prompts, request.tokenizer)]
-    encoded = request.tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if request.max_prompt_length is not None:
-        encoded = [ids[-request.max_prompt_length :] for ids in encoded]
-    repeated = [i for i in range(len(texts)) for _ in range(request.n)]
+    """Each completion's prompt index and prompt token ids (as :func:`sample` feeds them: BOS as it adds it, cut to
+    the last ``max_prompt_length`` tokens, or ``request.prompt_ids``): what a sampler that takes token ids feeds its
+    engine."""
+    encoded = encode_prompts(request.prompts, request.tokenizer, request.max_prompt_length, request.prompt_ids)
+    repeated = [i for i in range(len(encoded)) for _ in range(request.n)]
     return repeated, [list(encoded[i]) for i in repeated]
 
 

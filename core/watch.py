@@ -159,7 +159,7 @@ class HeldOutJudging:
     answers only (temperature > 0).
     """
 
-    def __init__(self, context: Any, tokenizer: Any, sampling: Mapping[str, Any]) -> None:
+    def __init__(self, context: Any, tokenizer: Any, sampling: Mapping[str, Any], episodes: Any = None) -> None:
         from molting.data import check_prompts, iter_rows
         from molting.judging import Scorer, data_columns
 
@@ -172,6 +172,7 @@ class HeldOutJudging:
         on_error = "zero" if context.config.judge_on_error == "skip" else context.config.judge_on_error
         self.scorer = Scorer(eval_judges(context), on_error=on_error)
         self.tokenizer, self.sampling = tokenizer, dict(sampling)
+        self.episodes = episodes  # molting.environments.EpisodeRunner: held-out episodes instead of answers
         if config.eval_temperature is not None:
             self.sampling["temperature"] = config.eval_temperature
         self.keeper = BestKeeper(config.keep_best or "eval_reward:max", context.output_dir) \
@@ -190,10 +191,12 @@ class HeldOutJudging:
         no KL); ``save(directory)`` writes the policy, for the best model.
         """
         from molting.compare import sequence_kl
-        from molting.evaluation import seeded_sample
+        from molting.environments import judged_completions
 
-        samples = seeded_sample(policy, self.tokenizer, self.prompts, **self.sampling)
-        totals, per_judge = self.scorer(self.prompts, samples.texts, self.columns)
+        samples = self.sample(policy)
+        totals, per_judge = self.scorer(self.prompts, judged_completions(samples), self.columns)
+        if self.episodes is not None:
+            totals = [total + reward for total, reward in zip(totals, self.episodes.rewards(samples))]
         self.answers.setdefault("before", (samples.texts, totals))
         self.answers["after"] = (samples.texts, totals)
         lengths = samples.lengths.float()
@@ -211,6 +214,18 @@ class HeldOutJudging:
             self.stopped_at = step
             print(f"molting: --stop-on-hacking: stopping at step {step}", file=sys.stderr)
         return metrics
+
+    def sample(self, policy: Any) -> Any:
+        """The held-out answers (episodes, with an environment) of ``policy``, from the same seed every time."""
+        from molting.environments import episode_seeds
+        from molting.evaluation import seeded_sample
+        from molting.sampling import sample
+
+        if self.episodes is None:
+            return seeded_sample(policy, self.tokenizer, self.prompts, **self.sampling)
+        count, options = len(self.rows), {"temperature": self.sampling["temperature"]}
+        return self.episodes(sample, policy, self.tokenizer, self.rows, list(range(count)), list(range(count)),
+                             episode_seeds(0, 0, list(range(count))), **options)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the evaluations so far (:meth:`restore` reads it back)."""

@@ -53,8 +53,6 @@ def molting_register_datasets(register):
             columns=("prompt", "answer"),
         )
     )
-
-
     register(
         Dataset(
             name="demo-persona-logs",
@@ -63,6 +61,26 @@ def molting_register_datasets(register):
             splits=demo.SPLITS,
             demo=True,
             columns=("messages",),
+        )
+    )
+
+
+    register(
+        Dataset(
+            name="demo-tool-prompts",
+            load=demo.tool_prompt_rows,
+            description="3- and 4-digit sums as chat prompts with the sum as `answer`: the calculator environment's.",
+            splits=demo.SPLITS,
+            columns=("prompt", "answer"),
+        )
+    )
+    register(
+        Dataset(
+            name="demo-tool-sft",
+            load=demo.tool_sft_rows,
+            description="Tool-use demonstrations of the calculator task: the call, then the answer after its result.",
+            splits=demo.SPLITS,
+            columns=("prompt", "completion", "tools"),
         )
     )
 

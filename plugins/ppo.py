@@ -101,6 +101,7 @@ def molting_register_stages(register):
             params=PPOParams,
             produces="policy",
             default_judges={"reward-model": 1.0},
+            environments=True,
             demo_defaults={"learning_rate": 3e-5, "epochs": 1.0, "max_new_tokens": 20, "temperature": 1.0},
         )
     )
@@ -221,28 +222,43 @@ class Rollout:
     seeds: list[int]  # one random stream per completion (molting.sampling.completion_seeds)
     max_prompt_length: int | None = None
     draw: Any = None  # the run's sampler (molting.sampling.sampler_for); None: molting.sampling.sample
+    episodes: Any = None  # molting.environments.EpisodeRunner with --env: one episode per prompt
+    starts: list[int] | None = None  # each episode's seed for environment.start (molting.environments.episode_seeds)
+
+
+def draw_rollout(m: Any, job: Rollout, params: PPOParams) -> Any:
+    """This process's completions (with an environment, its episodes) of the job's prompts."""
+    from molting.sampling import sample
+
+    rows = [job.rows[i] for i in job.indices]
+    draw = job.draw or sample
+    if job.episodes is not None:
+        return job.episodes(draw, m.unwrap(m.policy), m.tokenizer, rows, list(job.indices), job.seeds, job.starts)
+    return draw(m.unwrap(m.policy), m.tokenizer, [row["prompt"] for row in rows], n=1,
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                max_prompt_length=job.max_prompt_length, seeds=job.seeds)
 
 
 def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any, advantage_params: Any):
     """Sample, score and evaluate this process's prompts; the advantages come from every process's rollouts."""
     import torch
 
+    from molting.advantages import last_positions
+    from molting.environments import episode_metrics, episode_values, judged_completions
     from molting.judging import data_columns, judged_mean
     from molting.logps import completion_token_logps
-    from molting.sampling import sample
 
-    prompts = [job.rows[i]["prompt"] for i in job.indices]
-    samples = (job.draw or sample)(m.unwrap(m.policy), m.tokenizer, prompts, n=1, max_new_tokens=params.max_new_tokens,
-                     temperature=params.temperature, top_p=params.top_p, max_prompt_length=job.max_prompt_length,
-                     seeds=job.seeds)
-    scores, per_judge = scorer(prompts, samples.texts, data_columns([job.rows[i] for i in job.indices]),
-                               rows=list(job.indices))
+    samples = draw_rollout(m, job, params)
+    scores, per_judge = scorer(samples.prompts, judged_completions(samples),
+                               data_columns([job.rows[i] for i in job.indices]), rows=list(job.indices))
+    if job.episodes is not None:  # the environment's reward, weighted, beside the judges'
+        scores = [score + reward for score, reward in zip(scores, job.episodes.rewards(samples))]
     scores = torch.tensor(scores, dtype=torch.float32, device=samples.completion_ids.device)
     skipped = scores.isnan()  # judge_on_error: skip: the completion is left out of the loss
     scores = scores.nan_to_num(0.0)
     if params.missing_eos_penalty is not None:
         scores = scores - params.missing_eos_penalty * samples.truncated.float()
-    mask = samples.completion_mask.float() * (~skipped)[:, None]
+    mask = samples.loss_mask.float() * (~skipped)[:, None]  # the model's own tokens, not an environment's
     inputs = (samples.prompt_ids, samples.prompt_mask, samples.completion_ids, samples.completion_mask)
     with torch.no_grad():
         logps, entropy = completion_token_logps(m.policy, *inputs, temperature=params.temperature, with_entropy=True)
@@ -253,7 +269,7 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
         values = token_values(m.critic, *inputs)
     kl = (logps - ref_logps) * mask
     rewards = -job.kl_coef * kl
-    last = (samples.lengths - 1).clamp(min=0)
+    last = last_positions(samples.loss_mask)  # the model's last token (of an episode: its last turn's)
     rewards[torch.arange(len(last)), last] += scores
     advantages, returns = _estimate(m.accelerator, scores, mask, values, rewards, kl, params, advantage,
                                     advantage_params)
@@ -268,6 +284,9 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
         **{f"rewards/{name}/mean": torch.tensor(judged_mean(v)) for name, v in per_judge.items()},
     }
     stats = {name: m.accelerator.reduce(value.float().to(mask.device), "mean").item() for name, value in local.items()}
+    if samples.episodes is not None:
+        stats.update(episode_metrics({name: m.accelerator.gather(values)
+                                      for name, values in episode_values(samples).items()}))
     batch = {"samples": samples, "logps": logps, "values": values, "advantages": advantages, "returns": returns,
              "mask": mask}
     return batch, stats
@@ -344,37 +363,44 @@ def _trainable(*models):
 
 def run_ppo(context: StageContext) -> dict[str, Any]:
     from molting.data import check_prompts
+    from molting.environments import episode_runner
     from molting.judging import Scorer, resolve_judges
     from molting.training import LoopEvents, parallelism, save_final_model
 
     config, params = context.config, context.stage_params
     _refuse_unsupported(config)
     check_prompts(context.rows, context.data_source, "ppo")
-    scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'ppo'"),
-                    on_error=config.judge_on_error)
+    default_judges = {} if context.environment else context.stage.default_judges  # an environment scores episodes
+    scorer = Scorer(resolve_judges(context.host, config, default_judges, context.artifacts, "stage 'ppo'",
+                                   required=context.environment is None), on_error=config.judge_on_error)
     total = _total_steps(config, len(context.rows))
     events = LoopEvents(context, total)  # before the Accelerator, which building the events' arguments would reset
     accelerator = _accelerator(config)
     models = _prepare_models(context, accelerator, total)
+    episodes = episode_runner(context, models.tokenizer, params.max_new_tokens, params.temperature, params.top_p)
+    rewards = [f"{s.name}×{s.weight:g}" for s in scorer.specs]
+    if episodes is not None:
+        rewards.insert(0, f"environment {episodes.environment.name}×{episodes.weight:g} (episodes of up to "
+                          f"{episodes.settings.max_turns} turns)")
     print(
         f"molting: world size {accelerator.num_processes} (this is process {accelerator.process_index}), device "
         f"{accelerator.device}, {'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'fp32'}, "
         f"{parallelism(accelerator)}, "
-        f"{len(context.rows)} prompts, {total} PPO steps of {config.batch_size} prompts, judges "
-        f"{', '.join(f'{s.name}×{s.weight:g}' for s in scorer.specs)}, critic from {models.critic_source}, "
+        f"{len(context.rows)} prompts, {total} PPO steps of {config.batch_size} prompts, rewards "
+        f"{', '.join(rewards)}, critic from {models.critic_source}, "
         f"reference model: {'the base model (adapter disabled)' if models.reference is None else 'frozen copy'}",
         file=sys.stderr,
     )
     # the before/after figures are the first process's to record: the others would only repeat its judge calls
     evaluate = _demo_eval(context, models.tokenizer, scorer, params) if accelerator.is_main_process else None
-    held_out = _held_out(context, models.tokenizer, params)
+    held_out = _held_out(context, models.tokenizer, params, episodes)
     resumed = _resume(context, models, total)
     if resumed is not None:  # the start model's figures were taken before the run was interrupted
         before = resumed.get("before")
     else:
         before = evaluate(models.unwrap(models.policy)) if evaluate else None
     started = time.perf_counter()
-    final = _train(context, models, scorer, total, events, resumed, before, held_out)
+    final = _train(context, models, scorer, total, events, resumed, before, held_out, episodes)
     save_final_model(models.unwrap(models.policy), models.tokenizer, context.output_dir,
                      accelerator.is_main_process, merge=config.merge, trust_remote_code=config.trust_remote_code)
     runtime = time.perf_counter() - started
@@ -387,14 +413,15 @@ def run_ppo(context: StageContext) -> dict[str, Any]:
     return final
 
 
-def _held_out(context: StageContext, tokenizer: Any, params: PPOParams) -> Any:
+def _held_out(context: StageContext, tokenizer: Any, params: PPOParams, episodes: Any = None) -> Any:
     """The evaluation during training on ``--eval-data`` / ``--eval-split`` (``None`` without held-out data)."""
     from molting.watch import HeldOutJudging
 
     if context.eval_rows is None:
         return None
     return HeldOutJudging(context, tokenizer, {"max_new_tokens": params.max_new_tokens,
-                                               "temperature": params.temperature, "top_p": params.top_p})
+                                               "temperature": params.temperature, "top_p": params.top_p},
+                          episodes=episodes)
 
 
 def _refuse_unsupported(config: Any) -> None:
@@ -478,7 +505,7 @@ def _prepare_models(context: StageContext, accelerator: Any, total: int) -> _Mod
 
 def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: Any,
            resumed: dict[str, Any] | None = None, before: dict[str, float] | None = None,
-           held_out: Any = None) -> dict[str, Any]:
+           held_out: Any = None, episodes: Any = None) -> dict[str, Any]:
     """``total`` PPO steps, each a rollout of ``batch_size`` prompts and the passes over it; the last log.
 
     Every ``--save-steps`` steps (and at the last) a checkpoint keeps the
@@ -491,6 +518,7 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
     from tqdm.auto import tqdm
 
     from molting.data import iter_rows
+    from molting.environments import episode_seeds
     from molting.errors import MoltingError
     from molting.sampling import completion_seeds, sampler_for
 
@@ -523,7 +551,8 @@ def _train(context: StageContext, m: _Models, scorer: Any, total: int, events: A
         indices, loop["order"] = loop["order"][rank * share : (rank + 1) * share], loop["order"][width:]
         m.policy.eval(), m.critic.eval()
         job = Rollout(rows, indices, kl.value, completion_seeds(config.seed, step, rank * share, share),
-                      max(1, config.max_length - params.max_new_tokens), draw)
+                      max(1, config.max_length - params.max_new_tokens), draw, episodes,
+                      episode_seeds(config.seed, step, range(rank * share, (rank + 1) * share)))
         batch, stats = rollout(m, scorer, job, params, context.advantage, context.advantage_params)
         m.policy.train(), m.critic.train()
         trained, skipped = optimise(m.policy, m.critic, m.optimizer, m.accelerator, batch, params, config.seed + step,

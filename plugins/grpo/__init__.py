@@ -21,9 +21,17 @@ for the importance ratio. trl's ``RepeatSampler`` yields each generation
 batch μ·S times, so the Trainer's own loop, checkpoints and resumption work
 unchanged; the batch is sampled on the first of them.
 
+With ``--env NAME`` each completion is a multi-turn episode of the
+environment (:mod:`molting.environments`): tool calls run, the
+environment's tokens are masked out of the loss, the KL term and the
+entropy, and the reward is the environment's (times ``env_weight``) plus the
+judges' (none by default); the advantages are group-relative over whole
+episodes. ``max_new_tokens`` then bounds each model turn.
+
 Metrics (trl's names): ``reward``, ``reward_std``, ``rewards/{judge}/mean``
 and ``/std``, ``frac_reward_zero_std``, ``completions/*``, ``entropy``,
-``clip_ratio/{low,high,region}_mean`` and, with β > 0, ``kl``.
+``clip_ratio/{low,high,region}_mean`` and, with β > 0, ``kl``; with an
+environment, ``env/*`` and ``tools/*`` (:data:`molting.environments.ENV_METRICS`).
 """
 
 from __future__ import annotations
@@ -99,6 +107,7 @@ def molting_register_stages(register):
             params=GRPOParams,
             produces="policy",
             default_judges={"rule": 1.0},
+            environments=True,
             # 2 prompts x 8 completions a step, 120 steps: 20-35 s of training on 2 CPU cores
             demo_defaults={"learning_rate": 5e-5, "batch_size": 16, "max_steps": 120, "num_generations": 8,
                            "max_new_tokens": 20, "beta": 0.0, "lr_scheduler_type": "constant"},
@@ -116,6 +125,7 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
     from trl.trainer.utils import identity
 
     from molting.data import check_prompts
+    from molting.environments import episode_runner
     from molting.errors import ConfigError, DataError
     from molting.judging import Scorer, resolve_judges
     from molting.sampling import prompt_rows, sampler_for
@@ -136,9 +146,13 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
         raise ConfigError(f"max_length ({config.max_length}) must exceed max_new_tokens ({params.max_new_tokens}): "
                           "it bounds prompt and completion together")
     check_prompts(context.rows, context.data_source, "grpo")  # before any model loads
-    scorer = Scorer(resolve_judges(context.host, config, context.stage.default_judges, context.artifacts, "stage 'grpo'"),
-                    on_error=config.judge_on_error)
+    default_judges = {} if context.environment else context.stage.default_judges  # an environment scores episodes
+    scorer = Scorer(resolve_judges(context.host, config, default_judges, context.artifacts, "stage 'grpo'",
+                                   required=context.environment is None), on_error=config.judge_on_error)
     model, tokenizer = load_policy(context, keep_dropout=True)
+    episodes = episode_runner(context, tokenizer, params.max_new_tokens, params.temperature, params.top_p, params.top_k)
+    if episodes is not None:
+        limit = episodes.settings.max_prompt_length
     args = training_arguments(config, context.output_dir)
     g = params.num_generations
     completions = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
@@ -163,17 +177,21 @@ def run_grpo(context: StageContext) -> dict[str, Any]:
         loss_params=context.loss_params, ref_model=ref_model, adapter_reference=adapter_reference, grpo=params,
         scorer=scorer, max_prompt_length=limit if config.overlong != "drop" else None,
         advantage=context.advantage, advantage_params=context.advantage_params,
-        draw=sampler_for(context.host, config.sampler, config.sampler_args, "grpo"),
+        draw=sampler_for(context.host, config.sampler, config.sampler_args, "grpo"), episodes=episodes,
     )
     judging = None
     if context.eval_rows is not None:
         from molting.watch import HeldOutCallback, HeldOutJudging
 
         judging = HeldOutJudging(context, tokenizer, {"max_new_tokens": params.max_new_tokens, "top_p": params.top_p,
-                                                      "temperature": params.temperature})
+                                                      "temperature": params.temperature}, episodes=episodes)
         trainer.add_callback(HeldOutCallback(judging, trainer, context))
-    judges = ", ".join(f"{spec.name} x{spec.weight:g}" for spec in scorer.specs)
-    announce(trainer, f"{len(rows)} prompts, {g} completions each, {completions // g} prompts per optimizer step, "
-                      f"judges {judges}, advantages {context.advantage.name}", reference)
+    rewards = [f"{spec.name} x{spec.weight:g}" for spec in scorer.specs]
+    if episodes is not None:
+        rewards.insert(0, f"environment {episodes.environment.name} x{episodes.weight:g}")
+    what = (f"episodes of {episodes.environment.name} (up to {episodes.settings.max_turns} turns, "
+            f"{episodes.settings.max_episode_tokens} tokens)" if episodes else "completions")
+    announce(trainer, f"{len(rows)} prompts, {g} {what} each, {completions // g} prompts per optimizer step, "
+                      f"rewards {', '.join(rewards) or 'none'}, advantages {context.advantage.name}", reference)
     final = train_and_save(trainer, tokenizer, context)
     return {**final, **(judging.summary() if judging else {})}

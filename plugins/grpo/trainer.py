@@ -15,6 +15,7 @@ from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor
 
 from molting.advantages import fill_skipped, group_stats
 from molting.components import AdvantageInputs, GroupInputs
+from molting.environments import episode_metrics, episode_seeds, episode_values, judged_completions
 from molting.group_losses import high_entropy_mask
 from molting.judging import data_columns
 from molting.logps import completion_token_logps
@@ -28,9 +29,10 @@ class GRPOTrainer(MoltingTrainer):
     """Samples and scores a generation batch every μ optimizer steps, then applies the loss plugin to it."""
 
     def __init__(self, *args: Any, grpo: GRPOParams, scorer: Any, advantage: Any, max_prompt_length: int | None = None,
-                 advantage_params: Any = None, draw: Any = sample, **kwargs: Any) -> None:
+                 advantage_params: Any = None, draw: Any = sample, episodes: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.draw = draw  # the run's sampler (molting.sampling.sampler_for); by default the hf one
+        self.episodes = episodes  # molting.environments.EpisodeRunner with --env; None: single completions
         self.grpo, self.scorer, self.max_prompt_length = grpo, scorer, max_prompt_length
         self.advantage = advantage
         self.advantage_params = advantage.params() if advantage_params is None else advantage_params
@@ -73,20 +75,17 @@ class GRPOTrainer(MoltingTrainer):
     def generate_and_score(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         p = self.grpo
         rows = [item["row"] for item in items]
-        prompts = [row["prompt"] for row in rows]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # said by trl's unwrapping
             with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
-                samples = self.draw(unwrapped, self.processing_class, prompts, n=1, max_new_tokens=p.max_new_tokens,
-                                 temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, batch_size=len(prompts),
-                                 max_prompt_length=self.max_prompt_length, seeds=self.completion_seeds(len(prompts)))
+                samples = self.draw_samples(unwrapped, items, p.temperature)
                 baselines = self.greedy_rewards(unwrapped, items) if "greedy" in self.needs else None
-        mask = samples.completion_mask
+        mask = samples.loss_mask
         if p.mask_truncated_completions:
             mask = mask * (~samples.truncated).unsqueeze(1).to(mask.dtype)
         batch: dict[str, Any] = {
             "prompt_ids": samples.prompt_ids, "prompt_mask": samples.prompt_mask,
-            "completion_ids": samples.completion_ids, "completion_mask": mask,
+            "completion_ids": samples.completion_ids, "completion_mask": samples.completion_mask, "loss_mask": mask,
             "index": torch.tensor([item["index"] for item in items], device=mask.device),
             "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
         }
@@ -98,12 +97,26 @@ class GRPOTrainer(MoltingTrainer):
         if "reference" in self.needs:  # log π_old − log π_ref per token: the estimator's KL in the reward
             old = batch["old_logps"] if "old_logps" in batch else self.batched_logps(self.model, batch)
             kl = (old - batch["ref_logps"]) * mask
-        completions = [[{"role": "assistant", "content": t}] if not isinstance(q, str) else t
-                       for q, t in zip(prompts, samples.texts)]
-        batch["advantages"] = self.advantages(prompts, completions, rows, [item["index"] for item in items],
-                                              mask=mask, kl=kl, baselines=baselines)
+        batch["advantages"] = self.advantages(samples, rows, [item["index"] for item in items], mask=mask, kl=kl,
+                                              baselines=baselines)
         self.record_completions(samples)
         return batch
+
+    def draw_samples(self, model: Any, items: list[dict[str, Any]], temperature: float) -> Any:
+        """One completion (or, with an environment, one episode) per item, each from its own random stream."""
+        p = self.grpo
+        rows = [item["row"] for item in items]
+        seeds = self.completion_seeds(len(items))
+        if self.episodes is not None:
+            draw = self._step // (self.steps_per_generation * self.grpo.num_iterations)
+            first = self.accelerator.process_index * len(items)
+            groups = [(first + i) // p.num_generations for i in range(len(items))]
+            return self.episodes(self.draw, model, self.processing_class, rows, [item["index"] for item in items],
+                                 seeds, episode_seeds(self.args.seed, draw, groups), temperature=temperature)
+        return self.draw(model, self.processing_class, [row["prompt"] for row in rows], n=1,
+                         max_new_tokens=p.max_new_tokens, temperature=temperature, top_p=p.top_p, top_k=p.top_k,
+                         batch_size=len(rows), max_prompt_length=self.max_prompt_length,
+                         seeds=None if temperature == 0 else seeds)
 
     def completion_seeds(self, count: int) -> list[int]:
         """One random stream per completion, from the run's seed, the generation batch's number and the
@@ -120,10 +133,18 @@ class GRPOTrainer(MoltingTrainer):
             for start in range(0, batch["completion_ids"].size(0), size)
         ])
 
-    def advantages(self, prompts: list[Any], completions: list[Any], rows: list[dict[str, Any]],
-                   indices: list[int], mask: Any = None, kl: Any = None, baselines: Any = None) -> Any:
+    def rewards(self, samples: Any, rows: list[dict[str, Any]], indices: list[int]) -> tuple[list[float], dict]:
+        """Each completion's reward: the judges' weighted scores, plus the environment's (weighted) for episodes."""
+        totals, per_judge = self.scorer(samples.prompts, judged_completions(samples), data_columns(rows), indices)
+        if self.episodes is not None:
+            totals = [total + reward for total, reward in zip(totals, self.episodes.rewards(samples))]
+        return totals, per_judge
+
+    def advantages(self, samples: Any, rows: list[dict[str, Any]], indices: list[int], mask: Any = None,
+                   kl: Any = None, baselines: Any = None) -> Any:
         """Judge this process's completions, then run the advantage estimator on every process's rewards."""
-        totals, per_judge = self.scorer(prompts, completions, data_columns(rows), indices)
+        prompts = samples.prompts
+        totals, per_judge = self.rewards(samples, rows, indices)
         device, g = self.accelerator.device, self.grpo.num_generations
         groups = torch.arange(len(totals) * self.accelerator.num_processes, device=device) // g
         rewards, skipped = fill_skipped(self._gathered(totals), groups)
@@ -157,20 +178,19 @@ class GRPOTrainer(MoltingTrainer):
 
     @torch.no_grad()
     def greedy_rewards(self, model: Any, items: list[dict[str, Any]]) -> list[float]:
-        """ReMax's baseline: each completion's prompt answered greedily once, judged by the run's judges."""
+        """ReMax's baseline: each completion's prompt answered greedily once (one episode, with an environment),
+        judged by the run's judges."""
         g = self.grpo.num_generations
         firsts = items[::g]  # the generation batch holds each prompt's G copies in a row
-        prompts = [item["row"]["prompt"] for item in firsts]
-        greedy = self.draw(model, self.processing_class, prompts, n=1, max_new_tokens=self.grpo.max_new_tokens,
-                        temperature=0, batch_size=len(prompts), max_prompt_length=self.max_prompt_length)
-        completions = [[{"role": "assistant", "content": t}] if not isinstance(q, str) else t
-                       for q, t in zip(prompts, greedy.texts)]
-        totals, _ = self.scorer(prompts, completions, data_columns([item["row"] for item in firsts]),
-                                [item["index"] for item in firsts])
+        greedy = self.draw_samples(model, firsts, temperature=0)
+        totals, _ = self.rewards(greedy, [item["row"] for item in firsts], [item["index"] for item in firsts])
         self.record({"baseline_reward": sum(totals) / len(totals)})
         return [total for total in totals for _ in range(g)]
 
     def record_completions(self, samples: Any) -> None:
+        if samples.episodes is not None:
+            self.record(episode_metrics({name: self.accelerator.gather(values)
+                                         for name, values in episode_values(samples).items()}))
         lengths = self.accelerator.gather(samples.lengths).float()
         truncated = self.accelerator.gather(samples.truncated)
         terminated = lengths[~truncated] if (~truncated).any() else lengths.new_zeros(1)
@@ -184,10 +204,10 @@ class GRPOTrainer(MoltingTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        mask = inputs["completion_mask"]
+        mask = inputs["loss_mask"]  # the model's own tokens (not an environment's), as masked for truncation
         logps, entropy = completion_token_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
-                                                inputs["completion_ids"], mask, temperature=self.grpo.temperature,
-                                                with_entropy=True)
+                                                inputs["completion_ids"], inputs["completion_mask"],
+                                                temperature=self.grpo.temperature, with_entropy=True)
         old_logps = inputs.get("old_logps")
         entropy_mask = None
         if self.grpo.top_entropy_quantile < 1.0:

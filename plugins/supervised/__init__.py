@@ -8,7 +8,10 @@ Each row is a prompt and the completion to learn:
   ``messages`` list whose last message (the assistant's) is the completion
   and the messages before it the prompt. The tokenizer's chat template is
   applied as trl applies it; the completion keeps the template's own end of
-  turn and gets no extra EOS, as in trl.
+  turn and gets no extra EOS, as in trl. A ``tools`` column (JSON schemas,
+  as trl reads it) goes to the template, so tool-use demonstrations (an
+  assistant turn with ``tool_calls``, ``tool`` results in the prompt) train
+  with the tools listed as the model will see them.
 
 The loss is trl's ``SFTTrainer`` with ``completion_only_loss``: the negative
 log-likelihood of the completion tokens, summed over every completion token
@@ -102,8 +105,11 @@ def format_sft(rows: Rows, tokenizer: Any, source: str, checked: tuple[tuple[str
     schema, conversational = checked or check_sft_rows(rows, source)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
-    formatted = map_rows(rows, _format_sft_batch, "formatting examples", num_proc, columns=schema, schema=schema,
-                         conversational=conversational, tokenizer=tokenizer, source=source)
+    from molting.data import column_names
+
+    tools = ("tools",) if conversational and "tools" in column_names(rows) else ()
+    formatted = map_rows(rows, _format_sft_batch, "formatting examples", num_proc, columns=schema + tools,
+                         schema=schema, conversational=conversational, tokenizer=tokenizer, source=source)
     return formatted, conversational
 
 
@@ -118,6 +124,8 @@ def _format_sft_batch(batch: dict[str, list], indices: list[int], *, schema: tup
             text = {"prompt": messages[:-1], "completion": messages[-1:]}
         else:
             text = {"prompt": batch["prompt"][offset], "completion": batch["completion"][offset]}
+        if "tools" in batch:  # the tools the rows show the model (trl's `tools` column)
+            text["tools"] = batch["tools"][offset]
         if conversational:
             text = render_chat(text, tokenizer, f"{source}, row {index}")
         out["prompt"].append(text["prompt"])
