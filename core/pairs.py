@@ -56,8 +56,11 @@ def format_pairs(rows: Rows, tokenizer: Any, source: str, stage: str = "preferen
     conversational = check_text_fields(rows, schema, source, adapt=adapt)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source} is conversational (message lists) but the model's tokenizer has no chat template")
-    return map_rows(rows, _format_pair_batch, "formatting pairs", num_proc, columns=(*schema, *carry), schema=schema,
-                    carry=carry, conversational=conversational, tokenizer=tokenizer, source=source)
+    from molting.data import column_names
+
+    tools = ("tools",) if conversational and "tools" in column_names(rows) else ()  # trl's `tools` column
+    return map_rows(rows, _format_pair_batch, "formatting pairs", num_proc, columns=(*schema, *tools, *carry),
+                    schema=schema, carry=carry, conversational=conversational, tokenizer=tokenizer, source=source)
 
 
 def _format_pair_batch(batch: dict[str, list], indices: list[int], *, schema: tuple[str, ...], carry: tuple[str, ...],
@@ -67,7 +70,8 @@ def _format_pair_batch(batch: dict[str, list], indices: list[int], *, schema: tu
         row = dict(zip(schema, values))
         row = split_prompt(_with_message_prompt(row) if "prompt" in row else row)
         if conversational:
-            row = render_chat(row, tokenizer, f"{source}, row {indices[offset]}")
+            tools = {"tools": batch["tools"][offset]} if "tools" in batch else {}
+            row = render_chat({**row, **tools}, tokenizer, f"{source}, row {indices[offset]}")
         for key in ("prompt", "chosen", "rejected"):
             out[key].append(row[key])
         out["templated"].append(conversational)

@@ -90,7 +90,7 @@ def wins(count: int, compared: Sequence[tuple[int, int]], verdicts: Sequence[int
 
 def rank(scorer: Any, prompts: Sequence[Any], completions: Sequence[Any], texts: Sequence[str], n: int,
          columns: dict[str, list[Any]], rows: Sequence[int], truncated: Sequence[bool],
-         missing_eos_penalty: float = 0.0) -> Ranking:
+         missing_eos_penalty: float = 0.0, bonus: Sequence[float] | None = None) -> Ranking:
     """One pair per prompt from ``n`` completions each (grouped: the first prompt's ``n``, then the next's).
 
     ``prompts``, ``completions`` (as the judges receive them: text, or an
@@ -98,7 +98,9 @@ def rank(scorer: Any, prompts: Sequence[Any], completions: Sequence[Any], texts:
     (the data's other columns), ``rows`` (data rows, for the judges' error
     messages) and ``truncated`` (no EOS within ``max_new_tokens``) have one
     entry per completion. A truncated completion loses ``missing_eos_penalty``
-    from its score, or from its wins with a pairwise judge.
+    from its score, or from its wins with a pairwise judge. ``bonus`` (one
+    per completion: an episode's environment reward) is added to the
+    pointwise judges' scores.
     """
     groups = range(0, len(texts), n)
     pairwise = [spec for spec in scorer.specs if spec.judge.kind == "pairwise"]
@@ -106,6 +108,8 @@ def rank(scorer: Any, prompts: Sequence[Any], completions: Sequence[Any], texts:
         scores = pairwise_scores(scorer, pairwise[0], prompts, completions, texts, n, columns, rows)
     else:
         scores, _ = scorer(prompts, completions, columns, rows)
+        if bonus is not None:
+            scores = [score + extra for score, extra in zip(scores, bonus)]
     scores = [score - missing_eos_penalty * cut for score, cut in zip(scores, truncated)]
     pairs = [best_against_worst(scores[start : start + n], texts[start : start + n]) for start in groups]
     return Ranking(pairs, None, scores) if pairwise else Ranking(pairs, scores)

@@ -161,13 +161,25 @@ def map_rows(rows: Rows, function: Callable[..., dict[str, list]], desc: str, nu
     fingerprint = Hasher.hash([rows._fingerprint, function.__module__, function.__qualname__, kwargs, features,
                                batch_size, code_version()])
     typed = None
-    if features and len(rows):  # the other columns' types as the function makes them, from its first row
-        probe = datasets.Dataset.from_dict(function(rows[:1], [0], **kwargs)).features
-        typed = datasets.Features({name: features.get(name, feature) for name, feature in probe.items()})
+    if (features or _has_json(rows.features)) and len(rows):  # the columns' types as the function makes them
+        first = rows[:1]
+        made = function(first, [0], **kwargs)
+        probe = datasets.Dataset.from_dict(made).features
+        typed = datasets.Features({
+            # a column carried through unchanged keeps its type; datasets would keep a JSON-typed input column's
+            # type for an output of the same name even when the function made text of it (a templated message list)
+            name: (features or {}).get(name) or (rows.features[name] if made[name] == first.get(name) else feature)
+            for name, feature in probe.items()})
     with _progress_bars(len(rows) > batch_size):
         return rows.map(function, batched=True, with_indices=True, batch_size=batch_size, fn_kwargs=kwargs,
                         remove_columns=rows.column_names, num_proc=num_proc if num_proc and num_proc > 1 else None,
                         desc=f"molting: {desc}", new_fingerprint=fingerprint, features=typed)
+
+
+def _has_json(features: Any) -> bool:
+    """Whether a column holds values datasets stores as JSON (structs that differ from row to row: messages with
+    and without ``tool_calls``)."""
+    return "Json(" in repr(features)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,14 @@ every two distinct completions are compared; the one with the most wins is
 chosen, the one with the fewest rejected (an undecided comparison is half a
 win each).
 
+With ``--env NAME`` each sample is a whole multi-turn episode of the
+environment (the same ``num_samples`` per prompt, each from the episode's
+start), scored by the environment's reward (times ``env_weight``) plus any
+pointwise judges': ``chosen`` and ``rejected`` are then the two episodes'
+messages after the prompt (assistant turns with their tool calls, tool
+results), with the episode's ``tools`` alongside, as trl's conversational
+preference data holds them.
+
 The stage trains nothing; its output directory holds the data, the counts
 (in ``molting_run.json``) and no model, so the next step starts from the
 same model as this one.
@@ -55,6 +63,7 @@ def molting_register_stages(register):
             produces="dataset",
             default_judges={"demo-rule": 1.0},
             demo_defaults={"max_new_tokens": 20},
+            environments=True,
         )
     )
 
@@ -64,6 +73,7 @@ def run_sample_pairs(context: StageContext) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from molting.data import check_prompts, iter_rows
+    from molting.environments import episode_runner
     from molting.files import write_jsonl_atomic
     from molting.models import load_causal_lm
     from molting.sampling import sampler_for
@@ -77,17 +87,21 @@ def run_sample_pairs(context: StageContext) -> dict[str, Any]:
     model, tokenizer = load_causal_lm(context.model_path, trust_remote_code=config.trust_remote_code)
     if torch.cuda.is_available():
         model = model.cuda()
-    print(f"molting: sampling {params.num_samples} completions for each of {len(rows)} prompts from "
-          f"{context.model_path} (sampler {config.sampler}), judged by {', '.join(scorer.names)}", file=sys.stderr)
+    episodes = episode_runner(context, tokenizer, params.max_new_tokens, params.temperature, params.top_p,
+                              batch_size=params.generation_batch_size)
+    judged = scorer.names + ([f"environment {episodes.environment.name}"] if episodes else [])
+    what = f"episodes of {episodes.environment.name}" if episodes else "completions"
+    print(f"molting: sampling {params.num_samples} {what} for each of {len(rows)} prompts from "
+          f"{context.model_path} (sampler {config.sampler}), judged by {', '.join(judged)}", file=sys.stderr)
     per_batch = max(1, params.generation_batch_size // params.num_samples)
     starts = range(0, len(rows), per_batch)
-    ranked = _Ranked(conversational)
+    ranked = _Ranked(conversational or episodes is not None)
     events = LoopEvents(context, max_steps=len(starts), model=model, tokenizer=tokenizer)
     events.train_begin()
     for start in tqdm(starts, desc="sample-pairs"):
         events.step_begin()
         _sample_and_rank(draw, model, tokenizer, scorer, rows, range(start, min(start + per_batch, len(rows))), params,
-                         ranked)
+                         ranked, episodes, config.seed)
         events.step_end()
     path = context.output_dir / "data.jsonl"
     write_jsonl_atomic(path, ranked.written)
@@ -121,6 +135,13 @@ def _scorer(context: StageContext) -> Any:
     from molting.errors import ConfigError
     from molting.judging import Scorer, resolve_judges
 
+    if context.environment is not None:  # the environment's reward ranks episodes, with any judges named beside it
+        specs = resolve_judges(context.host, context.config, {}, context.artifacts, "stage 'sample-pairs'",
+                               required=False)
+        if any(spec.judge.kind == "pairwise" for spec in specs):
+            raise ConfigError("episodes are ranked by the environment's reward plus pointwise judges' scores; a "
+                              "pairwise judge cannot be summed with them")
+        return Scorer(specs, on_error=context.config.judge_on_error)
     if not context.config.judges and not context.data.demo:
         raise ConfigError(
             f"sample-pairs ranks answers with a judge, and its default (demo-rule) grades only the demo task; "
@@ -144,17 +165,23 @@ class _Ranked:
     ties: int = 0
     lengths: list[int] = attrs.field(factory=list)
 
-    def add(self, prompt: Any, texts: list[str], scores: list[float], pair: Any) -> None:
-        """One prompt's best against worst completion, unless the judge could not tell them apart."""
+    def add(self, prompt: Any, texts: list[str], scores: list[float], pair: Any, episodes: list[Any] | None = None
+            ) -> None:
+        """One prompt's best against worst completion (or episode), unless the judge could not tell them apart."""
         if pair.tie:
             self.ties += 1
             return
         chosen, rejected = texts[pair.chosen], texts[pair.rejected]
-        if self.conversational:
+        extra = {}
+        if episodes is not None:  # the episodes' messages after the prompt, and the tools the model was offered
+            best, worst = episodes[pair.chosen], episodes[pair.rejected]
+            prompt, chosen, rejected = best.prompt, best.messages, worst.messages
+            extra = {"tools": best.tools} if best.tools else {}
+        elif self.conversational:
             chosen = [{"role": "assistant", "content": chosen.strip()}]
             rejected = [{"role": "assistant", "content": rejected.strip()}]
         self.written.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                             "score_chosen": scores[pair.chosen], "score_rejected": scores[pair.rejected]})
+                             "score_chosen": scores[pair.chosen], "score_rejected": scores[pair.rejected], **extra})
 
     def metrics(self) -> dict[str, float]:
         def mean(values: list[float]) -> float:
@@ -168,20 +195,32 @@ class _Ranked:
 
 
 def _sample_and_rank(draw: Any, model: Any, tokenizer: Any, scorer: Any, rows: list[dict[str, Any]], chunk: range,
-                     params: SamplePairsParams, ranked: _Ranked) -> None:
-    """``num_samples`` completions for each prompt of ``chunk``, judged and ranked into ``ranked``
+                     params: SamplePairsParams, ranked: _Ranked, episodes: Any = None, seed: int = 0) -> None:
+    """``num_samples`` completions (or episodes) for each prompt of ``chunk``, judged and ranked into ``ranked``
     (:func:`molting.ranking.rank`: pointwise judges' best against worst, or a pairwise judge's wins)."""
+    from molting.environments import episode_seeds, judged_completions
     from molting.judging import data_columns
     from molting.ranking import rank
+    from molting.sampling import completion_seeds
 
     n = params.num_samples
-    samples = draw(model, tokenizer, [rows[i]["prompt"] for i in chunk], n=n, max_new_tokens=params.max_new_tokens,
-                     temperature=params.temperature, top_p=params.top_p, batch_size=params.generation_batch_size)
+    if episodes is not None:
+        repeated = [index for index in chunk for _ in range(n)]
+        samples = episodes(draw, model, tokenizer, [rows[i] for i in repeated], repeated,
+                           completion_seeds(seed, 0, chunk.start * n, len(repeated)), episode_seeds(seed, 0, repeated))
+        sampled_rows = repeated
+    else:
+        samples = draw(model, tokenizer, [rows[i]["prompt"] for i in chunk], n=n, max_new_tokens=params.max_new_tokens,
+                       temperature=params.temperature, top_p=params.top_p, batch_size=params.generation_batch_size)
+        sampled_rows = [chunk[r] for r in samples.rows]
     ranked.lengths += samples.lengths.tolist()
-    sampled_rows = [chunk[r] for r in samples.rows]
-    ranking = rank(scorer, samples.prompts, samples.texts, samples.texts, n,
-                   data_columns([rows[i] for i in sampled_rows]), sampled_rows, [False] * len(samples.texts))
+    completions = judged_completions(samples) if episodes is not None else samples.texts
+    bonus = episodes.rewards(samples) if episodes is not None else None
+    ranking = rank(scorer, samples.prompts, completions, samples.texts, n,
+                   data_columns([rows[i] for i in sampled_rows]), sampled_rows, [False] * len(samples.texts),
+                   bonus=bonus)
     scores = ranking.scores or ranking.wins
     for position, (index, pair) in enumerate(zip(chunk, ranking.pairs)):
         group = slice(position * n, (position + 1) * n)
-        ranked.add(rows[index]["prompt"], samples.texts[group], scores[group], pair)
+        ranked.add(rows[index]["prompt"], samples.texts[group], scores[group], pair,
+                   samples.episodes[group] if episodes is not None else None)

@@ -15,8 +15,9 @@ Two ways in, as scikit-learn's ``check_estimator`` and zarr's ``zarr.testing``:
       class TestSimPO(LossTests):
           name = "simpo"            # found through the entry points, as users find it
 
-  (``StageTests``, ``JudgeTests``, ``DatasetTests``; ``PluginTests`` checks
-  every component of a plugin or a distribution.)
+  (``StageTests``, ``JudgeTests``, ``DatasetTests``, ``AdvantageTests``,
+  ``SamplerTests``, ``EnvironmentTests``, ``ToolParserTests``; ``PluginTests``
+  checks every component of a plugin or a distribution.)
 
 and on the command line: ``molting check NAME``.
 
@@ -37,6 +38,7 @@ from molting.testing.checks import (
     check_plugin,
     checks_for,
 )
+from molting.testing import environment_checks  # noqa: F401,E402 (registers the environment and parser checks)
 from molting.testing.inputs import (
     GENERATORS,
     Expectation,
@@ -49,8 +51,8 @@ from molting.testing.inputs import (
     with_logps,
 )
 
-_CLASSES = ("AdvantageTests", "ComponentTests", "DatasetTests", "JudgeTests", "LossTests", "PluginTests",
-            "SamplerTests", "StageTests")
+_CLASSES = ("AdvantageTests", "ComponentTests", "DatasetTests", "EnvironmentTests", "JudgeTests", "LossTests",
+            "PluginTests", "SamplerTests", "StageTests", "ToolParserTests")
 
 
 def __getattr__(name: str):

@@ -80,6 +80,14 @@ class SamplerTests(ComponentTests):
     kind = "sampler"
 
 
+class EnvironmentTests(ComponentTests):
+    kind = "environment"
+
+
+class ToolParserTests(ComponentTests):
+    kind = "tool_parser"
+
+
 class PluginTests(ComponentTests):
     """Every component of one plugin (``name = "plugin"``) or of a whole distribution (``distribution = ...``)."""
 
