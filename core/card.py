@@ -57,6 +57,7 @@ def model_card(record: Mapping[str, Any], output_dir: str | Path | None = None) 
             format_table(evaluation),
             "```",
         ]
+    lines += _episodes_section(record)
     lines += _held_out_section(record)
     lines += ["", "## Plugins", "", "| plugin | distribution | version |", "| --- | --- | --- |"]
     for name, info in record["plugins"].items():
@@ -64,6 +65,19 @@ def model_card(record: Mapping[str, Any], output_dir: str | Path | None = None) 
     lines += ["", "## Use", ""] + _usage(record.get("produces", "policy"), where)
     lines += ["", f"Rerun: `molting run --config {where}/recipe.yaml`.", ""]
     return "\n".join(lines)
+
+
+def _episodes_section(record: Mapping[str, Any]) -> list[str]:
+    """Greedy held-out episodes of the environment the run trained with, before and after."""
+    from molting.environments import format_episode_table
+
+    episodes = record.get("eval_episodes")
+    if not episodes:
+        return []
+    return ["", f"## Held-out episodes ({episodes['environment']})", "",
+            f"{episodes['rows']} greedy episodes from {episodes['source']}; `before` is the model the run started "
+            "from. `reward` is the environment's mean reward (for the calculator, the share of right answers).", "",
+            "```", format_episode_table({"before": episodes["before"], "after": episodes["after"]}), "```"]
 
 
 def _held_out_section(record: Mapping[str, Any]) -> list[str]:

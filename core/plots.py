@@ -13,6 +13,9 @@ CURVES = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "re
           "objective/scores", "objective/kl", "completions/mean_length", "learning_rate")
 EVAL_CURVES = ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_reward", "eval_kl",
                "eval_completions/mean_length")
+ENV_CURVES = ("env/reward", "env/turns", "env/tool_calls", "env/tool_errors", "env/malformed_calls",
+              "env/truncated_ratio")
+"""An online stage's episodes (``--env``): what ``env.png`` draws."""
 _BOOKKEEPING = ("step", "epoch", "grad_norm")
 _TIMING = ("_runtime", "_per_second")
 
@@ -75,6 +78,13 @@ def training_figure(records: Sequence[Mapping[str, Any]], title: str) -> Any:
     return curves_figure(records, names, title) if records and names else None
 
 
+def env_figure(records: Sequence[Mapping[str, Any]], title: str) -> Any:
+    """The episodes' curves: reward, turns, tool calls, errors, malformed calls, truncation (``None`` without)."""
+    records = [r for r in records if not _is_eval(r)]
+    names = [n for n in ENV_CURVES if any(isinstance(r.get(n), (int, float)) for r in records)]
+    return curves_figure(records, names, title) if names else None
+
+
 def eval_figure(records: Sequence[Mapping[str, Any]], title: str, alarms: Sequence[Mapping[str, Any]] = ()) -> Any:
     """The held-out evaluation curves during training, the watch's alarms marked (``None`` without evaluations)."""
     records = [r for r in records if _is_eval(r)]
@@ -125,7 +135,7 @@ def before_after_figure(evaluation: Mapping[str, Mapping[str, float]], title: st
     import matplotlib.pyplot as plt
 
     before, after = evaluation["before"], evaluation["after"]
-    metrics = [m for m in after if m in before]
+    metrics = [m for m in after if m in before and isinstance(after[m], (int, float))]
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     xs = range(len(metrics))
     ax.bar([x - 0.2 for x in xs], [before[m] for m in metrics], width=0.4, label="before")
@@ -133,8 +143,8 @@ def before_after_figure(evaluation: Mapping[str, Mapping[str, float]], title: st
     for x, m in zip(xs, metrics):
         ax.text(x + 0.2, after[m] + 0.02, f"{after[m]:.2f}", ha="center", fontsize=8)
         ax.text(x - 0.2, before[m] + 0.02, f"{before[m]:.2f}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), metrics)
-    ax.set_ylim(0, 1.1)
+    ax.set_xticks(list(xs), metrics, rotation=20 if len(metrics) > 5 else 0, fontsize=8 if len(metrics) > 5 else None)
+    ax.set_ylim(0, max([1.0] + [before[m] for m in metrics] + [after[m] for m in metrics]) * 1.1)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
@@ -143,7 +153,8 @@ def before_after_figure(evaluation: Mapping[str, Mapping[str, float]], title: st
 
 def run_figures(run_dir: Path, records: Sequence[Mapping[str, Any]] | None = None,
                 record: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``{"training": fig, "eval_curves": fig, "eval": fig, "watch": fig}``, those the run has data for; ``records``
+    """``{"training": fig, "eval_curves": fig, "eval": fig, "watch": fig, "env": fig, "eval_episodes": fig}``, those
+    the run has data for; ``records``
     (metrics.jsonl) and ``record`` (molting_run.json) are read from ``run_dir`` unless the caller has them."""
     import matplotlib
 
@@ -158,13 +169,18 @@ def run_figures(run_dir: Path, records: Sequence[Mapping[str, Any]] | None = Non
         if record.get("eval") else None,
         "watch": watch_figure(record["watch"], f"{run_dir.name}: training reward against the held-out judges")
         if (record.get("watch") or {}).get("evaluations") else None,
+        "env": env_figure(records, f"{run_dir.name}: episodes"),
+        "eval_episodes": before_after_figure(record["eval_episodes"], f"{run_dir.name}: held-out episodes of "
+                                                                      f"{record['eval_episodes']['environment']}")
+        if record.get("eval_episodes") else None,
     }
     return {name: fig for name, fig in figures.items() if fig is not None}
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     """Write ``training.png``, ``eval_curves.png`` (evaluation during training), ``watch.png`` (training reward
-    against the held-out judges) and ``eval.png`` (before/after), those the run has data for; returns their paths."""
+    against the held-out judges), ``eval.png`` (before/after), ``env.png`` (an environment's episodes) and
+    ``eval_episodes.png`` (held-out episodes before/after), those the run has data for; returns their paths."""
     import matplotlib.pyplot as plt
 
     out = out or run_dir / "plots"

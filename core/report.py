@@ -102,9 +102,16 @@ def _step_section(step: Path, record: Mapping[str, Any], index: int) -> str:
     if "eval_curves" in figures:
         parts.append(f"<h3>Held-out evaluation during training</h3>{_held_out(record)}"
                      f"{_image(figures['eval_curves'], 'held-out evaluation curves')}")
+    if "env" in figures:
+        parts.append(f"<h3>Episodes</h3>{_image(figures['env'], 'episode curves')}")
     if record.get("eval"):
         chart = _image(figures["eval"], "before and after") if "eval" in figures else ""
         parts.append(f"<h3>Before and after (the demo task's held-out split)</h3>{_before_after(record['eval'])}{chart}")
+    episodes = record.get("eval_episodes")
+    if episodes:
+        chart = _image(figures["eval_episodes"], "held-out episodes") if "eval_episodes" in figures else ""
+        parts.append(f"<h3>Before and after: {episodes['rows']} held-out episodes of {_e(episodes['environment'])} "
+                     f"({_e(episodes['source'])}, greedy)</h3>{_before_after(episodes)}{chart}")
     parts.append(_samples(step, index))
     parts.append(_settings(record))
     if not logged:

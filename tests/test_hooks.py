@@ -275,3 +275,32 @@ def test_hook_molting_register_advantages():
 
 def test_hook_molting_register_samplers():
     _registers(SamplerPlugin(), "sampler", "plain")
+
+
+class EnvironmentPlugin:
+    @molting.hookimpl
+    def molting_register_environments(self, register):
+        from molting.environments import Episode, Turn
+
+        class Echo(Episode):
+            def step(self, turn):
+                return Turn(reward=float(len(turn.text)), done=True)
+
+        register(molting.Environment(name="echo", start=lambda row, seed, params: Echo(), description="One turn."))
+
+
+class ToolParserPlugin:
+    @molting.hookimpl
+    def molting_register_tool_parsers(self, register):
+        from molting.tools import ParsedTurn
+
+        register(molting.ToolParser(name="never", parse=lambda text: ParsedTurn(text.strip()),
+                                    render=lambda calls: "", description="Reads no calls at all."))
+
+
+def test_hook_molting_register_environments():
+    _registers(EnvironmentPlugin(), "environment", "echo")
+
+
+def test_hook_molting_register_tool_parsers():
+    _registers(ToolParserPlugin(), "tool_parser", "never")

@@ -250,8 +250,9 @@ def check_parser_never_raises(subject: Subject) -> None:
 
     parser = subject.component
     rendered = parser.render(_calls())
-    for text in ("", rendered[: len(rendered) // 2], rendered[:-1], "}{][\x00" * 10, rendered + rendered[:5],
-                 "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>{"):
+    cut_short = [rendered[: len(rendered) * part // 6] for part in range(1, 6)] + [rendered[:-1]]
+    garbled = [rendered.replace('"', ""), rendered.replace(":", ";"), rendered.replace("{", "{{"), rendered + rendered[:5]]
+    for text in ("", *cut_short, *garbled, "}{][\x00" * 10, "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>{"):
         try:
             parsed = parser.parse(text)
         except Exception as exc:
