@@ -231,7 +231,7 @@ class _Rollout:
 
     def __init__(self, draw: Callable[..., Any], model: Any, tokenizer: Any, environment: Any, params: Any,
                  settings: RolloutSettings, parser: Any, loop: _LoopThread) -> None:
-        from molting.sampling import pad_token_id, stop_token_ids
+        from molting.sampling import GenerationSession, pad_token_id, stop_token_ids
 
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"environment {environment.name!r}: episodes are conversations, and the model's tokenizer "
@@ -239,6 +239,7 @@ class _Rollout:
         self.draw, self.model, self.tokenizer, self.environment, self.params = draw, model, tokenizer, environment, params
         self.settings, self.parser, self.loop = settings, parser, loop
         self.stops, self.pad = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
+        self.session = GenerationSession()  # the KV cache from turn to turn, for a sampler that keeps one
 
     # -- starting
 
@@ -295,7 +296,8 @@ class _Rollout:
             self.model, self.tokenizer, [self.tokenizer.decode(r.prompt_ids + r.ids) for r in active], n=1,
             max_new_tokens=max(1, min(self.settings.max_new_tokens, max(budgets))),
             temperature=self.settings.temperature, top_p=self.settings.top_p, top_k=self.settings.top_k,
-            batch_size=self.settings.batch_size, seeds=seeds, prompt_ids=[r.prompt_ids + r.ids for r in active])
+            batch_size=self.settings.batch_size, seeds=seeds, prompt_ids=[r.prompt_ids + r.ids for r in active],
+            session=self.session, keys=[id(r) for r in active])
         turns = []
         for position, (record, budget) in enumerate(zip(active, budgets)):
             tokens = samples.completion_ids[position][samples.completion_mask[position].bool()].tolist()

@@ -12,6 +12,7 @@ the position ids the generation used.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Sequence
 
 import attrs
@@ -101,7 +102,8 @@ def prompt_rows(rows: list[dict[str, Any]], tokenizer: Any, limit: int, overlong
 def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
            max_prompt_length: int | None = None, seeds: Sequence[int] | None = None,
-           prompt_ids: Sequence[Sequence[int]] | None = None) -> Samples:
+           prompt_ids: Sequence[Sequence[int]] | None = None, session: GenerationSession | None = None,
+           keys: Sequence[Any] | None = None) -> Samples:
     """``n`` completions for each prompt (temperature 0: greedy), each ending at the first of :func:`stop_token_ids`.
 
     Generation follows exactly the settings given, as trl's online trainers
@@ -120,6 +122,11 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     process, so one process sampling 16 completions and two sampling 8 each
     draw the same ones (what a multi-process online stage needs to follow the
     one-process run).
+
+    ``session`` (a :class:`GenerationSession`) with ``keys`` (one per prompt:
+    which episode it continues) keeps the KV cache of each call for the
+    next: a multi-turn rollout's next turn then computes only the tokens
+    added since (the observation), not the whole conversation again.
     """
     was_training = model.training
     model.eval()
@@ -130,17 +137,23 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     pad = pad_token_id(tokenizer)
     if seeds is not None and len(seeds) != len(repeated):
         raise ValueError(f"{len(seeds)} seeds for {len(repeated)} completions")
+    cached = session is not None and keys is not None and n == 1 and len(encoded) <= batch_size
     prompt_chunks, completion_chunks = [], []
     try:
         for start in range(0, len(repeated), batch_size):
-            ids, mask = left_padded([encoded[i] for i in repeated[start : start + batch_size]], pad, device)
+            rows = [encoded[i] for i in repeated[start : start + batch_size]]
+            continued = session.inputs(keys, rows, pad, device) if cached else None
+            ids, mask = continued[:2] if continued else left_padded(rows, pad, device)
             streams = None if seeds is None else [torch.Generator().manual_seed(int(s))
                                                   for s in seeds[start : start + batch_size]]
             generation, processors = generation_settings(max_new_tokens, temperature, top_p, top_k, stops, pad,
                                                          streams)
+            generation.return_dict_in_generate = cached
             with _generation_config(model, generation):
                 output = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation,
-                                        logits_processor=processors)
+                                        logits_processor=processors, **({cache_name(): continued[2]} if continued else {}))
+            if cached:
+                output = session.keep(keys, rows, output, mask, stops)
             prompt_chunks.append((ids, mask))
             completion_chunks.append(output[:, ids.shape[1] :])
     finally:
@@ -149,6 +162,72 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[Any], n: int = 1, max_n
     prompt_mask = _pad_left([mask for _, mask in prompt_chunks], 0)
     return finish_samples(prompts, repeated, prompt_ids_padded, prompt_mask, _pad_right(completion_chunks, pad), stops,
                           pad, tokenizer)
+
+
+@functools.cache
+def cache_name() -> str:
+    """What ``generate`` calls a KV cache, in its arguments and its output: ``cache`` (transformers 5.2x),
+    ``past_key_values`` before."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
+class GenerationSession:
+    """What :func:`sample` keeps between the turns of one multi-turn rollout: the last call's KV cache, the token
+    rows it covers (left padding, each row's turns, the padding between them) and their attention mask.
+
+    A turn continues an episode when the episode's tokens start with what
+    its row covers: the new tokens (the observation) are appended after
+    padding that the attention mask hides, the cache keeps the rows of the
+    episodes still going, and ``generate`` computes the new tokens only.
+    Positions follow the attention mask, so every token sits where a fresh
+    prefill of the conversation would put it.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+        self.covered: list[list[int]] = []
+        self.ids: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.cache: Any = None
+        self.reused = 0  # calls that continued from the cache (for tests and benchmarks)
+
+    def inputs(self, keys: Sequence[Any], rows: Sequence[Sequence[int]], pad: int,
+               device: Any) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """Input ids, attention mask and cache that continue ``rows`` (each episode's whole conversation so far),
+        or ``None`` when some row does not continue what the cache covers."""
+        if self.cache is None or not set(keys) <= set(self.keys):
+            return None
+        index = [self.keys.index(key) for key in keys]
+        added = []
+        for position, row in zip(index, rows):
+            covered = self.covered[position]
+            if list(row[: len(covered)]) != covered or len(row) == len(covered):
+                return None
+            added.append(list(row[len(covered) :]))
+        segment, segment_mask = left_padded(added, pad, device)
+        chosen = torch.tensor(index, device=device)
+        if len(index) != len(self.keys) or index != sorted(index):
+            self.cache.batch_select_indices(chosen)
+        self.reused += 1
+        return (torch.cat([self.ids[chosen], segment], dim=1), torch.cat([self.mask[chosen], segment_mask], dim=1),
+                self.cache)
+
+    def keep(self, keys: Sequence[Any], rows: Sequence[Sequence[int]], output: Any, mask: torch.Tensor,
+             stops: Sequence[int]) -> torch.Tensor:
+        """Remember ``generate``'s ``output`` (its sequences and cache) for the next turn; its sequences."""
+        sequences = output.sequences
+        completions = sequences[:, mask.size(1) :]
+        is_stop = torch.isin(completions, torch.tensor(list(stops), device=completions.device))
+        first = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1), completions.size(1))
+        positions = torch.arange(completions.size(1), device=completions.device)
+        kept = (positions[None, :] <= first[:, None]).to(mask.dtype)  # up to the stop token; the padding after it hidden
+        self.keys, self.ids, self.mask, self.cache = list(keys), sequences, torch.cat([mask, kept], dim=1), \
+            getattr(output, cache_name())
+        self.covered = [list(row) + completion[: int(length)].tolist()
+                        for row, completion, length in zip(rows, completions, kept.sum(dim=1))]
+        return sequences
 
 
 def encode_prompts(prompts: Sequence[Any], tokenizer: Any, max_prompt_length: int | None = None,
@@ -214,6 +293,11 @@ class SamplingRequest:
     batch_size: int = 64
     max_prompt_length: int | None = None
     seeds: Sequence[int] | None = None
+    session: GenerationSession | None = None
+    """Kept by a multi-turn rollout from turn to turn (with ``keys``, one per prompt): a sampler that can reuses
+    its KV cache through it; one that cannot ignores it."""
+    keys: Sequence[Any] | None = None
+    """Each prompt's episode (``session``'s key)."""
     prompt_ids: Sequence[Sequence[int]] | None = None
     """Each prompt's token ids, to continue as they are (a multi-turn episode's conversation so far); ``None``:
     render ``prompts`` (a sampler that reads text gets the conversation's text in ``prompts`` either way)."""

@@ -222,3 +222,26 @@ def test_the_demo_model_rolls_out_the_calculator_for_real(host, demo_lm):
     metrics, samples = evaluate_episodes(model, tokenizer, runner, demo.tool_prompt_rows("test", 16))
     assert metrics["tool_call_rate"] == 0.0 and metrics["reward"] <= 0.2
     assert samples.completion_ids.shape[0] == 16 and bool((samples.loss_mask == samples.completion_mask).all())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_rollout_reuses_the_kv_cache_and_draws_the_same_episodes(demo_lm, temperature):
+    """Each turn after the first continues the last call's KV cache (only the observation is new), and the
+    episodes are token for token those of a rollout that encodes the whole conversation every turn."""
+    model, tokenizer = demo_lm
+    sessions = []
+
+    def cached(model, tokenizer, prompts, **options):
+        sessions.append(options["session"])
+        return sample(model, tokenizer, prompts, **options)
+
+    def uncached(model, tokenizer, prompts, session=None, keys=None, **options):
+        return sample(model, tokenizer, prompts, **options)
+
+    settings = RolloutSettings(max_turns=4, max_new_tokens=24, max_episode_tokens=200, temperature=temperature)
+    rows, seeds = [{}] * 6, [11, 12, 13, 14, 15, 16]
+    runs = [roll_out(draw, model, tokenizer, GUESS, molting.NoParams(), rows, list(range(6)), seeds,
+                     [3, 4, 5, 6, 7, 8], settings, None) for draw in (cached, uncached)]
+    assert [r.ids for r in runs[0].episodes] == [r.ids for r in runs[1].episodes]
+    assert max(r.turns for r in runs[0].episodes) >= 3
+    assert sessions[0].reused == max(r.turns for r in runs[0].episodes) - 1  # every turn after the first
