@@ -77,8 +77,12 @@ def resolve_config(
     if losses:
         steps = [_combined_step(host, steps, losses)]
     overrides = [keys for _, keys in stage_entries] or [{} for _ in steps]
-    steps = _with_advantages(host, steps, overrides, flags.get("advantage", recipe.get("advantage")))
-    steps = _with_environments(host, steps, overrides, flags.get("env", recipe.get("env")))
+    steps = _per_step(host, steps, overrides, "advantage", flags.get("advantage", recipe.get("advantage")),
+                      lambda stage: stage.default_advantage, with_advantage,
+                      "takes an advantage estimator; the online stages grpo and ppo do")
+    steps = _per_step(host, steps, overrides, "env", flags.get("env", recipe.get("env")),
+                      lambda stage: stage.environments, with_environment,
+                      "rolls out episodes; the online stages grpo, ppo and sample-pairs do")
     param_names = tuple(sorted({name for step in steps for name in step.param_names}))
     demo = "model" not in recipe and "model" not in flags
 
@@ -99,16 +103,15 @@ def resolve_config(
     return config, configured
 
 
-def _with_advantages(host: PluginHost, steps: list[Step], overrides: list[Mapping[str, Any]],
-                     run_wide: str | None) -> list[Step]:
-    """Each step with its advantage estimator: the step's own ``advantage:``, else the run's (for the steps
-    whose stage takes one), else the stage's default."""
-    takers = [step for step in steps if step.stage.default_advantage]
+def _per_step(host: PluginHost, steps: list[Step], overrides: list[Mapping[str, Any]], key: str, run_wide: Any,
+              takes: Any, attach: Any, what: str) -> list[Step]:
+    """Each step with its ``key`` component (an advantage estimator, an environment): the step's own recipe key,
+    else the run's (for the steps whose stage ``takes`` one), attached and checked by ``attach``."""
+    takers = [step for step in steps if takes(step.stage)]
     if run_wide is not None and not takers:
         names = ", ".join(step.stage.name for step in steps)
-        raise ConfigError(f"--advantage {run_wide}: no stage of this run ({names}) takes an advantage estimator; "
-                          "the online stages grpo and ppo do")
-    return [with_advantage(host, step, keys.get("advantage", run_wide if step in takers else None))
+        raise ConfigError(f"--{key} {run_wide}: no stage of this run ({names}) {what}")
+    return [attach(host, step, keys.get(key, run_wide if step in takers else None))
             for step, keys in zip(steps, overrides)]
 
 
@@ -131,19 +134,6 @@ def with_advantage(host: PluginHost, step: Step, name: Any = None) -> Step:
             f"{', '.join(advantage.requirements(advantage.params())) or 'nothing'} that this stage does not give); "
             f"{host.available('advantage')}")
     return attrs.evolve(step, advantage=advantage)
-
-
-def _with_environments(host: PluginHost, steps: list[Step], overrides: list[Mapping[str, Any]],
-                       run_wide: str | None) -> list[Step]:
-    """Each step with its environment: the step's own ``env:``, else the run's (for the steps whose stage rolls
-    out episodes)."""
-    takers = [step for step in steps if step.stage.environments]
-    if run_wide is not None and not takers:
-        names = ", ".join(step.stage.name for step in steps)
-        raise ConfigError(f"--env {run_wide}: no stage of this run ({names}) rolls out episodes; the online stages "
-                          "grpo, ppo and sample-pairs do")
-    return [with_environment(host, step, keys.get("env", run_wide if step in takers else None))
-            for step, keys in zip(steps, overrides)]
 
 
 def with_environment(host: PluginHost, step: Step, name: Any = None) -> Step:
