@@ -34,7 +34,7 @@ def test_sft_reward_model_ppo_raises_the_judge_reward_on_held_out_prompts(tmp_pa
     out, log = rlhf(tmp_path, seed=0)
     sft, rm, ppo = (json.loads((out / name / "molting_run.json").read_text()) for name in ("1-sft", "2-reward-model", "3-ppo"))
     assert rm["model"] == str(out / "1-sft") and ppo["model"] == str(out / "1-sft")  # SFT: PPO's policy and reference
-    assert f"critic from {out / '2-reward-model'}" in log and "judges reward-model" in log
+    assert f"critic from {out / '2-reward-model'}" in log and "rewards reward-model" in log
     assert rm["metrics"]["eval_accuracy"] > 0.7
     metrics = ppo["metrics"]
     assert "held-out judge reward (reward-model)" in log

@@ -204,7 +204,8 @@ class GRPOTrainer(MoltingTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        mask = inputs["loss_mask"]  # the model's own tokens (not an environment's), as masked for truncation
+        # the model's own tokens (not an environment's), as masked for truncation; a batch without them: every one
+        mask = inputs.get("loss_mask", inputs["completion_mask"])
         logps, entropy = completion_token_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
                                                 inputs["completion_ids"], inputs["completion_mask"],
                                                 temperature=self.grpo.temperature, with_entropy=True)
