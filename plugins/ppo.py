@@ -249,8 +249,9 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
     from molting.logps import completion_token_logps
 
     samples = draw_rollout(m, job, params)
-    scores, per_judge = scorer(samples.prompts, judged_completions(samples),
-                               data_columns([job.rows[i] for i in job.indices]), rows=list(job.indices))
+    completions = judged_completions(samples) if job.episodes is not None else samples.texts
+    scores, per_judge = scorer(samples.prompts, completions, data_columns([job.rows[i] for i in job.indices]),
+                               rows=list(job.indices))
     if job.episodes is not None:  # the environment's reward, weighted, beside the judges'
         scores = [score + reward for score, reward in zip(scores, job.episodes.rewards(samples))]
     scores = torch.tensor(scores, dtype=torch.float32, device=samples.completion_ids.device)

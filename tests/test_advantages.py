@@ -200,3 +200,26 @@ def test_a_broken_estimator_fails_the_named_check(name):
     results = {r.check: r for r in check_plugin(_broken(name, compute), skip_slow=True)}
     assert results[failing].status == "failed", results[failing]
     assert phrase in results[failing].message
+
+
+def test_gae_and_returns_step_over_an_episodes_environment_tokens():
+    """An episode's mask has gaps where the environment wrote: GAE and the return-to-go over it equal those of the
+    model's tokens laid side by side (as verl's multi-turn GAE), and a mask without gaps is the usual recursion."""
+    from molting.advantages import discounted_returns, gae, last_positions, last_token_rewards
+
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0], [1, 0, 0, 1, 1, 0, 0, 0]], dtype=torch.float32)
+    rewards = torch.randn(2, 8, generator=generator) * mask
+    values = torch.randn(2, 8, generator=generator)
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    discounted = discounted_returns(rewards, mask, gamma=0.9)
+    for row in range(2):
+        kept = mask[row].bool()
+        packed = gae(rewards[row][kept][None], values[row][kept][None], torch.ones(1, int(kept.sum())), 0.9, 0.8)
+        torch.testing.assert_close(advantages[row][kept], packed[0][0])
+        torch.testing.assert_close(returns[row][kept], packed[1][0])
+        torch.testing.assert_close(discounted[row][kept],
+                                   discounted_returns(rewards[row][kept][None], torch.ones(1, int(kept.sum())), 0.9)[0])
+        assert (advantages[row][~kept] == 0).all()
+    assert last_positions(mask).tolist() == [6, 4]
+    assert last_token_rewards(torch.tensor([2.0, 3.0]), mask)[[0, 1], [6, 4]].tolist() == [2.0, 3.0]
