@@ -2,8 +2,9 @@
 
     python benchmarks/environments.py [--sft-steps 1500] [--grpo-steps 80] [--seed 0] [--skip-demo] [--breakdown]
 
-**The demo** (examples/calculator/recipe.yaml, run as `molting run --config`): a short SFT of the demo model on
-the calculator's tool-use demonstrations (`demo-tool-sft`), then GRPO with the `calculator` environment. The
+**The demo** (examples/calculator/recipe.yaml, run as `molting run --config`): SFT of the demo model on the
+calculator's tool-use demonstrations (`demo-tool-sft`, two steps: a decaying then a constant learning rate), then
+GRPO with the `calculator` environment. `--sft-steps` sets both SFT steps' counts, `--grpo-steps` the GRPO's. The
 models answer the 256 held-out 3- and 4-digit sums greedily, as episodes: the demo model in its head (no tool
 offered), the demo model offered the tool, after the SFT, after the GRPO. Prints their accuracy (the
 environment's reward), tool-call rate, malformed-call rate, tool-error rate and turns side by side, and each
@@ -64,7 +65,8 @@ def recipe_with(scratch: Path, sft_steps: int | None, grpo_steps: int | None) ->
     import yaml
 
     recipe = yaml.safe_load((ROOT / "examples" / "calculator" / "recipe.yaml").read_text())
-    for stage, steps in zip(recipe["stages"], (sft_steps, grpo_steps)):
+    for stage in recipe["stages"]:
+        steps = grpo_steps if stage["plugin"] == "grpo" else sft_steps
         if steps is not None:
             stage["max_steps"] = steps
     path = scratch / "recipe.yaml"
@@ -86,7 +88,7 @@ def demo_table(sft_steps: int | None, grpo_steps: int | None, seed: int) -> None
         phases = {p.name: json.loads((p / "molting_run.json").read_text()) for p in sorted(out.iterdir())
                   if (p / "molting_run.json").exists()}
         columns = {"in its head": evaluate(demo_model_dir(), tools=False), "tool offered": evaluate(demo_model_dir()),
-                   "after SFT": evaluate(out / "1-sft"), "after GRPO": evaluate(out / "2-grpo")}
+                   "after SFT": evaluate(out / "2-sft"), "after GRPO": evaluate(out / "3-grpo")}
     print(f"calculator demo, seed {seed}: {wall:.0f} s in all on this machine; "
           + ", ".join(f"{name} {record['metrics'].get('train_runtime', 0):.0f} s" for name, record in phases.items()))
     print("| held-out (256 sums, greedy) | " + " | ".join(columns) + " |")
@@ -98,7 +100,7 @@ def demo_table(sft_steps: int | None, grpo_steps: int | None, seed: int) -> None
 # --------------------------------------------------------------------------- the breakdown
 
 
-def breakdown(steps: int, seed: int) -> None:
+def breakdown(steps: int, seed: int, model: str | None = None) -> None:
     import molting
     from molting import demo
     from molting.components import Environment, Sampler
@@ -164,14 +166,14 @@ def breakdown(steps: int, seed: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         config, plan = resolve_config(host, ["grpo"], flags={
             "output_dir": scratch, "eval": "off", "seed": seed, "env": "four-turns", "sampler": "timed",
-            "max_steps": steps, "logging_steps": 1, "batch_size": 16, "num_generations": 8, "max_new_tokens": 24,
-            "max_episode_tokens": 200, "learning_rate": 5e-5})
+            "max_steps": steps, "logging_steps": 1, "batch_size": 16, "num_generations": 8, "max_new_tokens": 96,
+            "max_episode_tokens": 448, "learning_rate": 5e-5, "model": model or str(demo.demo_model_dir())})
         last["wall"] = time.perf_counter()
         run(config, plan, host)
     rows = per_step[1:] or per_step  # the first step also builds the optimizer
     medians = {k: statistics.median(r[k] for r in rows) for k in ("step", "sampling", "environment", "turns")}
     training = medians["step"] - medians["sampling"] - medians["environment"]
-    print(f"GRPO on 4-turn episodes (16 episodes a step, 24 tokens a turn), median over {len(rows)} steps: "
+    print(f"GRPO on 4-turn episodes (16 episodes a step, up to 96 tokens a turn), median over {len(rows)} steps: "
           f"{medians['step']:.2f} s a step = sampling {medians['sampling']:.2f} s + environment "
           f"{medians['environment']:.3f} s + training {training:.2f} s; {medians['turns']:.1f} turns an episode")
 
@@ -184,11 +186,13 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--breakdown-steps", type=int, default=6)
+    parser.add_argument("--breakdown-model", help="a model that calls the calculator (an SFT output of the demo) "
+                                                  "[default: the demo model, which does not]")
     args = parser.parse_args()
     if not args.skip_demo:
         demo_table(args.sft_steps, args.grpo_steps, args.seed)
     if args.breakdown:
-        breakdown(args.breakdown_steps, args.seed)
+        breakdown(args.breakdown_steps, args.seed, args.breakdown_model)
 
 
 if __name__ == "__main__":

@@ -139,9 +139,9 @@ def test_the_cli_runs_grpo_on_calculator_episodes_and_shows_their_figures(tmp_pa
     assert record["config"]["env"] == "calculator" and record["config"]["max_turns"] == 2
 
 
-def test_the_calculator_recipe_runs_both_steps_and_prints_the_episodes_before_and_after(tmp_path):
-    """examples/calculator/recipe.yaml, each step cut to 2 optimizer steps: the SFT on demonstrations, then GRPO
-    on calculator episodes, evaluated on the 256 held-out sums before and after (docs/environments.md has the
+def test_the_calculator_recipe_runs_its_steps_and_prints_the_episodes_before_and_after(tmp_path):
+    """examples/calculator/recipe.yaml, each step cut to 2 optimizer steps: the two SFT steps on demonstrations,
+    then GRPO on calculator episodes, evaluated on the 256 held-out sums before and after (docs/environments.md has the
     full run's figures)."""
     recipe = Path(__file__).resolve().parents[1] / "examples" / "calculator" / "recipe.yaml"
     out = tmp_path / "calculator"
@@ -150,10 +150,10 @@ def test_the_calculator_recipe_runs_both_steps_and_prints_the_episodes_before_an
     assert result.returncode == 0, result.stderr[-3000:]
     assert "256 held-out episodes of 'calculator'" in result.stderr
     assert re.search(r"tool_call_rate +[0-9.]+ +[0-9.]+", result.stderr)
-    record = json.loads((out / "2-grpo" / "molting_run.json").read_text())
+    record = json.loads((out / "3-grpo" / "molting_run.json").read_text())
     episodes = record["eval_episodes"]
     assert episodes["environment"] == "calculator" and episodes["rows"] == 256
     assert set(episodes["before"]) == set(episodes["after"]) >= {"reward", "tool_call_rate", "malformed_rate"}
-    assert "## Held-out episodes (calculator)" in (out / "2-grpo" / "README.md").read_text()
-    logged = [json.loads(line) for line in (out / "2-grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert "## Held-out episodes (calculator)" in (out / "3-grpo" / "README.md").read_text()
+    logged = [json.loads(line) for line in (out / "3-grpo" / "metrics.jsonl").read_text().splitlines()]
     assert any("env/tool_calls" in r for r in logged)
