@@ -184,13 +184,19 @@ def _in_thread(function: Callable[..., Any], arguments: Mapping[str, Any]) -> as
         if not future.done():
             outcome()
 
+    def deliver(outcome: Callable[[], None]) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the loop closed after the timeout gave up on this call: nobody is waiting
+            pass
+
     def work() -> None:
         try:
             value = function(**arguments)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, functools.partial(future.set_exception, exc))
+            deliver(functools.partial(future.set_exception, exc))
         else:
-            loop.call_soon_threadsafe(settle, functools.partial(future.set_result, value))
+            deliver(functools.partial(future.set_result, value))
 
     threading.Thread(target=work, name=f"molting-tool-{getattr(function, '__name__', 'call')}", daemon=True).start()
     return future

@@ -73,10 +73,15 @@ CONFIGURATIONS = {
 
 
 def measure(args: list[str], env: dict[str, str]) -> int:
-    """Peak RSS of the run, read by a parent that waits on it (the child's own rusage)."""
-    code = ("import resource, sys\nfrom molting.cli import main\n"
+    """Peak RSS of the run: the child's own VmHWM.
+
+    Not ``getrusage``: a child's ``ru_maxrss`` starts at the RSS of the process that spawned it, so a pytest
+    process grown large by earlier tests would raise every measurement after it.
+    """
+    code = ("import sys\nfrom molting.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+            "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+            "print('PEAK', int(hwm.split()[1]) * 1024)\n")
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return int(proc.stdout.strip().splitlines()[-1].split()[1])

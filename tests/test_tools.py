@@ -228,6 +228,15 @@ def test_every_failure_of_a_call_is_an_error_the_model_reads(call, message):
     assert time.perf_counter() - started < 2  # a hung tool is abandoned at its timeout
 
 
+def test_a_tool_that_outlives_its_timeout_finishes_quietly_after_the_loop_closed(monkeypatch):
+    raised = []
+    monkeypatch.setattr("threading.excepthook", raised.append)
+    (result,), _ = _run(ParsedTurn("", (ToolCall("sleepy", {"seconds": 0.3}),)), [sleepy], timeout=0.05)
+    assert result.error
+    time.sleep(0.6)  # the abandoned thread wakes up and finds its loop gone
+    assert raised == []
+
+
 def test_a_malformed_call_is_reported_and_counted():
     results, counts = _run(ParsedTurn("", (ToolCall("add", {"a": 1, "b": 1}),), ("not valid JSON: {",)), [add])
     assert results[0].content == "Error: the tool call could not be read: not valid JSON: {"
