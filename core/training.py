@@ -9,6 +9,7 @@ This module imports torch and transformers; only stages import it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -217,11 +218,12 @@ class MoltingTrainer(Trainer):
 
 
 def uses_bf16(precision: str) -> bool:
-    """Whether ``--precision`` means bf16 autocast here; ``auto`` picks it where bf16 is native, so fastest.
+    """Whether ``--precision`` means bf16 autocast here; ``auto`` picks it where it is the faster of the two.
 
-    That is a CUDA GPU with bf16, or a CPU with avx512_bf16 or AMX (there
-    bf16 autocast trains the demo model about 1.8x faster than fp32; on CPUs
-    without them it is several times slower, so they keep fp32).
+    That is a CUDA GPU with bf16, and a CPU whose bf16 instructions (avx512_bf16, AMX) make a bf16 matrix product
+    clearly faster than an fp32 one: on an AMD EPYC with avx512_bf16 bf16 autocast trains the demo model 1.8x
+    faster, while on an Intel Xeon with avx512_bf16 and no AMX it trains 1.5x slower, so the instructions alone do
+    not decide (:func:`cpu_bf16_is_faster` times it). CPUs without them keep fp32.
     """
     if precision != "auto":
         return precision == "bf16"
@@ -230,7 +232,28 @@ def uses_bf16(precision: str) -> bool:
     if torch.backends.mps.is_available():
         return False
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None)
+    return any(probe() for probe in probes if probe is not None) and cpu_bf16_is_faster()
+
+
+@functools.cache
+def cpu_bf16_is_faster(size: int = 768, repeats: int = 5) -> bool:
+    """Whether a ``size``-square matrix product under bf16 autocast takes at most 0.8x the fp32 one on this CPU.
+
+    Timed once per process (about 0.1 s), medians of ``repeats``. The margin keeps the choice stable where the
+    two are close: fp32 is kept unless bf16 clearly wins.
+    """
+    a, b = torch.randn(size, size), torch.randn(size, size)
+
+    def median_seconds(bf16: bool) -> float:
+        times = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for _ in range(repeats + 1):
+                started = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - started)
+        return sorted(times[1:])[repeats // 2]
+
+    return median_seconds(True) <= 0.8 * median_seconds(False)
 
 
 def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) -> TrainingArguments:

@@ -372,8 +372,9 @@ def test_padding_free_run_follows_the_padded_trajectory(tmp_path):
 # --------------------------------------------------------------------------- precision
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16(monkeypatch, tmp_path, native):
+@pytest.mark.parametrize("native, faster", [(True, True), (True, False), (False, True), (False, False)])
+def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16_and_it_is_faster(monkeypatch, tmp_path, native, faster):
+    from molting import training
     from molting.config import RunConfig
     from molting.training import training_arguments, uses_bf16
 
@@ -381,10 +382,19 @@ def test_auto_precision_is_bf16_where_the_cpu_has_native_bf16(monkeypatch, tmp_p
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert uses_bf16("auto") is native
+    monkeypatch.setattr(training, "cpu_bf16_is_faster", lambda: faster)
+    chosen = native and faster
+    assert uses_bf16("auto") is chosen
     assert uses_bf16("fp32") is False and uses_bf16("bf16") is True
-    assert training_arguments(RunConfig(plugins=["dpo"]), tmp_path).bf16 is native
+    assert training_arguments(RunConfig(plugins=["dpo"]), tmp_path).bf16 is chosen
     assert training_arguments(RunConfig(plugins=["dpo"], precision="fp32"), tmp_path).bf16 is False
+
+
+def test_the_bf16_timing_is_made_once_per_process():
+    from molting.training import cpu_bf16_is_faster
+
+    assert cpu_bf16_is_faster() is cpu_bf16_is_faster()
+    assert cpu_bf16_is_faster.cache_info().hits >= 1
 
 
 def test_the_run_says_which_precision_it_picked(tmp_path):
