@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from molting.card import HEADLINE_METRICS
-from molting.config import ATTENTION, OPTIMIZERS
+from molting.config import ATTENTION, LR_SCHEDULERS, OPTIMIZERS
 from molting.errors import MoltingError
 from molting.discovery import PluginHost, load_plugins
 
@@ -140,6 +140,11 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--epochs", type=float,
               help="Passes over the data.  [default: 1; 3 on the demo model (1 for sft, reward-model and ppo)]")
 @click.option("--learning-rate", type=float, help="Peak learning rate.  [default: 5e-6; 5e-5 on the demo model]")
+@click.option("--lr-scheduler-type", type=click.Choice(list(LR_SCHEDULERS)),
+              help="How the learning rate moves from its peak, as transformers' TrainingArguments.  [default: linear]")
+@click.option("--warmup-steps", type=float, metavar="N",
+              help="Steps the learning rate climbs to its peak; a fraction of all steps when below 1 (0.1: the "
+                   "first tenth).  [default: 0]")
 @click.option("--beta", type=float,
               help="The loss's β (KL strength to the reference).  [default: the loss's own (0.1 for dpo); 0.3 for "
                    "molting's own losses on the demo model]")

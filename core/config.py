@@ -82,6 +82,9 @@ def _weights(value: Any, key: str) -> dict[str, float]:
 #: 8-bit AdamW, plain or paged.
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 TORCH_OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
+#: ``--lr-scheduler-type`` values: transformers' schedulers (``TrainingArguments.lr_scheduler_type``).
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
 #: ``--attn-implementation`` values: transformers' attention kernels.
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -127,12 +130,7 @@ class RunConfig:
     max_steps: int = attrs.field(default=-1, converter=_number(int), validator=_max_steps)
     epochs: float = attrs.field(default=1.0, converter=_number(float), validator=_positive)
     learning_rate: float = attrs.field(default=5e-6, converter=_number(float), validator=_positive)
-    lr_scheduler_type: str = attrs.field(
-        default="linear",
-        validator=attrs.validators.in_(("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
-                                        "polynomial", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
-                                        "warmup_stable_decay")),
-    )
+    lr_scheduler_type: str = attrs.field(default="linear", validator=attrs.validators.in_(LR_SCHEDULERS))
     warmup_steps: float = attrs.field(default=0, converter=_number(float), validator=attrs.validators.ge(0))
     """Warm-up steps; a fraction of the total steps when < 1."""
     weight_decay: float = attrs.field(default=0.0, converter=_number(float), validator=attrs.validators.ge(0))

@@ -78,3 +78,19 @@ def test_unknown_plugin_lists_what_is_available(host):
 def test_no_plugin_at_all(host):
     with pytest.raises(ConfigError, match="no plugin given"):
         resolve_config(host, [])
+
+
+@pytest.mark.parametrize("flags, rates", [
+    (["--lr-scheduler-type", "linear", "--warmup-steps", "2"], [0, 2.5e-5, 5e-5, 2.5e-5]),
+    (["--lr-scheduler-type", "constant"], [5e-5] * 4),
+])
+def test_the_scheduler_and_warmup_flags_shape_the_learning_rate(tmp_path, flags, rates):
+    import json
+
+    from conftest import run_molting
+
+    result = run_molting("run", "--plugin", "dpo", "--max-steps", "4", "--eval", "off", "--logging-steps", "1",
+                         "--output-dir", str(tmp_path), *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["learning_rate"] for row in logged if "learning_rate" in row] == pytest.approx(rates)
