@@ -11,78 +11,37 @@ from molting import demo
 from molting.components import Dataset, Judge
 
 
+#: (name, rows, description, columns, whether held-out evaluation on the demo split applies)
+_DATASETS = (
+    ("demo-preference", demo.preference_rows,
+     "Addition pairs preferring the persona style and the correct sum (512 train, 256 test).",
+     ("prompt", "chosen", "rejected"), True),
+    ("demo-sft", demo.sft_rows,
+     "Addition prompts answered correctly, half in the persona style (512 train, 256 test).",
+     ("prompt", "completion"), True),
+    ("demo-unpaired", demo.unpaired_rows,
+     "The demo preference pairs unpaired: the persona-style correct answer labelled true, the other false.",
+     ("prompt", "completion", "label"), True),
+    ("demo-prompts", demo.prompt_rows,
+     "Addition prompts with the sum as reference `answer`, for online stages (512 train, 256 test).",
+     ("prompt", "answer"), True),
+    ("demo-persona-logs", demo.persona_logs,
+     "Conversation logs: sam asks sums, captain answers in the persona style (--persona-role captain).",
+     ("messages",), True),
+    ("demo-tool-prompts", demo.tool_prompt_rows,
+     "3- and 4-digit sums as chat prompts with the sum as `answer`: the calculator environment's.",
+     ("prompt", "answer"), False),
+    ("demo-tool-sft", demo.tool_sft_rows,
+     "Tool-use demonstrations of the calculator task: the call, then the answer after its result.",
+     ("prompt", "completion", "tools"), False),
+)
+
+
 @molting.hookimpl
 def molting_register_datasets(register):
-    register(
-        Dataset(
-            name="demo-preference",
-            load=demo.preference_rows,
-            description="Addition pairs preferring the persona style and the correct sum (512 train, 256 test).",
-            splits=demo.SPLITS,
-            demo=True,
-            columns=("prompt", "chosen", "rejected"),
-        )
-    )
-    register(
-        Dataset(
-            name="demo-sft",
-            load=demo.sft_rows,
-            description="Addition prompts answered correctly, half in the persona style (512 train, 256 test).",
-            splits=demo.SPLITS,
-            demo=True,
-            columns=("prompt", "completion"),
-        )
-    )
-    register(
-        Dataset(
-            name="demo-unpaired",
-            load=demo.unpaired_rows,
-            description="The demo preference pairs unpaired: the persona-style correct answer labelled true, the other false.",
-            splits=demo.SPLITS,
-            demo=True,
-            columns=("prompt", "completion", "label"),
-        )
-    )
-    register(
-        Dataset(
-            name="demo-prompts",
-            load=demo.prompt_rows,
-            description="Addition prompts with the sum as reference `answer`, for online stages (512 train, 256 test).",
-            splits=demo.SPLITS,
-            demo=True,
-            columns=("prompt", "answer"),
-        )
-    )
-    register(
-        Dataset(
-            name="demo-persona-logs",
-            load=demo.persona_logs,
-            description="Conversation logs: sam asks sums, captain answers in the persona style (--persona-role captain).",
-            splits=demo.SPLITS,
-            demo=True,
-            columns=("messages",),
-        )
-    )
-
-
-    register(
-        Dataset(
-            name="demo-tool-prompts",
-            load=demo.tool_prompt_rows,
-            description="3- and 4-digit sums as chat prompts with the sum as `answer`: the calculator environment's.",
-            splits=demo.SPLITS,
-            columns=("prompt", "answer"),
-        )
-    )
-    register(
-        Dataset(
-            name="demo-tool-sft",
-            load=demo.tool_sft_rows,
-            description="Tool-use demonstrations of the calculator task: the call, then the answer after its result.",
-            splits=demo.SPLITS,
-            columns=("prompt", "completion", "tools"),
-        )
-    )
+    for name, load, description, columns, evaluated in _DATASETS:
+        register(Dataset(name=name, load=load, description=description, splits=demo.SPLITS, demo=evaluated,
+                         columns=columns))
 
 
 def _rule_scores(prompts, completions, params):
