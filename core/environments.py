@@ -481,12 +481,15 @@ def episode_metrics(values: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def judged_completions(samples: Any) -> list[Any]:
+def judged_completions(samples: Any, plain_text: bool = False) -> list[Any]:
     """What the run's judges score of each completion: an episode's messages after its prompt (its turns and
-    observations, as trl hands a tool-using completion to its reward functions), else the completion's text as
-    an assistant message for a chat prompt and as text for a text prompt."""
+    observations, as trl hands a tool-using completion to its reward functions), else the completion's text: with
+    ``plain_text`` as it is (ppo, sample-pairs), otherwise as an assistant message for a chat prompt and as text for
+    a text prompt (grpo, as trl's GRPOTrainer)."""
     if samples.episodes is not None:
         return [list(record.messages) for record in samples.episodes]
+    if plain_text:
+        return samples.texts
     return [[{"role": "assistant", "content": text}] if not isinstance(prompt, str) else text
             for prompt, text in zip(samples.prompts, samples.texts)]
 

@@ -249,9 +249,8 @@ def rollout(m: Any, scorer: Any, job: Rollout, params: PPOParams, advantage: Any
     from molting.logps import completion_token_logps
 
     samples = draw_rollout(m, job, params)
-    completions = judged_completions(samples) if job.episodes is not None else samples.texts
-    scores, per_judge = scorer(samples.prompts, completions, data_columns([job.rows[i] for i in job.indices]),
-                               rows=list(job.indices))
+    scores, per_judge = scorer(samples.prompts, judged_completions(samples, plain_text=True),
+                               data_columns([job.rows[i] for i in job.indices]), rows=list(job.indices))
     if job.episodes is not None:  # the environment's reward, weighted, beside the judges'
         scores = [score + reward for score, reward in zip(scores, job.episodes.rewards(samples))]
     scores = torch.tensor(scores, dtype=torch.float32, device=samples.completion_ids.device)

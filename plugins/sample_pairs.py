@@ -214,9 +214,8 @@ def _sample_and_rank(draw: Any, model: Any, tokenizer: Any, scorer: Any, rows: l
                        temperature=params.temperature, top_p=params.top_p, batch_size=params.generation_batch_size)
         sampled_rows = [chunk[r] for r in samples.rows]
     ranked.lengths += samples.lengths.tolist()
-    completions = judged_completions(samples) if episodes is not None else samples.texts
     bonus = episodes.rewards(samples) if episodes is not None else None
-    ranking = rank(scorer, samples.prompts, completions, samples.texts, n,
+    ranking = rank(scorer, samples.prompts, judged_completions(samples, plain_text=True), samples.texts, n,
                    data_columns([rows[i] for i in sampled_rows]), sampled_rows, [False] * len(samples.texts),
                    bonus=bonus)
     scores = ranking.scores or ranking.wins
