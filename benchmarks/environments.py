@@ -2,11 +2,11 @@
 
     python benchmarks/environments.py [--sft-steps 1500] [--grpo-steps 80] [--seed 0] [--skip-demo] [--breakdown]
 
-**The demo** (examples/calculator/recipe.yaml, run as `molting run --config`): SFT of the demo model on the
-calculator's tool-use demonstrations (`demo-tool-sft`, two steps: a decaying then a constant learning rate), then
-GRPO with the `calculator` environment. `--sft-steps` sets both SFT steps' counts, `--grpo-steps` the GRPO's. The
-models answer the 256 held-out 3- and 4-digit sums greedily, as episodes: the demo model in its head (no tool
-offered), the demo model offered the tool, after the SFT, after the GRPO. Prints their accuracy (the
+**The demo** (examples/calculator/recipe.yaml, run as `molting run --config`): SFT of the built-in `demo-tools`
+model on the calculator's tool-use demonstrations (`demo-tool-sft`), then GRPO with the `calculator` environment.
+`--sft-steps` sets the SFT's step count, `--grpo-steps` the GRPO's. The models answer the 256 held-out 3- and
+4-digit sums greedily, as episodes: the starting model in its head (no tool offered), offered the tool, after the
+SFT, after the GRPO. Prints their accuracy (the
 environment's reward), tool-call rate, malformed-call rate, tool-error rate and turns side by side, and each
 phase's wall time on this machine.
 
@@ -75,20 +75,23 @@ def recipe_with(scratch: Path, sft_steps: int | None, grpo_steps: int | None) ->
 
 
 def demo_table(sft_steps: int | None, grpo_steps: int | None, seed: int) -> None:
-    from molting.demo import demo_model_dir
+    import yaml
+
     from molting.environments import EVAL_METRICS
+    from molting.models import resolve_model_path
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "calculator"
         recipe = recipe_with(Path(scratch), sft_steps, grpo_steps)
+        start = resolve_model_path(yaml.safe_load(recipe.read_text()).get("model"))
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "molting", "run", "--config", str(recipe), "--output-dir", str(out),
                         "--seed", str(seed), "--eval", "off"], check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         phases = {p.name: json.loads((p / "molting_run.json").read_text()) for p in sorted(out.iterdir())
                   if (p / "molting_run.json").exists()}
-        columns = {"in its head": evaluate(demo_model_dir(), tools=False), "tool offered": evaluate(demo_model_dir()),
-                   "after SFT": evaluate(out / "2-sft"), "after GRPO": evaluate(out / "3-grpo")}
+        columns = {"in its head": evaluate(start, tools=False), "tool offered": evaluate(start),
+                   "after SFT": evaluate(out / "1-sft"), "after GRPO": evaluate(out / "2-grpo")}
     print(f"calculator demo, seed {seed}: {wall:.0f} s in all on this machine; "
           + ", ".join(f"{name} {record['metrics'].get('train_runtime', 0):.0f} s" for name, record in phases.items()))
     print("| held-out (256 sums, greedy) | " + " | ".join(columns) + " |")

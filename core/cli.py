@@ -123,8 +123,9 @@ def _parse_judges(values: tuple[str, ...], option: str) -> dict[str, float]:
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME",
               help="Loss or stage to run (e.g. dpo). Repeat for a pipeline: each output is the next one's model.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML recipe; flags override it.")
-@click.option("--model", help="Model to start from: a local directory or a Hugging Face hub id (ORG/NAME, fetched into "
-                              "the hub cache; HF_HUB_OFFLINE=1 reads the cache only). Default: the built-in tiny model.")
+@click.option("--model", help="Model to start from: a local directory, a Hugging Face hub id (ORG/NAME, fetched into "
+                              "the hub cache; HF_HUB_OFFLINE=1 reads the cache only) or a built-in model: demo (the "
+                              "default tiny model) or demo-tools (the calculator demo's).")
 @click.option("--model-revision", metavar="REV", help="Hub branch, tag or commit of --model (or ORG/NAME@REV).")
 @click.option("--data", help="Data file, saved dataset directory, registered dataset name, or Hugging Face hub dataset "
                              "id (ORG/NAME[@REV]). Default: the stage's demo data.")

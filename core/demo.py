@@ -29,6 +29,11 @@ SPLITS = ("train", "test")
 _SPLIT_SIZES = {"train": 512, "test": 256}
 LOW, HIGH = 10, 49
 MODEL_DIR = Path(__file__).parent / "demo_model"
+TOOL_MODEL_DIR = Path(__file__).parent / "demo_tool_model"
+BUILT_IN_MODELS = {"demo": MODEL_DIR, "demo-tools": TOOL_MODEL_DIR}
+"""The models shipped in the package, by the name ``--model`` takes. ``demo`` (the default) learnt the demo task;
+``demo-tools`` learnt it and, besides, to quote numbers from earlier lines (``scripts/build_demo_model.py
+--copying``), which the calculator demo's tool calls and answers need."""
 
 CHAT_TEMPLATE = (
     "{% if tools %}Tools: {% for tool in tools %}{{ (tool.function or tool).name }}{{ ', ' if not loop.last }}"
@@ -290,15 +295,15 @@ def corpus() -> list[str]:
 # --------------------------------------------------------------------------- the model
 
 
-def demo_model_dir() -> Path:
-    """The built-in model's directory, shipped inside the package."""
-    if not (MODEL_DIR / "model.safetensors").exists():
+def demo_model_dir(name: str = "demo") -> Path:
+    """The directory of a built-in model (:data:`BUILT_IN_MODELS`), shipped inside the package."""
+    path = BUILT_IN_MODELS[name]
+    if not (path / "model.safetensors").exists():
         from molting.errors import ModelError
 
-        raise ModelError(
-            f"the built-in demo model is missing from {MODEL_DIR}; rebuild it with `python scripts/build_demo_model.py`"
-        )
-    return MODEL_DIR
+        build = "python scripts/build_demo_model.py" + (" --tools" if name == "demo-tools" else "")
+        raise ModelError(f"the built-in model {name!r} is missing from {path}; rebuild it with `{build}`")
+    return path
 
 
 def build_tokenizer():

@@ -31,8 +31,9 @@ def split_revision(model: str, revision: str | None = None) -> tuple[str, str | 
 
 def resolve_model_path(model: str | None, revision: str | None = None, *, trust_remote_code: bool = False,
                        weights: bool = True, what: str = "model") -> Path:
-    """The local directory of ``model``: the built-in demo model for ``None``, a local directory, or a Hugging Face
-    hub id (``ORG/NAME``, ``ORG/NAME@REV`` or ``revision``) fetched into, or found in, huggingface_hub's cache.
+    """The local directory of ``model``: the built-in demo model for ``None``, a local directory, a built-in model's
+    name (``demo``, ``demo-tools``: :data:`molting.demo.BUILT_IN_MODELS`; a local directory of that name wins), or a
+    Hugging Face hub id (``ORG/NAME``, ``ORG/NAME@REV`` or ``revision``) fetched into, or found in, huggingface_hub's cache.
 
     Hub snapshots hold safetensors weights and tokenizer files only (code
     files with ``trust_remote_code``; no weights with ``weights=False``,
@@ -40,17 +41,20 @@ def resolve_model_path(model: str | None, revision: str | None = None, *, trust_
     cache alone. Errors name the id and the fix; ``what`` names the setting
     (``"model"``, ``"judge 'reward-model': model"``).
     """
-    if model is None:
-        from molting.demo import demo_model_dir
+    from molting.demo import BUILT_IN_MODELS, demo_model_dir
 
+    if model is None:
         return demo_model_dir()
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()  # recorded in molting_run.json and adapter configs: must work from anywhere
+    if model in BUILT_IN_MODELS:
+        return demo_model_dir(model)
     repo_id, revision = split_revision(model, revision)
     if path.exists() or not is_hub_id(repo_id):
         raise ModelError(f"{what} {model!r} is not a local directory (one with config.json, *.safetensors and the "
-                         "tokenizer files), nor a Hugging Face hub id (ORG/NAME)")
+                         f"tokenizer files), nor a built-in model ({', '.join(BUILT_IN_MODELS)}), nor a Hugging Face "
+                         "hub id (ORG/NAME)")
     patterns = [*HUB_MODEL_FILES, *(["*.py"] if trust_remote_code else [])]
     if not weights:
         patterns.remove("*.safetensors")

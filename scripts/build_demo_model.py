@@ -1,6 +1,7 @@
-"""Build the demo model that ships in core/demo_model: tokenizer + tiny Llama, fine-tuned on the demo task.
+"""Build the demo models that ship in core/: tokenizer + tiny Llama, trained on the demo task.
 
-    python scripts/build_demo_model.py [--steps N] [--out DIR]
+    python scripts/build_demo_model.py [--steps N] [--out DIR]      # core/demo_model, the model named demo
+    python scripts/build_demo_model.py --tools                      # core/demo_tool_model, named demo-tools
 
 From the demo task's training problems (molting.demo), answered correctly in
 the persona style or the plain style with equal probability, it trains a
@@ -13,6 +14,14 @@ sequences; the default 1,000 steps take 270 s and give a model that gets 54%
 of the 256 held-out sums right with greedy decoding (33% when sampling at
 temperature 1) and answers in the persona style 49% of the time: room for
 preference training on both. (1,200 steps reach 81% greedy.)
+
+``--tools`` builds ``demo-tools``, the calculator demo's model (docs/environments.md):
+half its problems are the demo task, half are *copying* problems: lines of
+numbers, then an answer that quotes the last line's numbers, after nothing,
+after some words, or inside a JSON object (``copy_example``). The demo model,
+trained on sums alone, learns to copy numbers only late and by chance, and the
+calculator's tool calls and answers are copying. Same tokenizer, same
+architecture, 1,000 steps: 1,042 s on this project's 2-core Intel machine.
 """
 
 from __future__ import annotations
@@ -35,7 +44,50 @@ from molting import demo  # noqa: E402
 from molting.evaluation import generate, task_metrics  # noqa: E402
 
 
-def batches(tokenizer, batch_size: int, seed: int):
+WORDS = ("apple", "value", "name", "sum", "matey", "answer", "tool", "result", "note", "copy", "say")
+LABELS = ("Q", "R", "N", "T")
+
+
+def _number_text(rng: random.Random) -> str:
+    numbers = [str(rng.randrange(10 ** (d - 1), 10**d)) for d in (rng.randint(1, 4) for _ in range(rng.randint(1, 3)))]
+    return rng.choice((" ", " + ", ", ", " - ")).join(numbers)
+
+
+def _filler(rng: random.Random) -> str:
+    """What an answer may say before it quotes: nothing, words, or the opening of a JSON object."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return ""
+    if kind == 1:
+        return " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+    keys = [rng.choice(WORDS) for _ in range(rng.randint(1, 3))]
+    opening = "".join(f'{{"{key}": ' for key in keys[:-1]) + f'{{"{keys[-1]}": "'
+    return " " + rng.choice(("", "<tool_call>\n")) + opening
+
+
+def copy_example(rng: random.Random) -> tuple[str, str]:
+    """A copying problem: lines of numbers, then an answer that quotes the last line's numbers after a filler."""
+    lines = []
+    for _ in range(rng.randint(1, 2)):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 3)))
+        text = _number_text(rng)
+        lines.append((f"{rng.choice(LABELS)}: {words + ' ' if words else ''}{text}{rng.choice(('', '?', '.'))}", text))
+    filler = _filler(rng)
+    closing = '"' + "}" * filler.count("{") if filler.endswith('"') else rng.choice(("", "."))
+    quoted = lines[-1][1]
+    prompt = "\n".join(line for line, _ in lines) + "\nA:" + filler
+    return prompt, ("" if filler.endswith('"') else " ") + quoted + closing
+
+
+def example(rng: random.Random, pool, copying: float) -> tuple[str, str]:
+    if copying and rng.random() < copying:  # no draw at 0: the demo model's problems stay the ones it was built on
+        return copy_example(rng)
+    a, b = rng.choice(pool)
+    style = demo.persona_answer if rng.random() < 0.5 else demo.plain_answer
+    return demo.prompt_for(a, b), style(a, b, a + b)
+
+
+def batches(tokenizer, batch_size: int, seed: int, copying: float = 0.0):
     """Endless batches of training problems in either style, with loss on the completion tokens only."""
     rng = random.Random(seed)
     pool = demo.problems("train")
@@ -43,10 +95,9 @@ def batches(tokenizer, batch_size: int, seed: int):
     while True:
         ids, labels = [], []
         for _ in range(batch_size):
-            a, b = rng.choice(pool)
-            style = demo.persona_answer if rng.random() < 0.5 else demo.plain_answer
-            prompt = tokenizer(demo.prompt_for(a, b), add_special_tokens=False)["input_ids"]
-            completion = tokenizer(style(a, b, a + b), add_special_tokens=False)["input_ids"] + [eos]
+            prompt_text, completion_text = example(rng, pool, copying)
+            prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            completion = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [eos]
             ids.append(prompt + completion)
             labels.append([-100] * len(prompt) + completion)
         width = max(len(x) for x in ids)
@@ -73,9 +124,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copying", type=float, default=0.0, help="the share of copying problems")
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--out", type=Path, default=demo.MODEL_DIR)
+    parser.add_argument("--out", type=Path, default=None, help="[default: the shipped model's directory]")
+    parser.add_argument("--tools", action="store_true", help="build demo-tools: --copying 0.5 --eval-every 500")
     args = parser.parse_args()
+    if args.tools:
+        args.copying, args.eval_every = 0.5, 500
+    args.out = args.out or (demo.TOOL_MODEL_DIR if args.tools else demo.MODEL_DIR)
 
     torch.manual_seed(args.seed)
     tokenizer = demo.build_tokenizer()
@@ -83,7 +139,7 @@ def main() -> None:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     start = time.perf_counter()
-    data = batches(tokenizer, args.batch_size, args.seed)
+    data = batches(tokenizer, args.batch_size, args.seed, args.copying)
     history = []
     for step in range(1, args.steps + 1):
         input_ids, attention, labels = next(data)
@@ -113,6 +169,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "seed": args.seed,
+        "copying": args.copying,
         "train_seconds": round(train_seconds, 1),
         "parameters": model.num_parameters(),
         "torch": torch.__version__,

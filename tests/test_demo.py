@@ -75,3 +75,47 @@ def test_shipped_model_is_small_loads_and_matches_its_build_code():
     assert rebuilt.get_vocab() == tokenizer.get_vocab()
     info = json.loads((path / "build_info.json").read_text())
     assert 0.3 < info["held_out"]["sampled_persona"] < 0.7  # room for preference training
+
+
+def test_built_in_models_resolve_by_name_and_a_local_directory_of_that_name_wins(tmp_path, monkeypatch):
+    from molting.errors import ModelError
+    from molting.models import resolve_model_path
+
+    assert resolve_model_path(None) == resolve_model_path("demo") == demo.MODEL_DIR
+    assert resolve_model_path("demo-tools") == demo.TOOL_MODEL_DIR
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-tools").mkdir()
+    assert resolve_model_path("demo-tools") == tmp_path / "demo-tools"
+    with pytest.raises(ModelError, match=r"'demo:tools' is not .* nor a built-in model \(demo, demo-tools\)"):
+        resolve_model_path("demo:tools")
+
+
+def test_shipped_tool_model_shares_the_tokenizer_and_quotes_numbers_the_demo_model_cannot():
+    """demo-tools (``build_demo_model.py --tools``) quotes the last line's numbers after words or inside JSON, as its
+    copying problems taught it (on numbers they did not hold); the demo model, trained on sums alone, does not. (What
+    the calculator's turns quote, after ``What is`` and ``The answer is``, the demo's SFT teaches.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = demo.demo_model_dir("demo-tools")
+    assert sum(p.stat().st_size for p in path.iterdir()) < 10 * 2**20
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.get_vocab() == demo.build_tokenizer().get_vocab()
+    assert tokenizer.chat_template == demo.CHAT_TEMPLATE
+    assert json.loads((path / "build_info.json").read_text())["copying"] == 0.5
+    numbers = ["4821 + 377", "9035", "62 + 7140", "318 - 5506", "7777 + 1234", "80, 4411"]
+    prompts = [f"Q: {n}?\nA: {{\"value\": \"" for n in numbers] + [f"R: {n}\nA: answer" for n in numbers]
+    wanted = [f'{n}"}}' for n in numbers] + [f" {n}" for n in numbers]
+
+    def quoted(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        right = 0
+        for prompt, want in zip(prompts, wanted):
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            right += tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).startswith(want)
+        return right / len(prompts)
+
+    assert quoted(path) >= 0.5  # 7 of the 12 exactly here
+    assert quoted(demo.demo_model_dir()) == 0.0
