@@ -21,16 +21,9 @@ from pathlib import Path
 
 
 def matmul_ms(size: int, bf16: bool, repeats: int = 9) -> float:
-    import torch
+    from molting.training import cpu_matmul_seconds
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    times = []
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for _ in range(repeats + 1):
-            started = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - started)
-    return statistics.median(times[1:]) * 1e3
+    return cpu_matmul_seconds(size, bf16, repeats) * 1e3
 
 
 def dpo_run(precision: str, scratch: Path) -> dict[str, float]:

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -242,18 +243,20 @@ def cpu_bf16_is_faster(size: int = 768, repeats: int = 5) -> bool:
     Timed once per process (about 0.1 s), medians of ``repeats``. The margin keeps the choice stable where the
     two are close: fp32 is kept unless bf16 clearly wins.
     """
+    return cpu_matmul_seconds(size, True, repeats) <= 0.8 * cpu_matmul_seconds(size, False, repeats)
+
+
+def cpu_matmul_seconds(size: int, bf16: bool, repeats: int) -> float:
+    """The median time of a ``size``-square matrix product on the CPU, under bf16 autocast or in fp32 (after one
+    untimed warm-up product); benchmarks/precision.py prints it for larger sizes."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-
-    def median_seconds(bf16: bool) -> float:
-        times = []
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for _ in range(repeats + 1):
-                started = time.perf_counter()
-                a @ b
-                times.append(time.perf_counter() - started)
-        return sorted(times[1:])[repeats // 2]
-
-    return median_seconds(True) <= 0.8 * median_seconds(False)
+    times = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
 
 
 def training_arguments(config: RunConfig, output_dir: Path, **overrides: Any) -> TrainingArguments:
