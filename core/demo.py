@@ -33,7 +33,7 @@ TOOL_MODEL_DIR = Path(__file__).parent / "demo_tool_model"
 BUILT_IN_MODELS = {"demo": MODEL_DIR, "demo-tools": TOOL_MODEL_DIR}
 """The models shipped in the package, by the name ``--model`` takes. ``demo`` (the default) learnt the demo task;
 ``demo-tools`` learnt it and, besides, to quote numbers from earlier lines (``scripts/build_demo_model.py
---copying``), which the calculator demo's tool calls and answers need."""
+--tools``), which the calculator demo's tool calls and answers need."""
 
 CHAT_TEMPLATE = (
     "{% if tools %}Tools: {% for tool in tools %}{{ (tool.function or tool).name }}{{ ', ' if not loop.last }}"

@@ -33,7 +33,8 @@ def resolve_model_path(model: str | None, revision: str | None = None, *, trust_
                        weights: bool = True, what: str = "model") -> Path:
     """The local directory of ``model``: the built-in demo model for ``None``, a local directory, a built-in model's
     name (``demo``, ``demo-tools``: :data:`molting.demo.BUILT_IN_MODELS`; a local directory of that name wins), or a
-    Hugging Face hub id (``ORG/NAME``, ``ORG/NAME@REV`` or ``revision``) fetched into, or found in, huggingface_hub's cache.
+    Hugging Face hub id (``ORG/NAME``, ``ORG/NAME@REV`` or ``revision``) fetched into, or found in, huggingface_hub's
+    cache.
 
     Hub snapshots hold safetensors weights and tokenizer files only (code
     files with ``trust_remote_code``; no weights with ``weights=False``,
